@@ -1,0 +1,42 @@
+"""attention_ref: the NumPy ground truth for multi-head attention, forward and backward.
+
+Every stage (projection, head split/merge, stable softmax, scaled and masked scores, scaled
+dot-product attention, multi-head attention) is a pure function with a hand-written backward,
+verified by finite differences. Conventions: ``docs/conventions.md``.
+"""
+from .attention import (
+    AttentionGrads,
+    AttentionTrace,
+    dropout_keep_mask,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
+    sdpa_backward,
+    sdpa_forward,
+)
+from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
+from .linear import LinearGrads, linear, linear_backward
+from .mha import (
+    MultiHeadGrads,
+    MultiHeadParams,
+    MultiHeadTrace,
+    init_params,
+    mha_backward,
+    mha_forward,
+    multi_head_attention,
+    multi_head_attention_backward,
+)
+from .scores import attention_mask, causal_mask, window_mask
+from .softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
+from . import gradcheck
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionGrads", "AttentionTrace", "LinearGrads", "MultiHeadGrads", "MultiHeadParams",
+    "MultiHeadTrace", "attention_mask", "causal_mask", "dropout_keep_mask", "gradcheck",
+    "init_params", "linear", "linear_backward", "logsumexp", "logsumexp_backward",
+    "merge_heads", "merge_heads_backward", "mha_backward", "mha_forward", "multi_head_attention",
+    "multi_head_attention_backward", "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward", "sdpa_backward", "sdpa_forward", "softmax",
+    "softmax_backward", "split_heads", "split_heads_backward", "window_mask",
+]

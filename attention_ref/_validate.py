@@ -1,0 +1,151 @@
+"""Conversion and validation shared by the public entry points (internal).
+
+Public functions call these at the door; the math below them trusts its callers.
+Every error names the argument, what was expected and what was given.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+ALIGNS = ("top_left", "bottom_right")
+EMPTY_ROW_POLICIES = ("zero", "uniform", "nan", "raise")
+
+
+def resolve_dtype(dtype: Any) -> np.dtype:
+    """The compute dtype: float64 unless a real floating dtype is asked for."""
+    if dtype is None:
+        return np.dtype(np.float64)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(
+            f"dtype must be a real floating dtype such as numpy.float64; got {dtype!r}"
+        ) from None
+    if dt.kind != "f":
+        raise TypeError(f"dtype must be a real floating dtype such as numpy.float64; got {dt}")
+    return dt
+
+
+def as_float(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
+    """``x`` as an array of ``dtype``; bool/int/float inputs only, never modified."""
+    if isinstance(x, np.random.Generator):
+        raise TypeError(f"{name} must be an array of real numbers; got a numpy.random.Generator")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} could not be converted to a numpy array: {exc}") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must hold real numbers (bool, int or float); got dtype {arr.dtype}"
+        )
+    return arr.astype(dtype, copy=False)
+
+
+def check_ndim(name: str, arr: np.ndarray, min_ndim: int, layout: str) -> None:
+    if arr.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have shape {layout} ({min_ndim} or more dims); got shape {arr.shape}"
+        )
+
+
+def check_nonempty(name: str, arr: np.ndarray, layout: str) -> None:
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty (layout {layout}); got shape {arr.shape}")
+
+
+def check_broadcastable(name: str, arr: np.ndarray, target: tuple[int, ...], layout: str) -> None:
+    """``arr`` must broadcast to ``target`` without enlarging it."""
+    try:
+        ok = np.broadcast_shapes(arr.shape, target) == tuple(target)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} must be broadcastable to {layout} = {tuple(target)}; got shape {arr.shape}"
+        )
+
+
+def as_bool_mask(name: str, mask: Any, target: tuple[int, ...], layout: str) -> np.ndarray:
+    try:
+        arr = np.asarray(mask)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} could not be converted to a numpy array: {exc}") from None
+    if arr.dtype != np.bool_:
+        raise TypeError(
+            f"{name} must be a boolean array (True = may attend); got dtype {arr.dtype}"
+        )
+    check_broadcastable(name, arr, target, layout)
+    return arr
+
+
+def check_real_scalar(name: str, value: Any, *, positive: bool) -> float:
+    """A finite real number, > 0 when ``positive`` else >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0; got {value}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+    return value
+
+
+def check_window(window: Any) -> tuple[int | None, int | None] | None:
+    """``None`` or ``(left, right)`` with each side a non-negative int or None (unbounded)."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(
+            f"window must be None or a pair (left, right) of non-negative ints or None; got {window!r}"
+        )
+    sides = []
+    for side_name, side in zip(("window[0] (left)", "window[1] (right)"), window):
+        if side is None:
+            sides.append(None)
+            continue
+        if isinstance(side, (bool, np.bool_)) or not isinstance(side, numbers.Integral):
+            raise TypeError(f"{side_name} must be a non-negative int or None; got {side!r}")
+        if side < 0:
+            raise ValueError(
+                f"{side_name} must be >= 0 (use None for unbounded); got {int(side)}"
+            )
+        sides.append(int(side))
+    return sides[0], sides[1]
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int; got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int; got {int(value)}")
+    return int(value)
+
+
+def fresh(out: np.ndarray, *inputs: Any) -> np.ndarray:
+    """``out``, copied if it could share memory with any of ``inputs`` (outputs never alias)."""
+    for x in inputs:
+        if isinstance(x, np.ndarray) and np.may_share_memory(out, x):
+            return out.copy()
+    return out
+
+
+def sum_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``x`` over the axes that broadcasting expanded from ``shape`` (a broadcast's backward)."""
+    extra = x.ndim - len(shape)
+    if extra:
+        x = x.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    if axes:
+        x = x.sum(axis=axes, keepdims=True)
+    return x

@@ -1,0 +1,530 @@
+r"""Scaled dot-product attention: forward, hand-written backward, and a named trace.
+
+Two ways in:
+
+* :func:`scaled_dot_product_attention` / :func:`scaled_dot_product_attention_backward` take the
+  inputs; the backward recomputes the forward.
+* :func:`sdpa_forward` returns an :class:`AttentionTrace` holding every intermediate by name, and
+  :func:`sdpa_backward` consumes it, so a forward plus a backward costs one forward.
+
+Equations (A1)-(A16) are derived in ``docs/derivations/attention.md``; conventions (mask polarity,
+causal alignment, fully masked rows, GQA) are in ``docs/conventions.md``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from ._validate import (
+    ALIGNS,
+    EMPTY_ROW_POLICIES,
+    as_bool_mask,
+    as_float,
+    check_broadcastable,
+    check_choice,
+    check_ndim,
+    check_nonempty,
+    check_real_scalar,
+    check_window,
+    fresh,
+    resolve_dtype,
+    sum_to_shape,
+)
+from .scores import (
+    attention_mask,
+    masked_fill_value,
+    scaled_scores,
+    scaled_scores_backward,
+    softcap_backward,
+    softcap_forward,
+    weighted_values,
+    weighted_values_backward,
+)
+from .softmax import softmax_backward, softmax_stats
+
+SCORES_LAYOUT = "(..., H, T, S)"
+
+
+class AttentionTrace(NamedTuple):
+    """Every intermediate of one :func:`sdpa_forward` call, by name.
+
+    Arrays are the converted (compute-dtype) values; none of them is one of the caller's arrays.
+    Fields that a configuration does not use hold the previous stage's array (``capped_scores``
+    without a softcap, ``dropped_probs`` without dropout) or None.
+    """
+
+    q: np.ndarray  #: (..., H, T, Dk) queries
+    k: np.ndarray  #: (..., Hkv, S, Dk) keys
+    v: np.ndarray  #: (..., Hkv, S, Dv) values
+    scale: float  #: the score scale used (1/sqrt(Dk) unless given)
+    softcap: float | None  #: the soft-cap, or None
+    bias: np.ndarray | None  #: additive bias, broadcastable to (..., H, T, S)
+    allowed: np.ndarray | None  #: bool, broadcastable to (..., H, T, S); True = may attend; None = all
+    row_is_empty: np.ndarray  #: (..., H, T) bool: the query row has no key to attend
+    empty_rows: str  #: the policy applied to empty rows
+    scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
+    capped_scores: np.ndarray  #: (..., H, T, S) after the soft-cap, (A2)
+    masked_scores: np.ndarray  #: (..., H, T, S) after bias and mask; masked entries hold a finite fill, (A4)
+    row_max: np.ndarray  #: (..., H, T) max over the allowed scores; -inf for an empty row
+    logsumexp: np.ndarray  #: (..., H, T) log of the sum of exp over allowed scores; -inf for an empty row
+    probs: np.ndarray  #: (..., H, T, S) attention weights (softmax, empty-row policy applied), (A5)
+    dropout_p: float  #: dropout probability
+    keep_mask: np.ndarray | None  #: (..., H, T, S) bool dropout keep-mask, or None
+    dropped_probs: np.ndarray  #: (..., H, T, S) weights after dropout, (A6)
+    out: np.ndarray  #: (..., H, T, Dv) output, (A7)
+
+
+class AttentionGrads(NamedTuple):
+    """Gradients of scaled dot-product attention with respect to its differentiable inputs."""
+
+    dq: np.ndarray  #: (..., H, T, Dk)
+    dk: np.ndarray  #: (..., Hkv, S, Dk), summed over the query heads of each group
+    dv: np.ndarray  #: (..., Hkv, S, Dv), summed over the query heads of each group
+    dbias: np.ndarray | None  #: bias's own shape, or None without a bias
+
+
+def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.Generator) -> np.ndarray:
+    r"""Draw a boolean keep-mask: each entry True with probability ``1 - dropout_p``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The attention weights' shape ``(..., H, T, S)``.
+    dropout_p : float
+        Drop probability in [0, 1).
+    rng : numpy.random.Generator
+        The only source of randomness; the same seed gives the same mask.
+
+    Returns
+    -------
+    ndarray of bool, shape ``shape``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import dropout_keep_mask
+    >>> dropout_keep_mask((2, 3), 0.5, np.random.default_rng(0)).shape
+    (2, 3)
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    p = check_real_scalar("dropout_p", dropout_p, positive=False)
+    if p >= 1:
+        raise ValueError(f"dropout_p must be in [0, 1); got {p}")
+    return rng.random(shape) >= p
+
+
+def _check_qkv(q, k, v, dt):
+    q = as_float("q", q, dt)
+    k = as_float("k", k, dt)
+    v = as_float("v", v, dt)
+    check_ndim("q", q, 3, "(..., H, T, Dk)")
+    check_ndim("k", k, 3, "(..., Hkv, S, Dk)")
+    check_ndim("v", v, 3, "(..., Hkv, S, Dv)")
+    for name, x, layout in (("q", q, "(..., H, T, Dk)"), ("k", k, "(..., Hkv, S, Dk)"), ("v", v, "(..., Hkv, S, Dv)")):
+        check_nonempty(name, x, layout)
+    if k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
+        raise ValueError(
+            f"q, k and v must have the same batch dims (...); got q.shape={q.shape}, "
+            f"k.shape={k.shape}, v.shape={v.shape}"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have Dk={q.shape[-1]} like q; got k.shape={k.shape}, q.shape={q.shape}")
+    if v.shape[-3] != k.shape[-3]:
+        raise ValueError(f"v must have Hkv={k.shape[-3]} heads like k; got v.shape={v.shape}, k.shape={k.shape}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"v must have S={k.shape[-2]} positions like k; got v.shape={v.shape}, k.shape={k.shape}")
+    H, Hkv = q.shape[-3], k.shape[-3]
+    if H % Hkv:
+        raise ValueError(
+            f"q's head count H={H} must be a multiple of k's Hkv={Hkv} (grouped-query attention); "
+            f"got q.shape={q.shape}, k.shape={k.shape}"
+        )
+    return q, k, v
+
+
+class _Options(NamedTuple):
+    mask: np.ndarray | None
+    bias: np.ndarray | None
+    causal: bool
+    align: str
+    window: tuple[int | None, int | None] | None
+    softcap: float | None
+    scale: float
+    dropout_p: float
+    dropout_mask: Any
+    empty_rows: str
+
+
+def _check_options(q, k, *, mask, bias, causal, align, window, softcap, scale, dropout_p,
+                   dropout_mask, empty_rows, dt) -> _Options:
+    scores_shape = q.shape[:-1] + (k.shape[-2],)  # (..., H, T, S)
+    if mask is not None:
+        mask = as_bool_mask("mask", mask, scores_shape, SCORES_LAYOUT)
+    if bias is not None:
+        bias = as_float("bias", bias, dt)
+        check_broadcastable("bias", bias, scores_shape, SCORES_LAYOUT)
+        if np.isnan(bias).any() or np.isposinf(bias).any():
+            raise ValueError("bias must be finite or -inf (-inf masks that entry); got NaN or +inf entries")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool; got {causal!r}")
+    align = check_choice("align", align, ALIGNS)
+    window = check_window(window)
+    if softcap is not None:
+        softcap = check_real_scalar("softcap", softcap, positive=True)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = check_real_scalar("scale", scale, positive=False)
+    dropout_p = check_real_scalar("dropout_p", dropout_p, positive=False)
+    if dropout_p >= 1:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if dropout_p == 0 and dropout_mask is not None:
+        raise ValueError("dropout_mask was given but dropout_p is 0; pass dropout_p > 0 or no mask")
+    if dropout_p > 0:
+        if dropout_mask is None:
+            raise ValueError(
+                "dropout_p > 0 needs dropout_mask: a boolean keep-mask of shape "
+                f"{SCORES_LAYOUT} = {scores_shape} or a numpy.random.Generator; got None"
+            )
+        if not isinstance(dropout_mask, np.random.Generator):
+            dropout_mask = np.asarray(dropout_mask)
+            if dropout_mask.dtype != np.bool_:
+                raise TypeError(f"dropout_mask must be a boolean keep-mask (True = keep); got dtype {dropout_mask.dtype}")
+            if dropout_mask.shape != scores_shape:
+                raise ValueError(
+                    f"dropout_mask must have the attention weights' shape {SCORES_LAYOUT} = "
+                    f"{scores_shape}; got shape {dropout_mask.shape}"
+                )
+    empty_rows = check_choice("empty_rows", empty_rows, EMPTY_ROW_POLICIES)
+    return _Options(mask, bias, bool(causal), align, window, softcap, float(scale), dropout_p,
+                    dropout_mask, empty_rows)
+
+
+def sdpa_forward(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    causal: bool = False,
+    align: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: ArrayLike | np.random.Generator | None = None,
+    empty_rows: str = "zero",
+    dtype: DTypeLike = None,
+) -> AttentionTrace:
+    r"""Scaled dot-product attention, returning every intermediate in an :class:`AttentionTrace`.
+
+    Takes the same arguments as :func:`scaled_dot_product_attention`; pass the trace to
+    :func:`sdpa_backward` to get the gradients without recomputing anything.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import sdpa_forward
+    >>> rng = np.random.default_rng(0)
+    >>> tr = sdpa_forward(rng.normal(size=(2, 3, 4)), rng.normal(size=(1, 5, 4)),
+    ...                   rng.normal(size=(1, 5, 6)), causal=True, align="bottom_right")
+    >>> tr.probs.shape, tr.logsumexp.shape, tr.out.shape
+    ((2, 3, 5), (2, 3), (2, 3, 6))
+    """
+    dt = resolve_dtype(dtype)
+    q_in, k_in, v_in = q, k, v
+    q, k, v = _check_qkv(q, k, v, dt)
+    opt = _check_options(q, k, mask=mask, bias=bias, causal=causal, align=align, window=window,
+                         softcap=softcap, scale=scale, dropout_p=dropout_p,
+                         dropout_mask=dropout_mask, empty_rows=empty_rows, dt=dt)
+    T, S = q.shape[-2], k.shape[-2]
+    scores_shape = q.shape[:-1] + (S,)  # (..., H, T, S)
+
+    # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias.
+    allowed = attention_mask(T, S, mask=opt.mask, causal=opt.causal, align=opt.align, window=opt.window)
+    if opt.bias is not None and np.isneginf(opt.bias).any():
+        finite_bias = ~np.isneginf(opt.bias)  # a -inf bias entry masks that pair
+        allowed = finite_bias if allowed is None else allowed & finite_bias
+    if allowed is None:
+        row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)  # (..., H, T)
+    else:
+        allowed = fresh(allowed, mask)
+        row_is_empty = np.broadcast_to(~allowed.any(axis=-1), scores_shape[:-1]).copy()  # (..., H, T)
+    if opt.empty_rows == "raise" and row_is_empty.any():
+        where = np.argwhere(row_is_empty)
+        raise ValueError(
+            f"empty_rows='raise': {len(where)} query row(s) have no key to attend; the first at "
+            f"index {tuple(int(i) for i in where[0])} of (..., H, T)"
+        )
+
+    scores = scaled_scores(q, k, opt.scale)  # (..., H, T, S)   (A1)
+    capped = softcap_forward(scores, opt.softcap) if opt.softcap is not None else scores  # (A2)
+    logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
+    if allowed is None:
+        masked = logits
+    else:
+        masked = np.where(allowed, logits, masked_fill_value(dt)).astype(dt, copy=False)  # (A4)
+
+    probs, shift, row_sum = softmax_stats(masked, axis=-1)  # (A5) = (S1)-(S3)
+    row_max = shift[..., 0]  # (..., H, T)
+    lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
+    if row_is_empty.any():
+        # (A5) empty-row policy: no allowed key, so the softmax above saw only the fill.
+        probs[row_is_empty] = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[opt.empty_rows]
+        row_max[row_is_empty] = -np.inf
+        lse[row_is_empty] = -np.inf
+
+    keep = None
+    dropped = probs
+    if opt.dropout_p > 0:
+        keep = opt.dropout_mask
+        if isinstance(keep, np.random.Generator):
+            keep = dropout_keep_mask(scores_shape, opt.dropout_p, keep)
+        else:
+            keep = fresh(keep, dropout_mask)
+        dropped = probs * keep  # (A6)
+        dropped *= 1.0 / (1.0 - opt.dropout_p)
+
+    out = weighted_values(dropped, v)  # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
+
+    return AttentionTrace(
+        q=fresh(q, q_in), k=fresh(k, k_in), v=fresh(v, v_in), scale=opt.scale, softcap=opt.softcap,
+        bias=fresh(opt.bias, bias) if opt.bias is not None else None, allowed=allowed,
+        row_is_empty=row_is_empty, empty_rows=opt.empty_rows, scores=scores, capped_scores=capped,
+        masked_scores=masked, row_max=row_max, logsumexp=lse, probs=probs,
+        dropout_p=opt.dropout_p, keep_mask=keep, dropped_probs=dropped, out=out,
+    )
+
+
+def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
+    r"""Gradients of scaled dot-product attention from a forward :class:`AttentionTrace`.
+
+    Implements (A8)-(A16) of ``docs/derivations/attention.md``, stage by stage in reverse.
+
+    Parameters
+    ----------
+    dout : array_like, shape (..., H, T, Dv)
+        Gradient of the loss with respect to the output.
+    trace : AttentionTrace
+        What :func:`sdpa_forward` returned.
+
+    Returns
+    -------
+    AttentionGrads
+        ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv) and ``dbias``
+        (the bias's shape, or None).
+
+    Notes
+    -----
+    Fully masked rows: under ``"zero"`` and ``"uniform"`` no gradient reaches the scores of an
+    empty row (its weights do not depend on them); under ``"uniform"`` ``dv`` receives the
+    row's ``dout / S``. Under ``"nan"`` ``dv`` is NaN for every head with an empty row, exactly
+    as autograd through ``softmax(masked_fill(-inf))`` gives.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import sdpa_forward, sdpa_backward
+    >>> rng = np.random.default_rng(0)
+    >>> tr = sdpa_forward(rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 6)))
+    >>> g = sdpa_backward(rng.normal(size=tr.out.shape), tr)
+    >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias
+    ((2, 3, 4), (2, 5, 4), (2, 5, 6), None)
+    """
+    if not isinstance(trace, AttentionTrace):
+        raise TypeError(f"trace must be the AttentionTrace returned by sdpa_forward; got {type(trace).__name__}")
+    dt = trace.out.dtype
+    dout = as_float("dout", dout, dt)
+    if dout.shape != trace.out.shape:
+        raise ValueError(f"dout must have the output's shape (..., H, T, Dv) = {trace.out.shape}; got {dout.shape}")
+
+    # (A8), (A9) out = P' v
+    ddropped, dv = weighted_values_backward(dout, trace.dropped_probs, trace.v)  # (..., H, T, S), (..., Hkv, S, Dv)
+    # (A10) P' = P * keep / (1 - p)
+    if trace.keep_mask is not None:
+        dprobs = ddropped * trace.keep_mask
+        dprobs *= 1.0 / (1.0 - trace.dropout_p)
+    else:
+        dprobs = ddropped
+    # (A11) P = softmax(masked scores)
+    dmasked = softmax_backward(dprobs, trace.probs, axis=-1, dtype=dt)  # (..., H, T, S)
+    # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient
+    dlogits = dmasked if trace.allowed is None else np.where(trace.allowed, dmasked, 0.0).astype(dt, copy=False)
+    # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
+    dbias = sum_to_shape(dlogits, trace.bias.shape) if trace.bias is not None else None
+    # (A14) capped = cap * tanh(scores / cap)
+    dscores = softcap_backward(dlogits, trace.capped_scores, trace.softcap) if trace.softcap is not None else dlogits
+    # (A15), (A16) scores = scale * q k^T
+    dq, dk = scaled_scores_backward(dscores, trace.q, trace.k, trace.scale)
+    if dbias is not None and dbias is dlogits:
+        dbias = dbias.copy()  # keep every returned gradient its own array
+    return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
+
+
+_OPTIONS_DOC = r"""
+    mask : array_like of bool, optional
+        True = may attend; broadcastable to (..., H, T, S). PyTorch SDPA and JAX polarity
+        (``nn.MultiheadAttention``'s masks use the opposite one).
+    bias : array_like, optional
+        Additive bias on the scores, broadcastable to (..., H, T, S); ``-inf`` entries mask
+        their pair; NaN and ``+inf`` are rejected. Its gradient is returned.
+    causal : bool, default False
+        Query ``i`` may attend key ``j`` only when ``j <= i'`` (see ``align``).
+    align : {"top_left", "bottom_right"}, default "top_left"
+        ``i' = i`` (PyTorch ``is_causal``, JAX) or ``i' = i + S - T`` (FlashAttention, PyTorch
+        ``causal_lower_right``, decoding with a cache). Applies to ``causal`` and ``window``.
+    window : (int or None, int or None), optional
+        Sliding window ``(left, right)``: keys ``i' - left <= j <= i' + right``; None on a side
+        leaves it unbounded.
+    softcap : float, optional
+        Soft-capping ``cap * tanh(s / cap)`` of the scaled scores, before the bias (Gemma 2).
+    scale : float, optional
+        Score scale, ``>= 0``; ``1 / sqrt(Dk)`` when omitted.
+    dropout_p : float, default 0.0
+        Dropout probability on the attention weights, in [0, 1).
+    dropout_mask : array_like of bool or numpy.random.Generator, optional
+        Required when ``dropout_p > 0``: a keep-mask of shape (..., H, T, S) (True = keep), or a
+        Generator to draw one. Kept weights are scaled by ``1 / (1 - dropout_p)``.
+    empty_rows : {"zero", "uniform", "nan", "raise"}, default "zero"
+        A query row with no key to attend: output and weights 0 (PyTorch SDPA, FlashAttention);
+        weights 1/S (JAX, the ``-1e9`` fill idiom); NaN (a naive softmax); or ``ValueError``.
+    dtype : dtype, optional
+        Compute dtype; float64 when omitted (lower precision only for baselines)."""
+
+
+def scaled_dot_product_attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    causal: bool = False,
+    align: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: ArrayLike | np.random.Generator | None = None,
+    empty_rows: str = "zero",
+    dtype: DTypeLike = None,
+) -> np.ndarray:
+    return sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
+                        softcap=softcap, scale=scale, dropout_p=dropout_p,
+                        dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype).out
+
+
+scaled_dot_product_attention.__doc__ = r"""Scaled dot-product attention ``softmax(q k^T * scale) v``.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., H, T, Dk)
+        Queries.
+    k : array_like, shape (..., Hkv, S, Dk)
+        Keys. ``Hkv`` must divide ``H``; query head ``h`` uses key/value head ``h // (H // Hkv)``
+        (grouped-query attention; ``Hkv = 1`` is multi-query attention).
+    v : array_like, shape (..., Hkv, S, Dv)
+        Values.""" + _OPTIONS_DOC + r"""
+
+    Returns
+    -------
+    out : ndarray, shape (..., H, T, Dv)
+
+    Notes
+    -----
+    .. math::
+        s = \text{scale}\; q k^\top \ \text{(A1)},\quad
+        c = \text{cap}\tanh(s/\text{cap}) \ \text{(A2)},\quad
+        \ell = c + \text{bias} \ \text{(A3)},\quad
+        \tilde\ell = \ell \text{ where allowed, else a finite fill} \ \text{(A4)},
+
+        P = \operatorname{softmax}(\tilde\ell) \ \text{(A5)},\quad
+        P' = P \odot \text{keep} / (1 - p) \ \text{(A6)},\quad
+        \text{out} = P' v \ \text{(A7)}.
+
+    See ``docs/derivations/attention.md``; :func:`sdpa_forward` returns every intermediate.
+
+    References
+    ----------
+    Vaswani et al. (2017), "Attention is all you need".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import scaled_dot_product_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.normal(size=(2, 4, 3, 8))     # (B, H, T, Dk)
+    >>> k = rng.normal(size=(2, 2, 5, 8))     # (B, Hkv, S, Dk): GQA, 2 query heads per kv head
+    >>> v = rng.normal(size=(2, 2, 5, 6))     # (B, Hkv, S, Dv)
+    >>> scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right").shape
+    (2, 4, 3, 6)
+    """
+
+
+def scaled_dot_product_attention_backward(
+    dout: ArrayLike,
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    causal: bool = False,
+    align: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: ArrayLike | None = None,
+    empty_rows: str = "zero",
+    dtype: DTypeLike = None,
+) -> AttentionGrads:
+    if isinstance(dropout_mask, np.random.Generator):
+        raise ValueError(
+            "dropout_mask must be the boolean keep-mask the forward used, not a Generator (a "
+            "second draw would differ); use sdpa_forward/sdpa_backward, or dropout_keep_mask"
+        )
+    trace = sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
+                         softcap=softcap, scale=scale, dropout_p=dropout_p,
+                         dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype)
+    return sdpa_backward(dout, trace)
+
+
+scaled_dot_product_attention_backward.__doc__ = r"""Gradients of :func:`scaled_dot_product_attention`.
+
+    Recomputes the forward from the same inputs and options, then applies (A8)-(A16) of
+    ``docs/derivations/attention.md`` (see :func:`sdpa_backward`, which skips the recompute).
+
+    Parameters
+    ----------
+    dout : array_like, shape (..., H, T, Dv)
+        Gradient of the loss with respect to the output.
+    q, k, v
+        The forward's inputs.""" + _OPTIONS_DOC.replace(
+    "a keep-mask of shape (..., H, T, S) (True = keep), or a\n        Generator to draw one.",
+    "the keep-mask of shape (..., H, T, S) the forward used\n        (a Generator is refused: it would draw a different mask).",
+) + r"""
+
+    Returns
+    -------
+    AttentionGrads
+        ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv), ``dbias``
+        (the bias's shape; None without a bias). With GQA, ``dk`` and ``dv`` sum over the query
+        heads of each group, (A9) and (A16).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import scaled_dot_product_attention_backward
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.normal(size=(4, 3, 8)), rng.normal(size=(2, 5, 8)), rng.normal(size=(2, 5, 6))
+    >>> g = scaled_dot_product_attention_backward(rng.normal(size=(4, 3, 6)), q, k, v,
+    ...                                           bias=np.zeros((3, 5)))
+    >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias.shape
+    ((4, 3, 8), (2, 5, 8), (2, 5, 6), (3, 5))
+    """

@@ -1,0 +1,313 @@
+r"""Finite-difference verification of hand-written backwards.
+
+* :func:`numerical_vjp` -- central-difference vector-Jacobian product ``J^T c`` for any function
+  of one array: two forward calls per input element.
+* :func:`check_vjp` -- compares a backward's gradients with :func:`numerical_vjp`, input by input.
+* :func:`check_directional` -- compares ``<J t, c>`` (one central difference along a random
+  direction ``t``) with ``<t, J^T c>`` (from the backward): two forward calls per direction, so
+  it works at sizes where a full numerical VJP is too slow.
+* :func:`error_report` -- the worst error of one array against another, and where it is.
+
+All finite differences run in float64. Use a random cotangent ``c``: with ``c`` all ones, the
+gradient of anything followed by a softmax is 0 and a check compares 0 with 0.
+Derivation of the error bounds: ``docs/derivations/gradcheck.md``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+#: Default central-difference step. Truncation error is O(eps^2 |f'''|) ~ 1e-12 and round-off is
+#: O(u |f| / eps) ~ 1e-10 for float64 (u = 2.2e-16) at unit-scale values: eps = 1e-6 balances them.
+FD_EPS = 1e-6
+#: Default pass threshold on the relative error of a finite-difference comparison: the FD error
+#: above, summed over up to ~1e3 outputs, stays below 1e-7 relative; a wrong backward is off by O(1).
+FD_RTOL = 1e-6
+#: Absolute floor (same units as the gradient) under which a difference is FD noise, for
+#: gradients that are exactly 0 (a softmax over one key, a key bias). Round-off u|f|/eps ~ 2e-10
+#: per output, summed with random signs over up to ~1e3 outputs, stays below it.
+FD_ATOL = 1e-8
+
+
+class ErrorReport(NamedTuple):
+    """The worst disagreement between two arrays of one shape.
+
+    ``rel_error = max_abs_error / scale`` with ``scale = max(|expected|)``: an error measured
+    against the size of the whole gradient, so tiny elements do not blow it up.
+    """
+
+    max_abs_error: float  #: max |actual - expected|
+    rel_error: float  #: max_abs_error / scale (0 when both are 0, inf when only the scale is 0)
+    scale: float  #: max |expected|
+    index: tuple[int, ...]  #: where the worst absolute error is
+    actual: float  #: actual[index]
+    expected: float  #: expected[index]
+    nonfinite_mismatch: int  #: entries where one side is NaN/inf and the other is not (or differs)
+
+    def passed(self, rtol: float = FD_RTOL, atol: float = FD_ATOL) -> bool:
+        """``max_abs_error <= atol + rtol * scale`` and no NaN/inf mismatch."""
+        return self.nonfinite_mismatch == 0 and self.max_abs_error <= atol + rtol * self.scale
+
+    def __str__(self) -> str:
+        return (f"rel {self.rel_error:.2e} (abs {self.max_abs_error:.2e}, scale {self.scale:.2e}) "
+                f"at {self.index}: actual {self.actual!r} vs expected {self.expected!r}"
+                + (f"; {self.nonfinite_mismatch} NaN/inf mismatches" if self.nonfinite_mismatch else ""))
+
+
+def error_report(actual: ArrayLike, expected: ArrayLike) -> ErrorReport:
+    r"""The worst error of ``actual`` against ``expected``, and where it is.
+
+    Parameters
+    ----------
+    actual, expected : array_like, same shape
+
+    Returns
+    -------
+    ErrorReport
+        Max absolute error, relative error ``max|a - e| / max|e|``, the index of the worst
+        element and both values there, and the count of NaN/inf mismatches (entries where the
+        two sides are not both finite and not identical). Non-finite entries are left out of
+        the error, and counted instead.
+
+    Examples
+    --------
+    >>> from attention_ref.gradcheck import error_report
+    >>> r = error_report([1.0, 2.0, 4.0], [1.0, 2.0, 4.4])
+    >>> round(r.rel_error, 6), r.index
+    (0.090909, (2,))
+    """
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"actual and expected must have one shape; got {a.shape} and {e.shape}")
+    finite = np.isfinite(a) & np.isfinite(e)
+    same_nonfinite = ~finite & ((a == e) | (np.isnan(a) & np.isnan(e)))
+    mismatch = int((~finite & ~same_nonfinite).sum())
+    diff = np.where(finite, np.abs(a - e), 0.0)
+    if a.size == 0:
+        return ErrorReport(0.0, 0.0, 0.0, (), float("nan"), float("nan"), mismatch)
+    flat = int(np.argmax(diff))
+    index = tuple(int(i) for i in np.unravel_index(flat, a.shape))
+    max_abs = float(diff.reshape(-1)[flat])
+    scale = float(np.max(np.where(finite, np.abs(e), 0.0)))
+    rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else float("inf"))
+    return ErrorReport(max_abs, rel, scale, index, float(a[index]), float(e[index]), mismatch)
+
+
+def numerical_vjp(
+    f: Callable[[np.ndarray], ArrayLike], x: ArrayLike, cotangent: ArrayLike, *, eps: float = FD_EPS
+) -> np.ndarray:
+    r"""Central-difference vector-Jacobian product :math:`J^\top c` of ``f`` at ``x``.
+
+    .. math:: (J^\top c)_i \approx \Big\langle \frac{f(x + \epsilon e_i) - f(x - \epsilon e_i)}{2\epsilon},\ c \Big\rangle \qquad \text{(G1)}
+
+    Parameters
+    ----------
+    f : callable
+        A function of one array returning an array of ``cotangent``'s shape. Close over the
+        other arguments (``lambda q: attention(q, k, v)``) to differentiate any input.
+    x : array_like
+        The point; copied to float64, never modified.
+    cotangent : array_like
+        ``c``, the upstream gradient. Use a random one.
+    eps : float
+        Step.
+
+    Returns
+    -------
+    ndarray, shape of ``x``, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref.gradcheck import numerical_vjp
+    >>> g = numerical_vjp(lambda x: x ** 3, np.array([1.0, 2.0]), np.array([1.0, -1.0]))
+    >>> np.allclose(g, [3.0, -12.0])
+    True
+    """
+    x = np.array(x, dtype=np.float64, copy=True)  # ours to perturb
+    c = np.asarray(cotangent, dtype=np.float64)
+    grad = np.empty_like(x)
+    flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat_x.size):
+        orig = flat_x[i]
+        flat_x[i] = orig + eps
+        f_plus = np.asarray(f(x), dtype=np.float64)
+        flat_x[i] = orig - eps
+        f_minus = np.asarray(f(x), dtype=np.float64)
+        flat_x[i] = orig
+        if f_plus.shape != c.shape:
+            raise ValueError(f"f(x) must have cotangent's shape {c.shape}; got {f_plus.shape}")
+        flat_g[i] = np.sum((f_plus - f_minus) * c) / (2 * eps)  # (G1)
+    return grad
+
+
+class GradCheckResult(NamedTuple):
+    """Per-input comparison of a backward with finite differences."""
+
+    reports: dict[str, ErrorReport]  #: input name -> worst error of its gradient
+    rtol: float
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed(self.rtol, self.atol) for r in self.reports.values())
+
+    @property
+    def worst(self) -> tuple[str, ErrorReport]:
+        """The input with the largest relative error, and its report."""
+        return max(self.reports.items(), key=lambda kv: kv[1].rel_error)
+
+    def __str__(self) -> str:
+        lines = []
+        for name, r in self.reports.items():
+            lines.append(f"{'ok  ' if r.passed(self.rtol, self.atol) else 'FAIL'} d{name}: {r}")
+        return "\n".join(lines)
+
+
+def _as_inputs(inputs: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise TypeError(f"inputs must be a non-empty mapping of name -> array; got {type(inputs).__name__}")
+    return {name: np.array(x, dtype=np.float64, copy=True) for name, x in inputs.items()}
+
+
+def _check_grads(inputs, grads, names):
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise ValueError(f"wrt names {missing} are not among inputs {list(inputs)}")
+    out = {}
+    for n in names:
+        if n not in grads or grads[n] is None:
+            raise ValueError(f"grads must hold a gradient for {n!r}; got keys {list(grads)}")
+        g = np.asarray(grads[n], dtype=np.float64)
+        if g.shape != inputs[n].shape:
+            raise ValueError(f"grads[{n!r}] must have the input's shape {inputs[n].shape}; got {g.shape}")
+        out[n] = g
+    return out
+
+
+def check_vjp(
+    f: Callable[..., ArrayLike],
+    inputs: Mapping[str, ArrayLike],
+    cotangent: ArrayLike,
+    grads: Mapping[str, ArrayLike],
+    *,
+    wrt: tuple[str, ...] | None = None,
+    eps: float = FD_EPS,
+    rtol: float = FD_RTOL,
+    atol: float = FD_ATOL,
+) -> GradCheckResult:
+    r"""Compare hand-written gradients with a full central-difference VJP, input by input.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(**inputs)`` returns an array of ``cotangent``'s shape.
+    inputs : mapping of str to array_like
+        The point, by keyword name.
+    cotangent : array_like
+        The random upstream gradient the backward was given.
+    grads : mapping of str to array_like
+        The backward's gradient for each name in ``wrt``.
+    wrt : tuple of str, optional
+        Inputs to check; all of ``inputs`` when omitted.
+    eps, rtol, atol : float
+        Step and pass thresholds (see :data:`FD_EPS`, :data:`FD_RTOL`, :data:`FD_ATOL`).
+
+    Returns
+    -------
+    GradCheckResult
+        ``.passed``, ``.worst`` and a report per input; ``str()`` prints a table.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import softmax, softmax_backward
+    >>> from attention_ref.gradcheck import check_vjp
+    >>> rng = np.random.default_rng(0)
+    >>> x, c = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    >>> check_vjp(softmax, {"x": x}, c, {"x": softmax_backward(c, softmax(x))}).passed
+    True
+    """
+    xs = _as_inputs(inputs)
+    names = tuple(xs) if wrt is None else tuple(wrt)
+    gs = _check_grads(xs, grads, names)
+    reports = {}
+    for n in names:
+        def f_of(x, n=n):
+            return f(**{**xs, n: x})
+        reports[n] = error_report(gs[n], numerical_vjp(f_of, xs[n], cotangent, eps=eps))
+    return GradCheckResult(reports, rtol, atol)
+
+
+def check_directional(
+    f: Callable[..., ArrayLike],
+    inputs: Mapping[str, ArrayLike],
+    cotangent: ArrayLike,
+    grads: Mapping[str, ArrayLike],
+    *,
+    rng: np.random.Generator,
+    num_directions: int = 3,
+    wrt: tuple[str, ...] | None = None,
+    eps: float = FD_EPS,
+    rtol: float = FD_RTOL,
+    atol: float = FD_ATOL,
+) -> GradCheckResult:
+    r"""Compare :math:`\langle J t, c\rangle` with :math:`\langle t, J^\top c\rangle` along random directions.
+
+    .. math::
+        \Big\langle \frac{f(x + \epsilon t) - f(x - \epsilon t)}{2\epsilon},\ c \Big\rangle
+        \approx \langle t,\ \text{grad} \rangle \qquad \text{(G2)}
+
+    Two forward calls per direction and input, whatever the size of ``x``. Each input is
+    perturbed alone, so a failure names the input whose gradient is wrong.
+
+    Parameters
+    ----------
+    f, inputs, cotangent, grads, wrt, eps, rtol, atol
+        As in :func:`check_vjp`.
+    rng : numpy.random.Generator
+        Draws the unit-norm directions ``t``.
+    num_directions : int, default 3
+        Directions per input.
+
+    Returns
+    -------
+    GradCheckResult
+        Per input, an :class:`ErrorReport` over its directions: ``actual`` is
+        :math:`\langle t, \text{grad}\rangle`, ``expected`` the finite difference, and
+        ``index`` the worst direction.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import softmax, softmax_backward
+    >>> from attention_ref.gradcheck import check_directional
+    >>> rng = np.random.default_rng(0)
+    >>> x, c = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    >>> r = check_directional(softmax, {"x": x}, c, {"x": softmax_backward(c, softmax(x))}, rng=rng)
+    >>> r.passed
+    True
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    xs = _as_inputs(inputs)
+    names = tuple(xs) if wrt is None else tuple(wrt)
+    gs = _check_grads(xs, grads, names)
+    c = np.asarray(cotangent, dtype=np.float64)
+    reports = {}
+    for n in names:
+        analytic, numeric = [], []
+        for _ in range(num_directions):
+            t = rng.normal(size=xs[n].shape)
+            t /= np.linalg.norm(t) or 1.0
+            f_plus = np.asarray(f(**{**xs, n: xs[n] + eps * t}), dtype=np.float64)
+            f_minus = np.asarray(f(**{**xs, n: xs[n] - eps * t}), dtype=np.float64)
+            if f_plus.shape != c.shape:
+                raise ValueError(f"f(...) must have cotangent's shape {c.shape}; got {f_plus.shape}")
+            numeric.append(np.sum((f_plus - f_minus) * c) / (2 * eps))  # <J t, c>   (G2)
+            analytic.append(np.sum(t * gs[n]))  # <t, J^T c>
+        reports[n] = error_report(np.array(analytic), np.array(numeric))
+    return GradCheckResult(reports, rtol, atol)

@@ -1,0 +1,251 @@
+r"""Scaled scores, soft-capping and masking: the stage between q, k and the softmax.
+
+Order of operations on the scores (CONVENTIONS.md)::
+
+    q @ k^T * scale  ->  softcap  ->  + bias  ->  mask (boolean, causal, window)  ->  softmax
+
+Grouped-query attention (GQA): query head ``h`` reads key/value head ``h // G`` with
+``G = H // Hkv``. The functions here view the H query heads as ``(Hkv, G)`` instead of repeating
+k and v, so nothing is copied; the backward sums over the ``G`` axis, (A9) and (A16).
+Derivation: ``docs/derivations/attention.md``.
+
+The functions in this module other than the mask builders are the internal stages of
+:func:`~attention_ref.scaled_dot_product_attention`: they expect float arrays already checked by it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from ._validate import ALIGNS, as_bool_mask, check_choice, check_positive_int, check_window
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _query_positions(T: int, S: int, align: str) -> np.ndarray:
+    """Each query's position on the key axis, i': i under top_left, i + S - T under bottom_right."""
+    offset = 0 if align == "top_left" else S - T
+    return np.arange(T)[:, None] + offset  # (T, 1)
+
+
+def causal_mask(T: int, S: int, *, align: str = "top_left") -> np.ndarray:
+    r"""Boolean ``(T, S)`` mask, True where query ``i`` may attend key ``j``: ``j <= i'``.
+
+    Parameters
+    ----------
+    T, S : int
+        Query and key lengths.
+    align : {"top_left", "bottom_right"}
+        ``i' = i`` (PyTorch ``is_causal``, JAX) or ``i' = i + S - T`` (FlashAttention, PyTorch
+        ``causal_lower_right``). The two differ only when T != S.
+
+    Returns
+    -------
+    ndarray of bool, shape (T, S)
+
+    Examples
+    --------
+    >>> from attention_ref import causal_mask
+    >>> causal_mask(2, 3).astype(int)
+    array([[1, 0, 0],
+           [1, 1, 0]])
+    >>> causal_mask(2, 3, align="bottom_right").astype(int)
+    array([[1, 1, 0],
+           [1, 1, 1]])
+    """
+    T = check_positive_int("T", T)
+    S = check_positive_int("S", S)
+    align = check_choice("align", align, ALIGNS)
+    return np.arange(S)[None, :] <= _query_positions(T, S, align)  # (T, S)
+
+
+def window_mask(
+    T: int, S: int, window: tuple[int | None, int | None], *, align: str = "top_left"
+) -> np.ndarray:
+    r"""Boolean ``(T, S)`` sliding-window mask: True where ``i' - left <= j <= i' + right``.
+
+    Parameters
+    ----------
+    T, S : int
+        Query and key lengths.
+    window : (int or None, int or None)
+        ``(left, right)``: how many keys before and after the query's own position it may see;
+        None leaves that side unbounded.
+    align : {"top_left", "bottom_right"}
+        Where query ``i`` sits on the key axis, as in :func:`causal_mask`.
+
+    Returns
+    -------
+    ndarray of bool, shape (T, S)
+
+    Examples
+    --------
+    >>> from attention_ref import window_mask
+    >>> window_mask(3, 3, (1, 0)).astype(int)
+    array([[1, 0, 0],
+           [1, 1, 0],
+           [0, 1, 1]])
+    """
+    T = check_positive_int("T", T)
+    S = check_positive_int("S", S)
+    align = check_choice("align", align, ALIGNS)
+    left, right = check_window(window) or (None, None)
+    i = _query_positions(T, S, align)  # (T, 1)
+    j = np.arange(S)[None, :]  # (1, S)
+    allowed = np.ones((T, S), dtype=bool)
+    if left is not None:
+        allowed &= j >= i - left
+    if right is not None:
+        allowed &= j <= i + right
+    return allowed
+
+
+def attention_mask(
+    T: int,
+    S: int,
+    *,
+    mask: ArrayLike | None = None,
+    causal: bool = False,
+    align: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+) -> np.ndarray | None:
+    r"""Combine a boolean ``mask``, ``causal`` and ``window`` into one "may attend" mask.
+
+    Parameters
+    ----------
+    T, S : int
+        Query and key lengths.
+    mask : array_like of bool, optional
+        True = may attend; broadcastable to ``(..., T, S)``.
+    causal : bool, default False
+        Intersect with :func:`causal_mask`.
+    align : {"top_left", "bottom_right"}
+        Alignment of ``causal`` and ``window`` when T != S.
+    window : (int or None, int or None), optional
+        Intersect with :func:`window_mask`.
+
+    Returns
+    -------
+    ndarray of bool or None
+        Broadcastable to ``(..., T, S)``; None when nothing is masked.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import attention_mask
+    >>> keep = np.array([True, True, False])          # key padding: the last key is padding
+    >>> attention_mask(2, 3, mask=keep, causal=True, align="bottom_right").astype(int)
+    array([[1, 1, 0],
+           [1, 1, 0]])
+    """
+    T = check_positive_int("T", T)
+    S = check_positive_int("S", S)
+    align = check_choice("align", align, ALIGNS)
+    window = check_window(window)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool; got {causal!r}")
+    allowed = None
+    if mask is not None:
+        mask = np.asarray(mask)
+        lead = mask.shape[:-2] if mask.ndim > 2 else ()
+        allowed = as_bool_mask("mask", mask, lead + (T, S), "(..., T, S)")
+    if causal:
+        c = causal_mask(T, S, align=align)
+        allowed = c if allowed is None else allowed & c
+    if window is not None:
+        w = window_mask(T, S, window, align=align)
+        allowed = w if allowed is None else allowed & w
+    return allowed
+
+
+# ----------------------------------------------------------------------------- GQA grouping
+
+
+def group_heads(x: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """View ``(..., H, T, X)`` as ``(..., Hkv, G, T, X)``: query head ``h = kv * G + g``."""
+    *lead, h, t, width = x.shape
+    return x.reshape(*lead, num_kv_heads, h // num_kv_heads, t, width)
+
+
+def ungroup_heads(x: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`group_heads`: ``(..., Hkv, G, T, X) -> (..., H, T, X)``."""
+    *lead, hkv, g, t, width = x.shape
+    return x.reshape(*lead, hkv * g, t, width)
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def scaled_scores(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    r"""Scores ``q @ k^T * scale`` with GQA grouping, (A1).
+
+    ``q`` (..., H, T, Dk), ``k`` (..., Hkv, S, Dk) -> (..., H, T, S).
+    """
+    qg = group_heads(q, k.shape[-3])  # (..., Hkv, G, T, Dk)
+    kt = k[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, S)
+    s = qg @ kt  # (..., Hkv, G, T, Dk) @ (..., Hkv, 1, Dk, S) -> (..., Hkv, G, T, S)
+    s *= scale  # (A1)
+    return ungroup_heads(s)  # (..., H, T, S)
+
+
+def scaled_scores_backward(
+    dscores: np.ndarray, q: np.ndarray, k: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""``(dq, dk)`` of :func:`scaled_scores`: (A15) and (A16), dk summed over each group."""
+    hkv = k.shape[-3]
+    dsg = group_heads(dscores, hkv)  # (..., Hkv, G, T, S)
+    qg = group_heads(q, hkv)  # (..., Hkv, G, T, Dk)
+    # (A15) s = scale * q k^T, so dq = scale * ds @ k
+    dq = dsg @ k[..., :, None, :, :]  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
+    dq *= scale
+    # (A16) dk = scale * sum over the group's heads of ds^T @ q
+    dk = (dsg.swapaxes(-1, -2) @ qg).sum(axis=-3)  # (..., Hkv, G, S, T) @ (..., Hkv, G, T, Dk) -> (..., Hkv, S, Dk)
+    dk *= scale
+    return ungroup_heads(dq), dk
+
+
+def softcap_forward(scores: np.ndarray, cap: float) -> np.ndarray:
+    r"""Soft-capping ``cap * tanh(scores / cap)``, (A2): bounded in ``(-cap, cap)``."""
+    return cap * np.tanh(scores / cap)  # (A2)
+
+
+def softcap_backward(dcapped: np.ndarray, capped: np.ndarray, cap: float) -> np.ndarray:
+    r"""Gradient of :func:`softcap_forward` from its output: ``dc * (1 - (c / cap)^2)``, (A14)."""
+    return dcapped * (1.0 - (capped / cap) ** 2)  # (A14)
+
+
+def masked_fill_value(dtype: Any) -> float:
+    """The finite fill for masked scores: the most negative finite number of ``dtype``.
+
+    exp(fill - m) underflows to exactly 0 for any row whose max m is a real score, and no
+    ``inf - inf`` can occur. A row with nothing allowed is all-fill; attention applies its
+    ``empty_rows`` policy to it.
+    """
+    return float(np.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def weighted_values(weights: np.ndarray, v: np.ndarray) -> np.ndarray:
+    r"""``weights @ v`` with GQA grouping, (A7): (..., H, T, S), (..., Hkv, S, Dv) -> (..., H, T, Dv)."""
+    pg = group_heads(weights, v.shape[-3])  # (..., Hkv, G, T, S)
+    out = pg @ v[..., :, None, :, :]  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dv) -> (..., Hkv, G, T, Dv)
+    return ungroup_heads(out)  # (..., H, T, Dv)   (A7)
+
+
+def weighted_values_backward(
+    dout: np.ndarray, weights: np.ndarray, v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""``(dweights, dv)`` of :func:`weighted_values`: (A8) and (A9), dv summed over each group."""
+    hkv = v.shape[-3]
+    dog = group_heads(dout, hkv)  # (..., Hkv, G, T, Dv)
+    pg = group_heads(weights, hkv)  # (..., Hkv, G, T, S)
+    # (A8) out = P v, so dP = dout @ v^T
+    dweights = dog @ v[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
+    # (A9) dv = sum over the group's heads of P^T @ dout
+    dv = (pg.swapaxes(-1, -2) @ dog).sum(axis=-3)  # (..., Hkv, G, S, T) @ (..., Hkv, G, T, Dv) -> (..., Hkv, S, Dv)
+    return ungroup_heads(dweights), dv

@@ -1,0 +1,209 @@
+r"""Numerically stable softmax and logsumexp, and their backwards.
+
+The max shift :math:`m = \max_j x_j` makes every exponent :math:`\le 0`, so nothing overflows; a
+row whose max is not finite (all ``-inf``) is shifted by 0 instead, so ``inf - inf`` never occurs.
+Derivation: ``docs/derivations/softmax.md``.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from ._validate import as_float, resolve_dtype
+
+
+def _check_axis(axis, ndim: int) -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int; got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in [{-ndim}, {ndim}) for an input of {ndim} dims; got {axis}")
+    return int(axis)
+
+
+def _prepare(name: str, x, axis, dtype) -> tuple[np.ndarray, int]:
+    x = as_float(name, x, resolve_dtype(dtype))
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least 1 dim; got a scalar")
+    return x, _check_axis(axis, x.ndim)
+
+
+def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
+    """Row max used as the shift, (S1); 0 where the max is not finite so ``inf - inf`` cannot occur."""
+    m = np.max(x, axis=axis, keepdims=True)  # (S1)
+    return np.where(np.isfinite(m), m, 0.0).astype(x.dtype, copy=False)
+
+
+def softmax_stats(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Internal: ``(probs, shift, row_sum)`` of an already validated float array.
+
+    ``probs = exp(x - shift) / row_sum``; attention uses ``shift`` and ``row_sum`` to report the
+    row max and logsumexp without a second pass.
+    """
+    m = stable_shift(x, axis)  # (..., 1, ...)   (S1)
+    e = np.exp(x - m)  # (S2)
+    row_sum = e.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e /= row_sum  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
+    return e, m, row_sum
+
+
+def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike = None) -> np.ndarray:
+    r"""Softmax along ``axis``, shifted by the row max so that nothing overflows.
+
+    Parameters
+    ----------
+    x : array_like, shape (..., S)
+        Logits. ``-inf`` entries get probability 0.
+    axis : int, default -1
+        The axis that sums to 1.
+    dtype : dtype, optional
+        Compute dtype; float64 when omitted.
+
+    Returns
+    -------
+    ndarray, same shape as ``x``
+        Probabilities. A slice whose entries are all ``-inf`` (or that holds ``+inf`` or NaN)
+        has no defined softmax and comes out NaN, as with :func:`scipy.special.softmax`;
+        :func:`~attention_ref.scaled_dot_product_attention` handles fully masked rows by policy
+        instead.
+
+    Notes
+    -----
+    .. math::
+        m = \max_j x_j \ \text{(S1)},\qquad
+        e_j = \exp(x_j - m) \ \text{(S2)},\qquad
+        p_j = e_j / \textstyle\sum_k e_k \ \text{(S3)}
+
+    References
+    ----------
+    Milakov & Gimelshein (2018), "Online normalizer calculation for softmax".
+
+    Examples
+    --------
+    >>> from attention_ref import softmax
+    >>> softmax([1000.0, 1000.0, -float("inf")])
+    array([0.5, 0.5, 0. ])
+    """
+    x, axis = _prepare("x", x, axis, dtype)
+    return softmax_stats(x, axis)[0]
+
+
+def softmax_backward(
+    dprobs: ArrayLike, probs: ArrayLike, axis: int = -1, *, dtype: DTypeLike = None
+) -> np.ndarray:
+    r"""Gradient of :func:`softmax` from its output: ``p * (dp - sum(dp * p))``, (S4).
+
+    Never forms the dense Jacobian :math:`\operatorname{diag}(p) - p p^\top`; its product with
+    ``dp`` collapses to one row reduction. See ``docs/derivations/softmax.md`` (S4).
+
+    Parameters
+    ----------
+    dprobs : array_like, same shape as ``probs``
+        Gradient of the loss with respect to the probabilities.
+    probs : array_like
+        The forward's output (all the backward needs).
+    axis : int, default -1
+        The forward's axis.
+    dtype : dtype, optional
+        Compute dtype; float64 when omitted.
+
+    Returns
+    -------
+    ndarray, same shape as ``probs``
+        Gradient with respect to the logits.
+
+    Notes
+    -----
+    .. math:: \frac{\partial L}{\partial x_i} = p_i \Big(dp_i - \sum_j dp_j\, p_j\Big) \qquad \text{(S4)}
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import softmax, softmax_backward
+    >>> p = softmax(np.array([0.0, 0.0]))
+    >>> softmax_backward(np.array([1.0, 0.0]), p)
+    array([ 0.25, -0.25])
+    """
+    probs, axis = _prepare("probs", probs, axis, dtype)
+    dprobs = as_float("dprobs", dprobs, probs.dtype)
+    if dprobs.shape != probs.shape:
+        raise ValueError(f"dprobs must have probs' shape {probs.shape}; got {dprobs.shape}")
+    dot = (dprobs * probs).sum(axis=axis, keepdims=True)  # sum_j dp_j p_j
+    return probs * (dprobs - dot)  # (S4)
+
+
+def logsumexp(
+    x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike = None
+) -> np.ndarray:
+    r"""``log(sum(exp(x)))`` along ``axis``, computed as ``m + log(sum(exp(x - m)))``, (S5).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., S)
+    axis : int, default -1
+    keepdims : bool, default False
+    dtype : dtype, optional
+        Compute dtype; float64 when omitted.
+
+    Returns
+    -------
+    ndarray
+        ``x``'s shape without ``axis`` (or with it as 1 when ``keepdims``). A slice of all
+        ``-inf`` gives ``-inf`` (the log of an empty sum), one holding ``+inf`` gives ``+inf``.
+
+    Notes
+    -----
+    .. math:: \operatorname{lse}(x) = m + \log \sum_j \exp(x_j - m) \qquad \text{(S5)}
+
+    Examples
+    --------
+    >>> from attention_ref import logsumexp
+    >>> float(logsumexp([1000.0, 1000.0]) - 1000.0)  # log 2, no overflow
+    0.6931471805599453
+    """
+    x, axis = _prepare("x", x, axis, dtype)
+    m = stable_shift(x, axis)  # (S1)
+    with np.errstate(divide="ignore"):
+        lse = m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))  # (S5)
+    return lse if keepdims else np.squeeze(lse, axis=axis)
+
+
+def logsumexp_backward(
+    dlse: ArrayLike, x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike = None
+) -> np.ndarray:
+    r"""Gradient of :func:`logsumexp`: ``dlse * softmax(x)``, (S6).
+
+    See ``docs/derivations/softmax.md`` (S6).
+
+    Parameters
+    ----------
+    dlse : array_like
+        Gradient with respect to the forward's output (shape as the forward returned it).
+    x, axis, keepdims
+        The forward's inputs.
+    dtype : dtype, optional
+        Compute dtype; float64 when omitted.
+
+    Returns
+    -------
+    ndarray, same shape as ``x``
+
+    Examples
+    --------
+    >>> from attention_ref import logsumexp_backward
+    >>> logsumexp_backward(2.0, [0.0, 0.0])
+    array([1., 1.])
+    """
+    x, axis = _prepare("x", x, axis, dtype)
+    dlse = as_float("dlse", dlse, x.dtype)
+    out_shape = list(x.shape)
+    out_shape[axis] = 1
+    if not keepdims:
+        del out_shape[axis]
+    if dlse.shape != tuple(out_shape):
+        raise ValueError(f"dlse must have logsumexp's output shape {tuple(out_shape)}; got {dlse.shape}")
+    if not keepdims:
+        dlse = np.expand_dims(dlse, axis)
+    return dlse * softmax_stats(x, axis)[0]  # (S6)
