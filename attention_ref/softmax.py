@@ -160,8 +160,8 @@ def logsumexp(
     Examples
     --------
     >>> from attention_ref import logsumexp
-    >>> float(logsumexp([1000.0, 1000.0]) - 1000.0)  # log 2, no overflow
-    0.6931471805599453
+    >>> round(float(logsumexp([1000.0, 1000.0]) - 1000.0), 10)  # log 2, no overflow
+    0.6931471806
     """
     x, axis = _prepare("x", x, axis, dtype)
     m = stable_shift(x, axis)  # (S1)

@@ -1,0 +1,22 @@
+"""Shared fixtures: a seeded Generator per test, and the torch gate."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fresh, seeded Generator: every test is reproducible on its own."""
+    return np.random.default_rng(20261121)
+
+
+def require_torch():
+    """Import torch, or skip -- unless ATTENTION_REF_REQUIRE_TORCH=1 (CI), where its absence fails."""
+    if os.environ.get("ATTENTION_REF_REQUIRE_TORCH") == "1":
+        import torch  # noqa: F401  -- an ImportError here fails the test, as CI wants
+
+        return torch
+    return pytest.importorskip("torch")
