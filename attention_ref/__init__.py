@@ -14,7 +14,7 @@ from .attention import (
     sdpa_forward,
 )
 from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
-from .linear import LinearGrads, linear, linear_backward
+from .projection import LinearGrads, linear, linear_backward
 from .mha import (
     MultiHeadGrads,
     MultiHeadParams,
@@ -26,7 +26,7 @@ from .mha import (
     multi_head_attention_backward,
 )
 from .scores import attention_mask, causal_mask, window_mask
-from .softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
+from .stable_softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
 from . import gradcheck
 
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ from .scores import (
     weighted_values,
     weighted_values_backward,
 )
-from .softmax import softmax_backward, softmax_stats
+from .stable_softmax import softmax_backward, softmax_stats
 
 SCORES_LAYOUT = "(..., H, T, S)"
 

@@ -25,10 +25,19 @@ FD_EPS = 1e-6
 #: Default pass threshold on the relative error of a finite-difference comparison: the FD error
 #: above, summed over up to ~1e3 outputs, stays below 1e-7 relative; a wrong backward is off by O(1).
 FD_RTOL = 1e-6
-#: Absolute floor (same units as the gradient) under which a difference is FD noise, for
-#: gradients that are exactly 0 (a softmax over one key, a key bias). Round-off u|f|/eps ~ 2e-10
-#: per output, summed with random signs over up to ~1e3 outputs, stays below it.
-FD_ATOL = 1e-8
+#: Safety factor of the absolute noise floor. Each output of f carries round-off of a few tens of
+#: units in the last place; a central difference divides it by 2 eps, and the dot product with the
+#: cotangent adds it up, so |<f(x+eps t) - f(x-eps t), c>| / (2 eps) is off by at most about
+#: u * ||f(x)|| * ||c|| / eps (Cauchy-Schwarz, u = float64 epsilon). The floor is this bound times
+#: FD_NOISE_FACTOR; it is what lets an exactly-zero gradient (a softmax over one key, a key bias)
+#: pass, and it is far below the O(||grad||) error of a wrong backward.
+FD_NOISE_FACTOR = 10.0
+
+
+def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS) -> float:
+    r"""Absolute round-off bound of a central-difference VJP entry: ``10 u ||f|| ||c|| / eps``, (G3)."""
+    u = np.finfo(np.float64).eps
+    return float(FD_NOISE_FACTOR * u * np.linalg.norm(np.ravel(f_value)) * np.linalg.norm(np.ravel(cotangent)) / eps)
 
 
 class ErrorReport(NamedTuple):
@@ -46,7 +55,7 @@ class ErrorReport(NamedTuple):
     expected: float  #: expected[index]
     nonfinite_mismatch: int  #: entries where one side is NaN/inf and the other is not (or differs)
 
-    def passed(self, rtol: float = FD_RTOL, atol: float = FD_ATOL) -> bool:
+    def passed(self, rtol: float = FD_RTOL, atol: float = 0.0) -> bool:
         """``max_abs_error <= atol + rtol * scale`` and no NaN/inf mismatch."""
         return self.nonfinite_mismatch == 0 and self.max_abs_error <= atol + rtol * self.scale
 
@@ -148,8 +157,8 @@ class GradCheckResult(NamedTuple):
     """Per-input comparison of a backward with finite differences."""
 
     reports: dict[str, ErrorReport]  #: input name -> worst error of its gradient
-    rtol: float
-    atol: float
+    rtol: float  #: relative pass threshold
+    atol: float  #: absolute pass threshold (by default the round-off bound, (G3))
 
     @property
     def passed(self) -> bool:
@@ -197,7 +206,7 @@ def check_vjp(
     wrt: tuple[str, ...] | None = None,
     eps: float = FD_EPS,
     rtol: float = FD_RTOL,
-    atol: float = FD_ATOL,
+    atol: float | None = None,
 ) -> GradCheckResult:
     r"""Compare hand-written gradients with a full central-difference VJP, input by input.
 
@@ -213,8 +222,12 @@ def check_vjp(
         The backward's gradient for each name in ``wrt``.
     wrt : tuple of str, optional
         Inputs to check; all of ``inputs`` when omitted.
-    eps, rtol, atol : float
-        Step and pass thresholds (see :data:`FD_EPS`, :data:`FD_RTOL`, :data:`FD_ATOL`).
+    eps, rtol : float
+        Step and relative pass threshold (see :data:`FD_EPS`, :data:`FD_RTOL`).
+    atol : float, optional
+        Absolute pass threshold; by default the round-off bound :func:`fd_noise_floor` of
+        ``f(**inputs)`` and ``cotangent``. A gradient passes when
+        ``max|analytic - numerical| <= atol + rtol * max|numerical|``.
 
     Returns
     -------
@@ -234,6 +247,8 @@ def check_vjp(
     xs = _as_inputs(inputs)
     names = tuple(xs) if wrt is None else tuple(wrt)
     gs = _check_grads(xs, grads, names)
+    if atol is None:
+        atol = fd_noise_floor(f(**xs), cotangent, eps)  # (G3)
     reports = {}
     for n in names:
         def f_of(x, n=n):
@@ -253,7 +268,7 @@ def check_directional(
     wrt: tuple[str, ...] | None = None,
     eps: float = FD_EPS,
     rtol: float = FD_RTOL,
-    atol: float = FD_ATOL,
+    atol: float | None = None,
 ) -> GradCheckResult:
     r"""Compare :math:`\langle J t, c\rangle` with :math:`\langle t, J^\top c\rangle` along random directions.
 
@@ -297,6 +312,8 @@ def check_directional(
     names = tuple(xs) if wrt is None else tuple(wrt)
     gs = _check_grads(xs, grads, names)
     c = np.asarray(cotangent, dtype=np.float64)
+    if atol is None:
+        atol = fd_noise_floor(f(**xs), c, eps)  # (G3)
     reports = {}
     for n in names:
         analytic, numeric = [], []

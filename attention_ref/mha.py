@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from ._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
 from .attention import _OPTIONS_DOC, AttentionTrace, sdpa_backward, sdpa_forward
 from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
-from .linear import linear, linear_backward
+from .projection import linear, linear_backward
 
 
 @dataclass(frozen=True)
