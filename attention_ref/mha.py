@@ -410,6 +410,9 @@ multi_head_attention.__doc__ = r"""Multi-head attention: project, split heads, a
     :math:`q = \operatorname{split}(x_q W_q + b_q)`, likewise k and v with Hkv heads,
     :math:`\text{out} = \operatorname{merge}(\operatorname{attention}(q, k, v))\, W_o + b_o`.
 
+    A fully masked query row has, under ``empty_rows="zero"``, a zero *context*; its output row
+    is then ``b_o`` (0 without an output bias).
+
     References
     ----------
     Vaswani et al. (2017), "Attention is all you need"; Ainslie et al. (2023), "GQA".

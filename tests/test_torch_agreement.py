@@ -38,22 +38,33 @@ from attention_ref.gradcheck import error_report
 TORCH_RTOL = 1e-12
 
 
-def assert_agree(ours: Mapping[str, np.ndarray], theirs: Mapping[str, np.ndarray], *, finite: bool = True) -> None:
+def assert_agree(
+    ours: Mapping[str, np.ndarray],
+    theirs: Mapping[str, np.ndarray],
+    *,
+    finite: bool = True,
+    scale_from: Mapping[str, str] | None = None,
+) -> None:
     """Every named array of ``ours`` within TORCH_RTOL of torch's, NaN where torch's is NaN.
 
     With ``finite`` (the default) both sides must also be free of NaN and inf, so two matching
-    NaNs cannot pass for agreement.
+    NaNs cannot pass for agreement. ``scale_from`` maps the name of a gradient that is 0 in exact
+    arithmetic (both sides hold round-off) to the array whose max|torch| measures its error.
     """
     assert ours.keys() == theirs.keys(), f"ours has {sorted(ours)}, torch has {sorted(theirs)}"
+    scale_from = scale_from or {}
     failures = []
     for name, expected in theirs.items():
         actual = ours[name]
         report = error_report(actual, expected)
+        scale = report.scale
+        if name in scale_from:
+            scale = max(scale, float(np.abs(theirs[scale_from[name]]).max()))
         if finite and not (np.isfinite(actual).all() and np.isfinite(expected).all()):
             failures.append(f"{name}: non-finite entries (ours {int((~np.isfinite(actual)).sum())}, "
                             f"torch {int((~np.isfinite(expected)).sum())})")
-        elif not report.passed(rtol=TORCH_RTOL, atol=0.0):
-            failures.append(f"{name}: {report}")
+        elif report.nonfinite_mismatch or report.max_abs_error > TORCH_RTOL * scale:
+            failures.append(f"{name}: {report}" + (f"; measured against {scale:.2e}" if name in scale_from else ""))
     assert not failures, "disagreement with torch:\n" + "\n".join(failures)
 
 
@@ -151,6 +162,9 @@ def sdpa_both(torch, case: SdpaCase, rng: np.random.Generator):
     return ours, theirs
 
 
+# torch warns that causal_lower_right with T > S gives NaN rows; that is the flash kernels. The math
+# backend gives zero rows, and the test checks them.
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs:UserWarning")
 @pytest.mark.parametrize("case", SDPA_CASES, ids=[c.name for c in SDPA_CASES])
 def test_sdpa_agrees_with_torch(case, rng):
     torch = require_torch()
@@ -279,4 +293,6 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
 @pytest.mark.parametrize("case", MHA_CASES, ids=[c.name for c in MHA_CASES])
 def test_mha_agrees_with_torch(case, rng):
     torch = require_torch()
-    assert_agree(*mha_both(torch, case, rng), finite=case.empty_rows != "nan")
+    # The key bias's gradient is 0 in exact arithmetic (it adds q . b_k to a whole row of scores,
+    # and softmax is shift-invariant), so both sides hold round-off: measure it against d(w_k).
+    assert_agree(*mha_both(torch, case, rng), finite=case.empty_rows != "nan", scale_from={"db_k": "dw_k"})
