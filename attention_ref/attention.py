@@ -62,7 +62,7 @@ class AttentionTrace(NamedTuple):
     scale: float  #: the score scale used (1/sqrt(Dk) unless given)
     softcap: float | None  #: the soft-cap, or None
     bias: np.ndarray | None  #: additive bias, broadcastable to (..., H, T, S)
-    allowed: np.ndarray | None  #: bool, broadcastable to (..., H, T, S); True = may attend; None = all
+    allowed: np.ndarray | None  #: bool, broadcastable to (..., H, T, S) (e.g. (T, S) for causal only); True = may attend; None = all
     row_is_empty: np.ndarray  #: (..., H, T) bool: the query row has no key to attend
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)

@@ -8,8 +8,9 @@ r"""Finite-difference verification of hand-written backwards.
   it works at sizes where a full numerical VJP is too slow.
 * :func:`error_report` -- the worst error of one array against another, and where it is.
 
-All finite differences run in float64. Use a random cotangent ``c``: with ``c`` all ones, the
-gradient of anything followed by a softmax is 0 and a check compares 0 with 0.
+All finite differences run in float64. Use a random cotangent ``c``: a cotangent that is constant
+along a softmax row (all ones, or the gradient of ``.sum()``) has zero gradient through that
+softmax, since its rows sum to 1, and a check then compares 0 with 0.
 Derivation of the error bounds: ``docs/derivations/gradcheck.md``.
 """
 from __future__ import annotations
@@ -172,7 +173,12 @@ class GradCheckResult(NamedTuple):
     def __str__(self) -> str:
         lines = []
         for name, r in self.reports.items():
-            lines.append(f"{'ok  ' if r.passed(self.rtol, self.atol) else 'FAIL'} d{name}: {r}")
+            verdict = "ok  " if r.passed(self.rtol, self.atol) else "FAIL"
+            if r.scale <= self.atol:  # the gradient is 0 within round-off: only the absolute error means anything
+                lines.append(f"{verdict} d{name}: gradient is 0 within round-off (atol {self.atol:.1e}); "
+                             f"abs error {r.max_abs_error:.2e} at {r.index}")
+            else:
+                lines.append(f"{verdict} d{name}: {r}")
         return "\n".join(lines)
 
 

@@ -191,6 +191,14 @@ class MultiHeadGrads(NamedTuple):
     dparams: MultiHeadParams  #: gradients of every weight and bias (None where the bias is None)
     dbias: np.ndarray | None  #: gradient of the attention bias, or None
 
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """Every gradient keyed by the name of its input: ``query``, ``key``, ``value``, ``w_q``, ...,
+        ``bias``; gradients that are None are left out. Handy for :func:`attention_ref.gradcheck.check_vjp`."""
+        out = {"query": self.dquery, "key": self.dkey, "value": self.dvalue, **self.dparams.as_dict()}
+        if self.dbias is not None:
+            out["bias"] = self.dbias
+        return out
+
 
 def _check_params(params, dt):
     if not isinstance(params, MultiHeadParams):
