@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
         "check",
         help="verify every backward against finite differences (the default command)",
         description="Run a multi-head attention forward and backward, and every stage's backward, "
-        "and compare each gradient with a central-difference VJP (random cotangents). "
+        "and compare each gradient with finite differences (a central-difference VJP with random "
+        "cotangents). "
         "Exit status 1 if any gradient fails.",
     )
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
