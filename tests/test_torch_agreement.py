@@ -19,7 +19,6 @@ from typing import Mapping
 
 import numpy as np
 import pytest
-from conftest import require_torch
 
 from attention_ref import (
     MultiHeadParams,
@@ -30,6 +29,7 @@ from attention_ref import (
     scaled_dot_product_attention_backward,
 )
 from attention_ref.gradcheck import error_report
+from conftest import require_torch
 
 #: Pass threshold on max|ours - torch| / max|torch|. Both sides compute the same float64 formulas in
 #: different summation orders: a few ulps (u = 1.1e-16) per reduction over at most a few dozen terms
@@ -252,12 +252,14 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     else:
         key = rng.normal(size=(case.B, case.S, case.kdim or case.E))
         value = rng.normal(size=(case.B, case.S, case.vdim or case.E))
-    key_padding_mask = np.zeros((case.B, case.S), dtype=bool)  # torch polarity: True = ignore
-    key_padding_mask[1, {"none": case.S, "tail": case.S - 2, "all": 0}[case.key_padding]:] = True
+    key_padding_mask = None  # torch polarity: True = ignore
+    if case.key_padding != "none":
+        key_padding_mask = np.zeros((case.B, case.S), dtype=bool)
+        key_padding_mask[1, {"tail": case.S - 2, "all": 0}[case.key_padding]:] = True
     dout = rng.normal(size=(case.B, case.T, case.E))
 
-    options = dict(num_heads=case.H, mask=~key_padding_mask[:, None, None, :], causal=case.causal,
-                   empty_rows=case.empty_rows)
+    options = dict(num_heads=case.H, causal=case.causal, empty_rows=case.empty_rows,
+                   mask=None if key_padding_mask is None else ~key_padding_mask[:, None, None, :])  # (B, 1, 1, S)
     ours = {"out": multi_head_attention(query, key, value, params, **options)}
     if case.need_weights:
         ours["weights"] = mha_forward(query, key, value, params, **options).attention.probs.mean(axis=1)
@@ -275,7 +277,8 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     attn_mask = torch.ones(case.T, case.S, dtype=torch.bool).triu(1) if case.causal else None
     with sdpa_kernel(SDPBackend.MATH):
         out, weights = module(inputs["query"], inputs["key"], inputs["value"],
-                              key_padding_mask=torch.from_numpy(key_padding_mask), attn_mask=attn_mask,
+                              key_padding_mask=None if key_padding_mask is None else torch.from_numpy(key_padding_mask),
+                              attn_mask=attn_mask,
                               need_weights=case.need_weights)
     theirs = {"out": out.detach().numpy()}
     if case.need_weights:
