@@ -13,6 +13,7 @@ causal alignment, fully masked rows, GQA) are in ``docs/conventions.md``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -111,6 +112,12 @@ def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.G
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    if not isinstance(shape, tuple) or not all(
+        isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) and n >= 0 for n in shape
+    ):
+        raise ValueError(
+            f"shape must be a tuple of non-negative ints (the weights' shape (..., H, T, S)); got {shape!r}"
+        )
     p = check_real_scalar("dropout_p", dropout_p, positive=False)
     if p >= 1:
         raise ValueError(f"dropout_p must be in [0, 1); got {p}")
@@ -167,8 +174,13 @@ def _check_options(q, k, *, mask, bias, causal, align, window, softcap, scale, d
     if bias is not None:
         bias = as_float("bias", bias, dt)
         check_broadcastable("bias", bias, scores_shape, SCORES_LAYOUT)
-        if np.isnan(bias).any() or np.isposinf(bias).any():
-            raise ValueError("bias must be finite or -inf (-inf masks that entry); got NaN or +inf entries")
+        bad = np.isnan(bias) | np.isposinf(bias)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"bias must be finite or -inf (-inf masks that entry); got {int(bad.sum())} NaN/+inf "
+                f"entries, the first bias[{first}] = {bias[first]}"
+            )
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
     align = check_choice("align", align, ALIGNS)
@@ -191,7 +203,10 @@ def _check_options(q, k, *, mask, bias, causal, align, window, softcap, scale, d
                 f"{SCORES_LAYOUT} = {scores_shape} or a numpy.random.Generator; got None"
             )
         if not isinstance(dropout_mask, np.random.Generator):
-            dropout_mask = np.asarray(dropout_mask)
+            try:
+                dropout_mask = np.asarray(dropout_mask)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"dropout_mask could not be converted to a numpy array: {exc}") from None
             if dropout_mask.dtype != np.bool_:
                 raise TypeError(f"dropout_mask must be a boolean keep-mask (True = keep); got dtype {dropout_mask.dtype}")
             if dropout_mask.shape != scores_shape:

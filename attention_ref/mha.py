@@ -131,6 +131,8 @@ def init_params(
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    if not isinstance(bias, (bool, np.bool_)):
+        raise TypeError(f"bias must be a bool; got {bias!r}")
     d_model = check_positive_int("d_model", d_model)
     H = check_positive_int("num_heads", num_heads)
     Hkv = H if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validate import ALIGNS, as_bool_mask, check_choice, check_positive_int, check_window
+from ._validate import ALIGNS, as_bool_mask, check_choice, check_positive_int, check_window, fresh
 
 
 # ----------------------------------------------------------------------------- masks
@@ -158,7 +158,7 @@ def attention_mask(
     if window is not None:
         w = window_mask(T, S, window, align=align)
         allowed = w if allowed is None else allowed & w
-    return allowed
+    return None if allowed is None else fresh(allowed, mask)  # never the caller's own array
 
 
 # ----------------------------------------------------------------------------- GQA grouping
