@@ -338,8 +338,11 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     -----
     Fully masked rows: under ``"zero"`` and ``"uniform"`` no gradient reaches the scores of an
     empty row (its weights do not depend on them); under ``"uniform"`` ``dv`` receives the
-    row's ``dout / S``. Under ``"nan"`` ``dv`` is NaN for every head with an empty row, exactly
-    as autograd through ``softmax(masked_fill(-inf))`` gives.
+    row's ``dout / S``. Under ``"nan"``, ``dv`` is NaN in every entry of each key/value head
+    whose group holds an empty row, while ``dq``, ``dk`` and ``dbias`` stay finite: the gradient
+    stops at masked entries, as autograd through ``softmax(scores.masked_fill(~mask, -inf))``
+    gives. (An *additive* ``-inf`` mask, as ``nn.MultiheadAttention`` uses, also spreads the NaN
+    into dq and dk.)
 
     Examples
     --------

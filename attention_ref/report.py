@@ -173,7 +173,7 @@ def format_table(rows: list[Row]) -> str:
     lines.append("")
     lines.append(f"pass rule: max|analytic - numerical| <= atol + {FD_RTOL:g} * max|numerical|,")
     lines.append(f"  atol = {FD_NOISE_FACTOR:g} u ||f|| ||c|| / eps, the round-off bound of the finite difference (G3)")
-    lines.append("  'abs ... (grad = 0)': the true gradient is exactly zero (e.g. a key bias); the error is absolute")
+    lines.append("  'abs ... (grad = 0)': the true gradient is exactly zero (e.g. the key projection's bias b_k); the error is absolute")
     lines.append(f"worst relative error (nonzero gradients): {max((r.rel_error for r in rows if not r.exact_zero), default=0):.1e}")
     lines.append(f"gradcheck: {len(rows) - failed} passed, {failed} failed")
     return "\n".join(lines)

@@ -194,7 +194,10 @@ def scaled_scores(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
 def scaled_scores_backward(
     dscores: np.ndarray, q: np.ndarray, k: np.ndarray, scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""``(dq, dk)`` of :func:`scaled_scores`: (A15) and (A16), dk summed over each group."""
+    r"""``(dq, dk)`` of :func:`scaled_scores`: (A15) and (A16) of ``docs/derivations/attention.md``.
+
+    ``dk`` sums over the query heads of each group.
+    """
     hkv = k.shape[-3]
     dsg = group_heads(dscores, hkv)  # (..., Hkv, G, T, S)
     qg = group_heads(q, hkv)  # (..., Hkv, G, T, Dk)
@@ -213,7 +216,10 @@ def softcap_forward(scores: np.ndarray, cap: float) -> np.ndarray:
 
 
 def softcap_backward(dcapped: np.ndarray, capped: np.ndarray, cap: float) -> np.ndarray:
-    r"""Gradient of :func:`softcap_forward` from its output: ``dc * (1 - (c / cap)^2)``, (A14)."""
+    r"""Gradient of :func:`softcap_forward` from its output: ``dc * (1 - (c / cap)^2)``.
+
+    (A14) of ``docs/derivations/attention.md``: the derivative of tanh is ``1 - tanh^2``.
+    """
     return dcapped * (1.0 - (capped / cap) ** 2)  # (A14)
 
 
@@ -240,7 +246,10 @@ def weighted_values(weights: np.ndarray, v: np.ndarray) -> np.ndarray:
 def weighted_values_backward(
     dout: np.ndarray, weights: np.ndarray, v: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""``(dweights, dv)`` of :func:`weighted_values`: (A8) and (A9), dv summed over each group."""
+    r"""``(dweights, dv)`` of :func:`weighted_values`: (A8) and (A9) of ``docs/derivations/attention.md``.
+
+    ``dv`` sums over the query heads of each group.
+    """
     hkv = v.shape[-3]
     dog = group_heads(dout, hkv)  # (..., Hkv, G, T, Dv)
     pg = group_heads(weights, hkv)  # (..., Hkv, G, T, S)
