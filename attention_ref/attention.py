@@ -124,6 +124,15 @@ def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.G
     return rng.random(shape) >= p
 
 
+def refuse_generator_in_backward(dropout_mask: Any, trace_pair: str) -> None:
+    """A backward that recomputes its forward needs the forward's keep-mask, not a Generator."""
+    if isinstance(dropout_mask, np.random.Generator):
+        raise ValueError(
+            "dropout_mask must be the boolean keep-mask the forward used, not a Generator (a "
+            f"second draw would differ); use {trace_pair}, or dropout_keep_mask"
+        )
+
+
 def _check_qkv(q, k, v, dt):
     q = as_float("q", q, dt)
     k = as_float("k", k, dt)
@@ -502,11 +511,7 @@ def scaled_dot_product_attention_backward(
     empty_rows: str = "zero",
     dtype: DTypeLike = None,
 ) -> AttentionGrads:
-    if isinstance(dropout_mask, np.random.Generator):
-        raise ValueError(
-            "dropout_mask must be the boolean keep-mask the forward used, not a Generator (a "
-            "second draw would differ); use sdpa_forward/sdpa_backward, or dropout_keep_mask"
-        )
+    refuse_generator_in_backward(dropout_mask, "sdpa_forward/sdpa_backward")
     trace = sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
                          softcap=softcap, scale=scale, dropout_p=dropout_p,
                          dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype)

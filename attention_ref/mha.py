@@ -22,7 +22,13 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
-from .attention import _OPTIONS_DOC, AttentionTrace, sdpa_backward, sdpa_forward
+from .attention import (
+    _OPTIONS_DOC,
+    AttentionTrace,
+    refuse_generator_in_backward,
+    sdpa_backward,
+    sdpa_forward,
+)
 from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
 from .projection import linear, linear_backward
 
@@ -460,11 +466,7 @@ def multi_head_attention_backward(
     empty_rows: str = "zero",
     dtype: DTypeLike = None,
 ) -> MultiHeadGrads:
-    if isinstance(dropout_mask, np.random.Generator):
-        raise ValueError(
-            "dropout_mask must be the boolean keep-mask the forward used, not a Generator (a "
-            "second draw would differ); use mha_forward/mha_backward, or dropout_keep_mask"
-        )
+    refuse_generator_in_backward(dropout_mask, "mha_forward/mha_backward")
     trace = mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         mask=mask, bias=bias, causal=causal, align=align, window=window,
                         softcap=softcap, scale=scale, dropout_p=dropout_p,
