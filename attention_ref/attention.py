@@ -124,7 +124,7 @@ def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.G
     return rng.random(shape) >= p
 
 
-def refuse_generator_in_backward(dropout_mask: Any, trace_pair: str) -> None:
+def require_forward_keep_mask(dropout_mask: Any, trace_pair: str) -> None:
     """A backward that recomputes its forward needs the forward's keep-mask, not a Generator."""
     if isinstance(dropout_mask, np.random.Generator):
         raise ValueError(
@@ -511,7 +511,7 @@ def scaled_dot_product_attention_backward(
     empty_rows: str = "zero",
     dtype: DTypeLike = None,
 ) -> AttentionGrads:
-    refuse_generator_in_backward(dropout_mask, "sdpa_forward/sdpa_backward")
+    require_forward_keep_mask(dropout_mask, "sdpa_forward/sdpa_backward")
     trace = sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
                          softcap=softcap, scale=scale, dropout_p=dropout_p,
                          dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype)

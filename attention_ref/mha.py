@@ -25,7 +25,7 @@ from ._validate import as_float, check_ndim, check_nonempty, check_positive_int,
 from .attention import (
     _OPTIONS_DOC,
     AttentionTrace,
-    refuse_generator_in_backward,
+    require_forward_keep_mask,
     sdpa_backward,
     sdpa_forward,
 )
@@ -466,7 +466,7 @@ def multi_head_attention_backward(
     empty_rows: str = "zero",
     dtype: DTypeLike = None,
 ) -> MultiHeadGrads:
-    refuse_generator_in_backward(dropout_mask, "mha_forward/mha_backward")
+    require_forward_keep_mask(dropout_mask, "mha_forward/mha_backward")
     trace = mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
                         mask=mask, bias=bias, causal=causal, align=align, window=window,
                         softcap=softcap, scale=scale, dropout_p=dropout_p,
