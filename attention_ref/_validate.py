@@ -109,7 +109,7 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
         raise ValueError(
             f"window must be None or a pair (left, right) of non-negative ints or None; got {window!r}"
         )
-    sides = []
+    sides: list[int | None] = []
     for side_name, side in zip(("window[0] (left)", "window[1] (right)"), window):
         if side is None:
             sides.append(None)

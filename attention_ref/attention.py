@@ -243,7 +243,7 @@ def sdpa_forward(
     dropout_p: float = 0.0,
     dropout_mask: ArrayLike | np.random.Generator | None = None,
     empty_rows: str = "zero",
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
 ) -> AttentionTrace:
     r"""Scaled dot-product attention, returning every intermediate in an :class:`AttentionTrace`.
 
@@ -439,7 +439,7 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     dropout_mask: ArrayLike | np.random.Generator | None = None,
     empty_rows: str = "zero",
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
 ) -> np.ndarray:
     return sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
                         softcap=softcap, scale=scale, dropout_p=dropout_p,
@@ -509,7 +509,7 @@ def scaled_dot_product_attention_backward(
     dropout_p: float = 0.0,
     dropout_mask: ArrayLike | None = None,
     empty_rows: str = "zero",
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
 ) -> AttentionGrads:
     require_forward_keep_mask(dropout_mask, "sdpa_forward/sdpa_backward")
     trace = sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,

@@ -54,7 +54,7 @@ class ErrorReport(NamedTuple):
     max_abs_error: float  #: max |actual - expected|
     rel_error: float  #: max_abs_error / scale (0 when both are 0, inf when only the scale is 0)
     scale: float  #: max |expected|
-    index: tuple[int, ...]  #: where the worst absolute error is
+    location: tuple[int, ...]  #: index of the worst absolute error (``index`` would shadow tuple.index)
     actual: float  #: actual[index]
     expected: float  #: expected[index]
     nonfinite_mismatch: int  #: entries where one side is NaN/inf and the other is not (or differs)
@@ -65,7 +65,7 @@ class ErrorReport(NamedTuple):
 
     def __str__(self) -> str:
         return (f"rel {self.rel_error:.2e} (abs {self.max_abs_error:.2e}, scale {self.scale:.2e}) "
-                f"at {self.index}: actual {self.actual!r} vs expected {self.expected!r}"
+                f"at {self.location}: actual {self.actual!r} vs expected {self.expected!r}"
                 + (f"; {self.nonfinite_mismatch} NaN/inf mismatches" if self.nonfinite_mismatch else ""))
 
 
@@ -79,7 +79,7 @@ def error_report(actual: ArrayLike, expected: ArrayLike) -> ErrorReport:
     Returns
     -------
     ErrorReport
-        Max absolute error, relative error ``max|a - e| / max|e|``, the index of the worst
+        Max absolute error, relative error ``max|a - e| / max|e|``, the location of the worst
         element and both values there, and the count of NaN/inf mismatches (entries where the
         two sides are not both finite and not identical). Non-finite entries are left out of
         the error, and counted instead.
@@ -88,7 +88,7 @@ def error_report(actual: ArrayLike, expected: ArrayLike) -> ErrorReport:
     --------
     >>> from attention_ref.gradcheck import error_report
     >>> r = error_report([1.0, 2.0, 4.0], [1.0, 2.0, 4.4])
-    >>> round(r.rel_error, 6), r.index
+    >>> round(r.rel_error, 6), r.location
     (0.090909, (2,))
     """
     a = np.asarray(actual, dtype=np.float64)
@@ -179,7 +179,7 @@ class GradCheckResult(NamedTuple):
             verdict = "ok  " if r.passed(self.rtol, self.atol) else "FAIL"
             if r.scale <= self.atol:  # the gradient is 0 within round-off: only the absolute error means anything
                 lines.append(f"{verdict} d{name}: gradient is 0 within round-off (atol {self.atol:.1e}); "
-                             f"abs error {r.max_abs_error:.2e} at {r.index}")
+                             f"abs error {r.max_abs_error:.2e} at {r.location}")
             else:
                 lines.append(f"{verdict} d{name}: {r}")
         return "\n".join(lines)
@@ -210,7 +210,7 @@ def check_vjp(
     f: Callable[..., ArrayLike],
     inputs: Mapping[str, ArrayLike],
     cotangent: ArrayLike,
-    grads: Mapping[str, ArrayLike],
+    grads: Mapping[str, ArrayLike | None],
     *,
     wrt: tuple[str, ...] | None = None,
     eps: float = FD_EPS,
@@ -270,7 +270,7 @@ def check_directional(
     f: Callable[..., ArrayLike],
     inputs: Mapping[str, ArrayLike],
     cotangent: ArrayLike,
-    grads: Mapping[str, ArrayLike],
+    grads: Mapping[str, ArrayLike | None],
     *,
     rng: np.random.Generator,
     num_directions: int = 3,
@@ -302,7 +302,7 @@ def check_directional(
     GradCheckResult
         Per input, an :class:`ErrorReport` over its directions: ``actual`` is
         :math:`\langle t, \text{grad}\rangle`, ``expected`` the finite difference, and
-        ``index`` the worst direction.
+        ``location`` the worst direction.
 
     Examples
     --------

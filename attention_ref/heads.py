@@ -13,7 +13,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from ._validate import as_float, check_ndim, check_positive_int, fresh, resolve_dtype
 
 
-def split_heads(x: ArrayLike, num_heads: int, *, dtype: DTypeLike = None) -> np.ndarray:
+def split_heads(x: ArrayLike, num_heads: int, *, dtype: DTypeLike | None = None) -> np.ndarray:
     r"""Split the last axis into heads: ``(..., T, H*Dh) -> (..., H, T, Dh)``.
 
     Parameters
@@ -53,7 +53,7 @@ def split_heads(x: ArrayLike, num_heads: int, *, dtype: DTypeLike = None) -> np.
     return fresh(np.ascontiguousarray(y), x_in)
 
 
-def merge_heads(x: ArrayLike, *, dtype: DTypeLike = None) -> np.ndarray:
+def merge_heads(x: ArrayLike, *, dtype: DTypeLike | None = None) -> np.ndarray:
     r"""Concatenate heads: ``(..., H, T, Dh) -> (..., T, H*Dh)``, the inverse of :func:`split_heads`.
 
     Parameters
@@ -84,7 +84,7 @@ def merge_heads(x: ArrayLike, *, dtype: DTypeLike = None) -> np.ndarray:
     return fresh(np.ascontiguousarray(y), x_in)
 
 
-def split_heads_backward(dout: ArrayLike, *, dtype: DTypeLike = None) -> np.ndarray:
+def split_heads_backward(dout: ArrayLike, *, dtype: DTypeLike | None = None) -> np.ndarray:
     r"""Gradient of :func:`split_heads`: merge the per-head gradient back, (H3).
 
     ``dout`` has shape (..., H, T, Dh); the result has shape (..., T, H*Dh). A permutation's
@@ -101,7 +101,7 @@ def split_heads_backward(dout: ArrayLike, *, dtype: DTypeLike = None) -> np.ndar
     return merge_heads(dout, dtype=dtype)
 
 
-def merge_heads_backward(dout: ArrayLike, num_heads: int, *, dtype: DTypeLike = None) -> np.ndarray:
+def merge_heads_backward(dout: ArrayLike, num_heads: int, *, dtype: DTypeLike | None = None) -> np.ndarray:
     r"""Gradient of :func:`merge_heads`: split the gradient into heads, (H4).
 
     ``dout`` has shape (..., T, H*Dh); the result has shape (..., H, T, Dh). This is

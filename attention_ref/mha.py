@@ -267,7 +267,7 @@ def mha_forward(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
     **options,
 ) -> MultiHeadTrace:
     r"""Multi-head attention, returning every intermediate in a :class:`MultiHeadTrace`.
@@ -390,7 +390,7 @@ def multi_head_attention(
     dropout_p: float = 0.0,
     dropout_mask: ArrayLike | np.random.Generator | None = None,
     empty_rows: str = "zero",
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
 ) -> np.ndarray:
     return mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
                        mask=mask, bias=bias, causal=causal, align=align, window=window,
@@ -464,7 +464,7 @@ def multi_head_attention_backward(
     dropout_p: float = 0.0,
     dropout_mask: ArrayLike | None = None,
     empty_rows: str = "zero",
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
 ) -> MultiHeadGrads:
     require_forward_keep_mask(dropout_mask, "mha_forward/mha_backward")
     trace = mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,

@@ -43,7 +43,7 @@ def _check_linear(x, weight, bias, dtype):
 
 
 def linear(
-    x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, *, dtype: DTypeLike = None
+    x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, *, dtype: DTypeLike | None = None
 ) -> np.ndarray:
     r"""Affine projection ``x @ weight + bias``.
 
@@ -87,7 +87,7 @@ def linear_backward(
     weight: ArrayLike,
     bias: ArrayLike | None = None,
     *,
-    dtype: DTypeLike = None,
+    dtype: DTypeLike | None = None,
 ) -> LinearGrads:
     r"""Gradients of :func:`linear`, given the upstream gradient ``dy``.
 

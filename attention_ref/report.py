@@ -9,7 +9,7 @@ status 1 if any check fails.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -80,6 +80,9 @@ def run_checks(seed: int = 0, progress: Callable[[str], None] | None = None) -> 
     rng = np.random.default_rng(seed)
     say = progress or (lambda msg: None)
     rows: list[Row] = []
+    inputs: dict[str, Any]
+    grads: dict[str, Any]
+    opts: dict[str, Any]
 
     say("linear")
     x, w, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)

@@ -17,9 +17,10 @@ from ._validate import as_float, resolve_dtype
 def _check_axis(axis, ndim: int) -> int:
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int; got {axis!r}")
+    axis = int(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis must be in [{-ndim}, {ndim}) for an input of {ndim} dims; got {axis}")
-    return int(axis)
+    return axis
 
 
 def _prepare(name: str, x, axis, dtype) -> tuple[np.ndarray, int]:
@@ -49,7 +50,7 @@ def softmax_stats(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray
     return e, m, row_sum
 
 
-def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike = None) -> np.ndarray:
+def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike | None = None) -> np.ndarray:
     r"""Softmax along ``axis``, shifted by the row max so that nothing overflows.
 
     Parameters
@@ -91,7 +92,7 @@ def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike = None) -> np.ndar
 
 
 def softmax_backward(
-    dprobs: ArrayLike, probs: ArrayLike, axis: int = -1, *, dtype: DTypeLike = None
+    dprobs: ArrayLike, probs: ArrayLike, axis: int = -1, *, dtype: DTypeLike | None = None
 ) -> np.ndarray:
     r"""Gradient of :func:`softmax` from its output: ``p * (dp - sum(dp * p))``, (S4).
 
@@ -135,7 +136,7 @@ def softmax_backward(
 
 
 def logsumexp(
-    x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike = None
+    x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike | None = None
 ) -> np.ndarray:
     r"""``log(sum(exp(x)))`` along ``axis``, computed as ``m + log(sum(exp(x - m)))``, (S5).
 
@@ -171,7 +172,7 @@ def logsumexp(
 
 
 def logsumexp_backward(
-    dlse: ArrayLike, x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike = None
+    dlse: ArrayLike, x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike | None = None
 ) -> np.ndarray:
     r"""Gradient of :func:`logsumexp`: ``dlse * softmax(x)``, (S6).
 

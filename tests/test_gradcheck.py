@@ -101,7 +101,7 @@ def test_error_report_locates_the_worst_element_and_counts_nonfinite_mismatches(
     a = np.array([[1.0, 2.0], [3.0, np.nan]])
     e = np.array([[1.0, 2.5], [3.0, 4.0]])
     r = error_report(a, e)
-    assert r.index == (0, 1) and r.actual == 2.0 and r.expected == 2.5
+    assert r.location == (0, 1) and r.actual == 2.0 and r.expected == 2.5
     assert r.max_abs_error == 0.5 and r.rel_error == pytest.approx(0.5 / 3.0)
     assert r.nonfinite_mismatch == 1 and not r.passed(1.0, 1.0)
     assert "(0, 1)" in str(r)
