@@ -32,11 +32,12 @@ from ._validate import (
     check_window,
     fresh,
     resolve_dtype,
-    sum_to_shape,
 )
 from .scores import (
+    add_bias_backward,
+    apply_mask,
+    apply_mask_backward,
     attention_mask,
-    masked_fill_value,
     scaled_scores,
     scaled_scores_backward,
     softcap_backward,
@@ -68,6 +69,7 @@ class AttentionTrace(NamedTuple):
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
     capped_scores: np.ndarray  #: (..., H, T, S) after the soft-cap, (A2)
+    logits: np.ndarray  #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias)
     masked_scores: np.ndarray  #: (..., H, T, S) after bias and mask; masked entries hold a finite fill, (A4)
     row_max: np.ndarray  #: (..., H, T) max over the allowed scores; -inf for an empty row
     logsumexp: np.ndarray  #: (..., H, T) log of the sum of exp over allowed scores; -inf for an empty row
@@ -122,6 +124,20 @@ def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.G
     if p >= 1:
         raise ValueError(f"dropout_p must be in [0, 1); got {p}")
     return rng.random(shape) >= p
+
+
+def dropout_forward(probs: np.ndarray, keep_mask: np.ndarray, dropout_p: float) -> np.ndarray:
+    r"""Dropout on the weights, (A6): ``probs * keep / (1 - p)``."""
+    dropped = probs * keep_mask
+    dropped *= 1.0 / (1.0 - dropout_p)  # (A6)
+    return dropped
+
+
+def dropout_backward(ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float) -> np.ndarray:
+    r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of ``docs/derivations/attention.md``."""
+    dprobs = ddropped * keep_mask
+    dprobs *= 1.0 / (1.0 - dropout_p)  # (A10)
+    return dprobs
 
 
 def require_forward_keep_mask(dropout_mask: Any, trace_pair: str) -> None:
@@ -289,10 +305,7 @@ def sdpa_forward(
     scores = scaled_scores(q, k, opt.scale)  # (..., H, T, S)   (A1)
     capped = softcap_forward(scores, opt.softcap) if opt.softcap is not None else scores  # (A2)
     logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
-    if allowed is None:
-        masked = logits
-    else:
-        masked = np.where(allowed, logits, masked_fill_value(dt)).astype(dt, copy=False)  # (A4)
+    masked = apply_mask(logits, allowed)  # (A4)
 
     probs, shift, row_sum = softmax_stats(masked, axis=-1)  # (A5) = (S1)-(S3)
     row_max = shift[..., 0]  # (..., H, T)
@@ -311,8 +324,7 @@ def sdpa_forward(
             keep = dropout_keep_mask(scores_shape, opt.dropout_p, keep)
         else:
             keep = fresh(keep, dropout_mask)
-        dropped = probs * keep  # (A6)
-        dropped *= 1.0 / (1.0 - opt.dropout_p)
+        dropped = dropout_forward(probs, keep, opt.dropout_p)  # (A6)
 
     out = weighted_values(dropped, v)  # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
 
@@ -320,7 +332,7 @@ def sdpa_forward(
         q=fresh(q, q_in), k=fresh(k, k_in), v=fresh(v, v_in), scale=opt.scale, softcap=opt.softcap,
         bias=fresh(opt.bias, bias) if opt.bias is not None else None, allowed=allowed,
         row_is_empty=row_is_empty, empty_rows=opt.empty_rows, scores=scores, capped_scores=capped,
-        masked_scores=masked, row_max=row_max, logsumexp=lse, probs=probs,
+        logits=logits, masked_scores=masked, row_max=row_max, logsumexp=lse, probs=probs,
         dropout_p=opt.dropout_p, keep_mask=keep, dropped_probs=dropped, out=out,
     )
 
@@ -373,23 +385,17 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     # (A8), (A9) out = P' v
     ddropped, dv = weighted_values_backward(dout, trace.dropped_probs, trace.v)  # (..., H, T, S), (..., Hkv, S, Dv)
     # (A10) P' = P * keep / (1 - p)
-    if trace.keep_mask is not None:
-        dprobs = ddropped * trace.keep_mask
-        dprobs *= 1.0 / (1.0 - trace.dropout_p)
-    else:
-        dprobs = ddropped
+    dprobs = ddropped if trace.keep_mask is None else dropout_backward(ddropped, trace.keep_mask, trace.dropout_p)
     # (A11) P = softmax(masked scores)
     dmasked = softmax_backward(dprobs, trace.probs, axis=-1, dtype=dt)  # (..., H, T, S)
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient
-    dlogits = dmasked if trace.allowed is None else np.where(trace.allowed, dmasked, 0.0).astype(dt, copy=False)
+    dlogits = apply_mask_backward(dmasked, trace.allowed)
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
-    dbias = sum_to_shape(dlogits, trace.bias.shape) if trace.bias is not None else None
+    dbias = add_bias_backward(dlogits, trace.bias.shape) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)
     dscores = softcap_backward(dlogits, trace.capped_scores, trace.softcap) if trace.softcap is not None else dlogits
     # (A15), (A16) scores = scale * q k^T
     dq, dk = scaled_scores_backward(dscores, trace.q, trace.k, trace.scale)
-    if dbias is not None and dbias is dlogits:
-        dbias = dbias.copy()  # keep every returned gradient its own array
     return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
 
 

@@ -69,12 +69,16 @@ class ErrorReport(NamedTuple):
                 + (f"; {self.nonfinite_mismatch} NaN/inf mismatches" if self.nonfinite_mismatch else ""))
 
 
-def error_report(actual: ArrayLike, expected: ArrayLike) -> ErrorReport:
+def error_report(actual: ArrayLike, expected: ArrayLike, *, scale: float | None = None) -> ErrorReport:
     r"""The worst error of ``actual`` against ``expected``, and where it is.
 
     Parameters
     ----------
     actual, expected : array_like, same shape
+    scale : float, optional
+        What ``rel_error`` divides by; ``max|expected|`` when omitted. Pass the size of a related
+        quantity when ``expected`` is 0 in exact arithmetic (e.g. ``max|dw_k|`` for ``db_k``),
+        where round-off against round-off means nothing.
 
     Returns
     -------
@@ -104,7 +108,8 @@ def error_report(actual: ArrayLike, expected: ArrayLike) -> ErrorReport:
     flat = int(np.argmax(diff))
     index = tuple(int(i) for i in np.unravel_index(flat, a.shape))
     max_abs = float(diff.reshape(-1)[flat])
-    scale = float(np.max(np.where(finite, np.abs(e), 0.0)))
+    if scale is None:
+        scale = float(np.max(np.where(finite, np.abs(e), 0.0)))
     rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else float("inf"))
     return ErrorReport(max_abs, rel, scale, index, float(a[index]), float(e[index]), mismatch)
 

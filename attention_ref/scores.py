@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validate import ALIGNS, as_bool_mask, check_choice, check_positive_int, check_window, fresh
+from ._validate import (
+    ALIGNS,
+    as_bool_mask,
+    check_choice,
+    check_positive_int,
+    check_window,
+    fresh,
+    sum_to_shape,
+)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -231,6 +239,32 @@ def masked_fill_value(dtype: Any) -> float:
     ``empty_rows`` policy to it.
     """
     return float(np.finfo(dtype).min)
+
+
+def apply_mask(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    r"""Masked scores, (A4): ``logits`` where allowed, the finite fill elsewhere."""
+    if allowed is None:
+        return logits
+    return np.where(allowed, logits, masked_fill_value(logits.dtype)).astype(logits.dtype, copy=False)
+
+
+def apply_mask_backward(dmasked: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    r"""Gradient of :func:`apply_mask`: it passes only where allowed, (A12) of ``docs/derivations/attention.md``.
+
+    The fill is a constant, so a masked entry's logit gets no gradient.
+    """
+    if allowed is None:
+        return dmasked
+    return np.where(allowed, dmasked, 0.0).astype(dmasked.dtype, copy=False)  # (A12)
+
+
+def add_bias_backward(dlogits: np.ndarray, bias_shape: tuple[int, ...]) -> np.ndarray:
+    r"""Gradient of ``logits = capped + bias`` for the bias, (A13) of ``docs/derivations/attention.md``.
+
+    The bias was broadcast to (..., H, T, S); its gradient sums over the broadcast axes. The
+    gradient for ``capped`` is ``dlogits`` itself.
+    """
+    return np.array(sum_to_shape(dlogits, bias_shape), copy=True)  # (A13), its own array
 
 
 # ----------------------------------------------------------------------------- values

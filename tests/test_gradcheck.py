@@ -133,3 +133,9 @@ def test_checker_validates_its_arguments(rng):
         numerical_vjp(ar.softmax, x, np.zeros(4))
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
         check_directional(ar.softmax, {"x": x}, x, {"x": x}, rng=0)
+
+
+def test_error_report_scale_for_gradients_that_are_zero_in_exact_arithmetic():
+    roundoff = np.array([4e-16, -2e-16])
+    assert error_report(roundoff, -roundoff).rel_error > 1  # round-off against round-off
+    assert error_report(roundoff, -roundoff, scale=2.0).rel_error == pytest.approx(4e-16)
