@@ -39,7 +39,30 @@ FD_NOISE_FACTOR = 10.0
 
 
 def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS) -> float:
-    r"""Absolute round-off bound of a central-difference VJP entry: ``10 u ||f|| ||c|| / eps``, (G3)."""
+    r"""Absolute round-off bound of a central-difference VJP entry: ``10 u ||f|| ||c|| / eps``, (G3).
+
+    Parameters
+    ----------
+    f_value : array_like
+        ``f(x)``, the function's value at the point.
+    cotangent : array_like
+        The cotangent ``c`` of the check.
+    eps : float
+        The central-difference step.
+
+    Returns
+    -------
+    float
+        The default ``atol`` of :func:`check_vjp` and :func:`check_directional`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref.gradcheck import fd_noise_floor
+    >>> f_value, c = np.ones(100), np.ones(100)          # ||f|| = ||c|| = 10
+    >>> f"{fd_noise_floor(f_value, c, eps=1e-6):.2e}"    # 10 * 2.2e-16 * 100 / 1e-6
+    '2.22e-07'
+    """
     u = np.finfo(np.float64).eps
     return float(FD_NOISE_FACTOR * u * np.linalg.norm(np.ravel(f_value)) * np.linalg.norm(np.ravel(cotangent)) / eps)
 
@@ -171,6 +194,7 @@ class GradCheckResult(NamedTuple):
 
     @property
     def passed(self) -> bool:
+        """Every input's gradient passes: ``max|analytic - numerical| <= atol + rtol * scale``."""
         return all(r.passed(self.rtol, self.atol) for r in self.reports.values())
 
     @property
