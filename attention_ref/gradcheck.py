@@ -55,6 +55,12 @@ def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS
     float
         The default ``atol`` of :func:`check_vjp` and :func:`check_directional`.
 
+    Raises
+    ------
+    ValueError
+        If the bound is not finite (an output holding inf, NaN or ~1e308 fills): an infinite
+        ``atol`` would let any gradient pass, so the caller must choose one.
+
     Examples
     --------
     >>> import numpy as np
@@ -64,7 +70,26 @@ def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS
     '2.22e-07'
     """
     u = np.finfo(np.float64).eps
-    return float(FD_NOISE_FACTOR * u * np.linalg.norm(np.ravel(f_value)) * np.linalg.norm(np.ravel(cotangent)) / eps)
+    with np.errstate(over="ignore"):
+        floor = float(FD_NOISE_FACTOR * u * _norm(f_value) * _norm(cotangent) / eps)
+    if not np.isfinite(floor):
+        # An infinite atol would pass any gradient: refuse instead.
+        raise ValueError(
+            "no finite round-off bound: f's value or the cotangent holds non-finite or huge entries "
+            "(e.g. a masked-score fill of -1.8e308); pass atol explicitly"
+        )
+    return floor
+
+
+def _norm(x: ArrayLike) -> float:
+    """Euclidean norm, scaled by the largest magnitude so large finite entries do not overflow early."""
+    a = np.abs(np.ravel(np.asarray(x, dtype=np.float64)))
+    if a.size == 0:
+        return 0.0
+    top = float(a.max())
+    if top == 0 or not np.isfinite(top):
+        return top
+    return top * float(np.linalg.norm(a / top))
 
 
 class ErrorReport(NamedTuple):

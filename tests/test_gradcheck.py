@@ -139,3 +139,18 @@ def test_error_report_scale_for_gradients_that_are_zero_in_exact_arithmetic():
     roundoff = np.array([4e-16, -2e-16])
     assert error_report(roundoff, -roundoff).rel_error > 1  # round-off against round-off
     assert error_report(roundoff, -roundoff, scale=2.0).rel_error == pytest.approx(4e-16)
+
+
+def test_noise_floor_refuses_to_be_infinite(rng):
+    """An output holding a huge finite fill would make the default atol infinite, and then any
+    gradient would pass; the checker refuses instead of passing a wrong backward."""
+    x = rng.normal(size=(2, 3))
+    fill = np.finfo(np.float64).min
+
+    def f(x):
+        return np.where([[True, False, True]] * 2, x, fill)
+
+    with pytest.raises(ValueError, match="pass atol explicitly"):
+        fd_noise_floor(f(x), rng.normal(size=(2, 3)))
+    with pytest.raises(ValueError, match="pass atol explicitly"):
+        check_vjp(f, {"x": x}, rng.normal(size=(2, 3)), {"x": np.zeros((2, 3))})
