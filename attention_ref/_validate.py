@@ -14,30 +14,53 @@ ALIGNS = ("top_left", "bottom_right")
 EMPTY_ROW_POLICIES = ("zero", "uniform", "nan", "raise")
 
 
-def resolve_dtype(dtype: Any) -> np.dtype:
-    """The compute dtype: float64 unless a real floating dtype is asked for."""
+def _is_complex(x: Any) -> bool:
+    """Whether ``x`` holds complex numbers; anything unconvertible is left for as_float to report."""
+    if x is None or isinstance(x, np.random.Generator):
+        return False
+    try:
+        return bool(np.iscomplexobj(x))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: Any, *inputs: Any) -> np.dtype:
+    """The compute dtype: float64 unless a real floating dtype is asked for.
+
+    Complex inputs (the complex-step check, (G4) of ``docs/derivations/gradcheck.md``) compute in
+    complex128 when ``dtype`` is omitted; ``dtype=numpy.complex128`` may also be asked for.
+    """
     if dtype is None:
-        return np.dtype(np.float64)
+        return np.dtype(np.complex128 if any(_is_complex(x) for x in inputs) else np.float64)
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(
-            f"dtype must be a real floating dtype such as numpy.float64; got {dtype!r}"
+            f"dtype must be a real floating dtype such as numpy.float64 (or numpy.complex128 for "
+            f"the complex step); got {dtype!r}"
         ) from None
-    if dt.kind != "f":
-        raise TypeError(f"dtype must be a real floating dtype such as numpy.float64; got {dt}")
+    if dt.kind != "f" and dt != np.complex128:
+        raise TypeError(
+            f"dtype must be a real floating dtype such as numpy.float64 (or numpy.complex128 for "
+            f"the complex step); got {dt}"
+        )
     return dt
 
 
 def as_float(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
-    """``x`` as an array of ``dtype``; bool/int/float inputs only, never modified."""
+    """``x`` as an array of ``dtype``; bool/int/float inputs (complex ones for a complex ``dtype``), never modified."""
     if isinstance(x, np.random.Generator):
         raise TypeError(f"{name} must be an array of real numbers; got a numpy.random.Generator")
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} could not be converted to a numpy array: {exc}") from None
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind == "c" and dtype.kind != "c":
+        raise TypeError(
+            f"{name} is complex ({arr.dtype}) but the compute dtype is {dtype}; complex inputs are "
+            "for the complex-step check and compute in complex128 (omit dtype)"
+        )
+    if arr.dtype.kind not in "biufc":
         raise TypeError(
             f"{name} must hold real numbers (bool, int or float); got dtype {arr.dtype}"
         )

@@ -199,7 +199,7 @@ def _check_options(q, k, *, mask, bias, causal, align, window, softcap, scale, d
     if bias is not None:
         bias = as_float("bias", bias, dt)
         check_broadcastable("bias", bias, scores_shape, SCORES_LAYOUT)
-        bad = np.isnan(bias) | np.isposinf(bias)
+        bad = np.isnan(bias) | np.isposinf(bias.real)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
@@ -276,7 +276,7 @@ def sdpa_forward(
     >>> tr.probs.shape, tr.logsumexp.shape, tr.out.shape
     ((2, 3, 5), (2, 3), (2, 3, 6))
     """
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, q, k, v, bias)  # complex inputs: complex128, for the complex step (G4)
     q_in, k_in, v_in = q, k, v
     q, k, v = _check_qkv(q, k, v, dt)
     opt = _check_options(q, k, mask=mask, bias=bias, causal=causal, align=align, window=window,
@@ -287,8 +287,8 @@ def sdpa_forward(
 
     # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias.
     allowed = attention_mask(T, S, mask=opt.mask, causal=opt.causal, align=opt.align, window=opt.window)
-    if opt.bias is not None and np.isneginf(opt.bias).any():
-        finite_bias = ~np.isneginf(opt.bias)  # a -inf bias entry masks that pair
+    if opt.bias is not None and np.isneginf(opt.bias.real).any():
+        finite_bias = ~np.isneginf(opt.bias.real)  # a -inf bias entry masks that pair
         allowed = finite_bias if allowed is None else allowed & finite_bias
     if allowed is None:
         row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)  # (..., H, T)

@@ -6,6 +6,11 @@ r"""Finite-difference verification of hand-written backwards.
 * :func:`check_directional` -- compares ``<J t, c>`` (one central difference along a random
   direction ``t``) with ``<t, J^T c>`` (from the backward): two forward calls per direction, so
   it works at sizes where a full numerical VJP is too slow.
+* :func:`complex_step_vjp` and :func:`check_complex_step` -- the complex step
+  ``Im f(x + i h t) / h``: a derivative with no subtraction, so no cancellation, exact to round-off
+  (~1e-15 relative) where the finite difference gets ~1e-8. It needs a forward that is analytic
+  and carries complex numbers; every forward of attention_ref is (complex inputs compute in
+  complex128).
 * :func:`error_report` -- the worst error of one array against another, and where it is.
 
 All finite differences run in float64. Use a random cotangent ``c``: a cotangent that is constant
@@ -36,6 +41,15 @@ FD_RTOL = 1e-6
 #: The floor is what lets an exactly-zero gradient (a softmax over one key, the key projection's
 #: bias b_k) pass, and it is far below the O(||grad||) error of a wrong backward.
 FD_NOISE_FACTOR = 10.0
+#: Default complex step h. The step's own error is O(h^2 |f'''|) ~ 1e-60 and it adds no round-off
+#: (nothing is subtracted), so any h far below sqrt(u) works; 1e-30 keeps h * |x| well above the
+#: smallest normal number (2.2e-308) for any sane x and far below every real part.
+CS_STEP = 1e-30
+#: Default pass threshold of the complex-step check, relative to the largest gradient of the check.
+#: Both sides are exact up to round-off of a float64 forward or backward (a few ulps times the
+#: condition of the sums involved, ~1e-15 measured); 1e-12 leaves 1000x room and is still ~1e6x
+#: below the finite difference's threshold FD_RTOL.
+CS_RTOL = 1e-12
 
 
 def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS) -> float:
@@ -207,6 +221,73 @@ def numerical_vjp(
         if f_plus.shape != c.shape:
             raise ValueError(f"f(x) must have cotangent's shape {c.shape}; got {f_plus.shape}")
         flat_g[i] = np.sum((f_plus - f_minus) * c) / (2 * eps)  # (G1)
+    return grad
+
+
+def _imag_part(value: Any, expected_shape: tuple[int, ...] | None) -> np.ndarray:
+    """``Im f``, refusing a real result: that forward dropped the imaginary part (not complex-safe)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind != "c":
+        raise ValueError(
+            "f returned a real array for a complex input: it is not complex-safe (it dropped the "
+            "imaginary part), so the complex step cannot differentiate it; use numerical_vjp"
+        )
+    if expected_shape is not None and arr.shape != expected_shape:
+        raise ValueError(f"f(x) must have cotangent's shape {expected_shape}; got {arr.shape}")
+    return arr.imag.astype(np.float64, copy=False)
+
+
+def complex_step_vjp(
+    f: Callable[[np.ndarray], ArrayLike], x: ArrayLike, cotangent: ArrayLike, *, h: float = CS_STEP
+) -> np.ndarray:
+    r"""Complex-step vector-Jacobian product :math:`J^\top c` of ``f`` at ``x``, exact to round-off.
+
+    .. math:: (J^\top c)_i = \Big\langle \frac{\operatorname{Im} f(x + i h e_i)}{h},\ c \Big\rangle + O(h^2) \qquad \text{(G4)}
+
+    No difference of two nearby values is taken, so there is no cancellation and ``h`` can be
+    tiny (1e-30): the result is as accurate as ``f`` itself, ~1e-15 relative, where a central
+    difference is limited to ~1e-8 (``docs/derivations/gradcheck.md``).
+
+    Parameters
+    ----------
+    f : callable
+        A function of one array, **complex-safe**: analytic in ``x`` (no ``abs``, no comparison
+        that changes with ``x``'s imaginary part, no cast to real). Every forward of
+        attention_ref qualifies: complex inputs compute in complex128.
+    x : array_like
+        The real point; never modified.
+    cotangent : array_like
+        ``c``, real, of ``f(x)``'s shape. Use a random one.
+    h : float, default :data:`CS_STEP`
+        The imaginary step.
+
+    Returns
+    -------
+    ndarray, shape of ``x``, float64
+
+    Raises
+    ------
+    ValueError
+        If ``f`` returns a real array for a complex input (it is not complex-safe).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref.gradcheck import complex_step_vjp
+    >>> g = complex_step_vjp(lambda x: x ** 3, np.array([1.0, 2.0]), np.array([1.0, -1.0]))
+    >>> g.tolist()                                   # 3 x^2 c, to the last bit
+    [3.0, -12.0]
+    """
+    x = np.array(x, dtype=np.float64, copy=True)
+    c = np.asarray(cotangent, dtype=np.float64)
+    xc = x.astype(np.complex128)  # ours to perturb
+    grad = np.empty_like(x)
+    flat_xc, flat_g = xc.reshape(-1), grad.reshape(-1)
+    for i in range(flat_xc.size):
+        flat_xc[i] = complex(flat_xc[i].real, h)
+        im = _imag_part(f(xc), c.shape)
+        flat_xc[i] = complex(flat_xc[i].real, 0.0)
+        flat_g[i] = np.sum(im * c) / h  # (G4)
     return grad
 
 
@@ -390,4 +471,95 @@ def check_directional(
             numeric.append(np.sum((f_plus - f_minus) * c) / (2 * eps))  # <J t, c>   (G2)
             analytic.append(np.sum(t * gs[n]))  # <t, J^T c>
         reports[n] = error_report(np.array(analytic), np.array(numeric))
+    return GradCheckResult(reports, rtol, atol)
+
+
+def _complex_step_directions(f, xs, n, c, grad, h, num_directions: int, rng: np.random.Generator):
+    """``(<t, grad>, <Im f(x + i h t) / h, c>)`` over random unit directions ``t`` of input ``n``, (G5)."""
+    analytic, numeric = [], []
+    for _ in range(num_directions):
+        t = rng.normal(size=xs[n].shape)
+        t /= np.linalg.norm(t) or 1.0
+        im = _imag_part(f(**{**xs, n: xs[n] + 1j * h * t}), c.shape)
+        numeric.append(np.sum(im * c) / h)  # <J t, c>   (G5)
+        analytic.append(np.sum(t * grad))  # <t, J^T c>
+    return np.array(analytic), np.array(numeric)
+
+
+def check_complex_step(
+    f: Callable[..., ArrayLike],
+    inputs: Mapping[str, ArrayLike],
+    cotangent: ArrayLike,
+    grads: Mapping[str, ArrayLike | None],
+    *,
+    wrt: tuple[str, ...] | None = None,
+    h: float = CS_STEP,
+    rtol: float = CS_RTOL,
+    atol: float | None = None,
+    num_directions: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> GradCheckResult:
+    r"""Compare hand-written gradients with the complex step, input by input, to ~1e-15.
+
+    With ``num_directions=None`` every element gets its own step, (G4): one complex forward per
+    element. With ``num_directions=n`` each input is checked along ``n`` random unit directions
+    ``t``, one complex forward per direction whatever the size of ``x``:
+
+    .. math:: \Big\langle \frac{\operatorname{Im} f(x + i h t)}{h},\ c \Big\rangle = \langle t,\ J^\top c\rangle + O(h^2) \qquad \text{(G5)}
+
+    Parameters
+    ----------
+    f : callable
+        ``f(**inputs)``, complex-safe (see :func:`complex_step_vjp`).
+    inputs, cotangent, grads, wrt
+        As in :func:`check_vjp`.
+    h : float, default :data:`CS_STEP`
+        The imaginary step.
+    rtol : float, default :data:`CS_RTOL`
+        A gradient passes when ``max|analytic - complex step| <= atol + rtol * max|complex step|``.
+    atol : float, optional
+        By default ``rtol`` times the largest complex-step gradient entry of the whole check, (G6):
+        round-off scales with the function's intermediates, not with one gradient, so an input
+        whose true gradient is 0 (the key projection's bias) is judged on that scale.
+    num_directions : int, optional
+        Directional mode, (G5); needs ``rng``.
+    rng : numpy.random.Generator, optional
+        Draws the directions.
+
+    Returns
+    -------
+    GradCheckResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import scaled_dot_product_attention, sdpa_forward, sdpa_backward
+    >>> from attention_ref.gradcheck import check_complex_step
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 6))
+    >>> tr = sdpa_forward(q, k, v, causal=True)
+    >>> c = rng.normal(size=tr.out.shape)
+    >>> g = sdpa_backward(c, tr)
+    >>> r = check_complex_step(lambda q, k, v: scaled_dot_product_attention(q, k, v, causal=True),
+    ...                        {"q": q, "k": k, "v": v}, c, {"q": g.dq, "k": g.dk, "v": g.dv})
+    >>> r.passed, r.worst[1].rel_error < 1e-13
+    (True, True)
+    """
+    xs = _as_inputs(inputs)
+    names = tuple(xs) if wrt is None else tuple(wrt)
+    gs = _check_grads(xs, grads, names)
+    c = np.asarray(cotangent, dtype=np.float64)
+    if num_directions is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"num_directions needs rng, a numpy.random.Generator; got {type(rng).__name__}")
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (analytic, complex step)
+    for n in names:
+        if num_directions is None or rng is None:
+            def f_of(x, n=n):
+                return f(**{**xs, n: x})
+            pairs[n] = (gs[n], complex_step_vjp(f_of, xs[n], c, h=h))  # (G4)
+        else:
+            pairs[n] = _complex_step_directions(f, xs, n, c, gs[n], h, num_directions, rng)  # (G5)
+    if atol is None:
+        atol = rtol * max(float(np.max(np.abs(e), initial=0.0)) for _, e in pairs.values())  # (G6)
+    reports = {n: error_report(a, e) for n, (a, e) in pairs.items()}
     return GradCheckResult(reports, rtol, atol)

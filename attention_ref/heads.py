@@ -40,7 +40,7 @@ def split_heads(x: ArrayLike, num_heads: int, *, dtype: DTypeLike | None = None)
     """
     num_heads = check_positive_int("num_heads", num_heads)
     x_in = x
-    x = as_float("x", x, resolve_dtype(dtype))
+    x = as_float("x", x, resolve_dtype(dtype, x))
     check_ndim("x", x, 2, "(..., T, H*Dh)")
     *lead, t, width = x.shape
     if width % num_heads:
@@ -76,7 +76,7 @@ def merge_heads(x: ArrayLike, *, dtype: DTypeLike | None = None) -> np.ndarray:
     True
     """
     x_in = x
-    x = as_float("x", x, resolve_dtype(dtype))
+    x = as_float("x", x, resolve_dtype(dtype, x))
     check_ndim("x", x, 3, "(..., H, T, Dh)")
     *lead, h, t, dh = x.shape
     y = np.swapaxes(x, -3, -2)  # (..., T, H, Dh)

@@ -286,7 +286,8 @@ def mha_forward(
     >>> tr.q.shape, tr.attention.probs.shape, tr.concat.shape, tr.out.shape
     ((3, 2, 5, 4), (3, 2, 5, 5), (3, 5, 8), (3, 5, 8))
     """
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, query, key, value, options.get("bias"),
+                       *(a for a in (params.as_dict().values() if isinstance(params, MultiHeadParams) else ())))
     H = check_positive_int("num_heads", num_heads)
     Hkv = H if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
     if H % Hkv:

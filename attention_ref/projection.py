@@ -22,7 +22,7 @@ class LinearGrads(NamedTuple):
 
 
 def _check_linear(x, weight, bias, dtype):
-    dt = resolve_dtype(dtype)
+    dt = resolve_dtype(dtype, x, weight, bias)
     x = as_float("x", x, dt)
     weight = as_float("weight", weight, dt)
     check_ndim("x", x, 1, "(..., in)")

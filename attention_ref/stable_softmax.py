@@ -24,16 +24,20 @@ def _check_axis(axis, ndim: int) -> int:
 
 
 def _prepare(name: str, x, axis, dtype) -> tuple[np.ndarray, int]:
-    x = as_float(name, x, resolve_dtype(dtype))
+    x = as_float(name, x, resolve_dtype(dtype, x))
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least 1 dim; got a scalar")
     return x, _check_axis(axis, x.ndim)
 
 
 def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
-    """Row max used as the shift, (S1); 0 where the max is not finite so ``inf - inf`` cannot occur."""
-    m = np.max(x, axis=axis, keepdims=True)  # (S1)
-    return np.where(np.isfinite(m), m, 0.0).astype(x.dtype, copy=False)
+    """Row max used as the shift, (S1); 0 where the max is not finite so ``inf - inf`` cannot occur.
+
+    For complex ``x`` (the complex step) the shift is the max of the real parts: any constant
+    shift leaves the softmax unchanged, so it need not be analytic in ``x``.
+    """
+    m = np.max(x.real, axis=axis, keepdims=True)  # (S1)
+    return np.where(np.isfinite(m), m, 0.0).astype(x.real.dtype, copy=False)
 
 
 def softmax_stats(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
