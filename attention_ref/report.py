@@ -1,193 +1,187 @@
-"""The main job: run every backward against finite differences and print a table.
+"""The main job: every backward against finite differences and the complex step, as a table.
 
-``python -m attention_ref`` (or ``attention-ref check``) runs a multi-head attention forward and
-backward, and each stage's backward, on small configurations that cannot hide bugs (T != S,
-H > 1, Hkv < H, Dk != Dv, batch > 1, 1-element edges), compares every gradient with a central-
-difference VJP (random cotangents), then runs a directional check at a realistic size. Exit
-status 1 if any check fails.
+``python -m attention_ref`` (or ``attention-ref check``) runs the stage backwards (linear, head
+split/merge, softmax, logsumexp) and then scaled dot-product attention and multi-head attention
+on every canonical case (:mod:`attention_ref.cases`), and compares each gradient with
+
+* a central-difference VJP (G1) with a random cotangent, pass rule (G3): the independent check,
+  limited to ~1e-8 by cancellation;
+* the complex step (G4), pass rule (G6): exact to round-off, so it holds the backward to 1e-12.
+
+Cases tagged ``long`` and the realistic-size run use random directions instead, (G2) and (G5).
+Exit status 1 if any check fails.
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from . import attention, heads, mha, projection, stable_softmax
-from .gradcheck import FD_NOISE_FACTOR, FD_RTOL, GradCheckResult, check_directional, check_vjp
+from . import heads, mha, projection, stable_softmax
+from .cases import cases
+from .gradcheck import (
+    CS_RTOL,
+    FD_NOISE_FACTOR,
+    FD_RTOL,
+    ErrorReport,
+    GradCheckResult,
+    check_complex_step,
+    check_directional,
+    check_vjp,
+)
 
 
 class Row(NamedTuple):
+    """One gradient of one case, checked two ways."""
+
     function: str
     case: str
     gradient: str
-    rel_error: float  #: max|analytic - numerical| / max|numerical|
-    abs_error: float  #: max|analytic - numerical|
-    atol: float  #: the round-off floor of this check, (G3)
-    passed: bool
+    fd: ErrorReport  #: analytic vs central difference
+    fd_atol: float  #: round-off floor of the finite difference, (G3)
+    cs: ErrorReport  #: analytic vs complex step
+    cs_atol: float  #: round-off floor of the complex step, (G6)
+    fd_passed: bool
+    cs_passed: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.fd_passed and self.cs_passed
 
     @property
     def exact_zero(self) -> bool:
-        """The numerical gradient is itself within round-off of 0: a relative error means nothing."""
-        return self.rel_error > 0 and self.abs_error / self.rel_error <= self.atol
+        """The true gradient is 0 (within the complex step's round-off): relative errors mean nothing."""
+        return self.cs.scale <= self.cs_atol
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; a relative error that is not finite (a zero gradient) is null."""
+        return {"function": self.function, "case": self.case, "gradient": self.gradient,
+                "fd_rel_error": json_float(self.fd.rel_error), "fd_abs_error": self.fd.max_abs_error,
+                "fd_atol": self.fd_atol, "cs_rel_error": json_float(self.cs.rel_error),
+                "cs_abs_error": self.cs.max_abs_error, "cs_atol": self.cs_atol,
+                "exact_zero": self.exact_zero, "passed": self.passed}
 
 
-def _rows(function: str, case: str, result: GradCheckResult) -> Iterator[Row]:
-    for name, rep in result.reports.items():
-        yield Row(function, case, "d" + name, rep.rel_error, rep.max_abs_error, result.atol,
-                  rep.passed(result.rtol, result.atol))
+def json_float(x: float) -> float | None:
+    """``x``, or None when it is not finite (JSON has no inf or NaN)."""
+    return float(x) if np.isfinite(x) else None
 
 
-def _sdpa_cases(rng: np.random.Generator):
-    """(case name, inputs, options) for scaled dot-product attention; inputs are q, k, v[, bias]."""
-    B, H, Hkv, T, S, Dk, Dv = 2, 4, 2, 3, 5, 4, 3
-
-    def qkv(T=T, S=S, H=H, Hkv=Hkv, Dk=Dk, Dv=Dv, B=B):
-        return dict(q=rng.normal(size=(B, H, T, Dk)), k=rng.normal(size=(B, Hkv, S, Dk)),
-                    v=rng.normal(size=(B, Hkv, S, Dv)))
-
-    pad = np.ones((B, 1, T, S), dtype=bool)
-    pad[1, :, :, 3:] = False  # batch 1: the last two keys are padding
-    pad[0, :, 1, :] = False  # batch 0: query row 1 sees nothing (an empty row)
-    yield "GQA T<S Dk!=Dv", qkv(), {}
-    yield "causal bottom_right T<S + bias", {**qkv(), "bias": rng.normal(size=(1, H, T, S))}, dict(causal=True, align="bottom_right")
-    yield "causal top_left T>S + window", qkv(T=6, S=4), dict(causal=True, window=(2, None))
-    yield "window (1,1) bottom_right", qkv(T=4, S=7), dict(window=(1, 1), align="bottom_right")
-    yield "padding + empty row, zero", qkv(), dict(mask=pad)
-    yield "padding + empty row, uniform", qkv(), dict(mask=pad, empty_rows="uniform")
-    yield "softcap + bias (T,S)", {**qkv(), "bias": rng.normal(size=(T, S))}, dict(softcap=1.5)
-    yield "dropout keep-mask", qkv(), dict(dropout_p=0.25, dropout_mask=rng.random((B, H, T, S)) >= 0.25)
-    yield "MQA, 1-element edges", qkv(T=1, S=1, H=3, Hkv=1, Dk=1, Dv=1, B=1), {}
+def _rows(function: str, case: str, fd: GradCheckResult, cs: GradCheckResult) -> Iterator[Row]:
+    for name, rep in fd.reports.items():
+        crep = cs.reports[name]
+        yield Row(function, case, "d" + name, rep, fd.atol, crep, cs.atol,
+                  rep.passed(fd.rtol, fd.atol), crep.passed(cs.rtol, cs.atol))
 
 
-def _mha_cases(rng: np.random.Generator):
-    """(case name, num_heads, num_kv_heads, query, key, value, params, options)."""
-    x = rng.normal(size=(2, 4, 8))
-    p = mha.init_params(rng, d_model=8, num_heads=4, num_kv_heads=2, head_dim=3, v_head_dim=5)
-    yield "self-attention GQA causal", 4, 2, x, x, x, p, dict(causal=True)
-    p = mha.init_params(rng, d_model=6, num_heads=2, kdim=5, vdim=7)
-    keep = np.array([[True] * 5, [True, True, True, False, False]])  # key padding, per batch
-    yield ("cross-attention kdim/vdim, key padding", 2, None, rng.normal(size=(2, 3, 6)),
-           rng.normal(size=(2, 5, 5)), rng.normal(size=(2, 5, 7)), p, dict(mask=keep[:, None, None, :]))
-    p = mha.init_params(rng, d_model=6, num_heads=3, num_kv_heads=1, bias=False, out_dim=4)
-    yield ("MQA no bias, bottom_right + attn bias", 3, 1, rng.normal(size=(1, 2, 6)),
-           rng.normal(size=(1, 4, 6)), rng.normal(size=(1, 4, 6)), p,
-           dict(causal=True, align="bottom_right", bias=rng.normal(size=(3, 2, 4))))
+def _check_both(function, case, f, inputs, c, grads, rng, directional: bool) -> list[Row]:
+    if directional:
+        fd = check_directional(f, inputs, c, grads, rng=rng, num_directions=3)
+        cs = check_complex_step(f, inputs, c, grads, num_directions=3, rng=rng)
+    else:
+        fd = check_vjp(f, inputs, c, grads)
+        cs = check_complex_step(f, inputs, c, grads)
+    return list(_rows(function, case, fd, cs))
 
 
-def run_checks(seed: int = 0, progress: Callable[[str], None] | None = None) -> list[Row]:
-    """Run every finite-difference check of the report; return one row per gradient."""
+def run_checks(seed: int = 0, progress: Callable[[str], None] | None = None, *, quick: bool = False) -> list[Row]:
+    """Run every check of the report; one row per gradient.
+
+    ``seed`` 0 uses the canonical instance of each case; another seed draws other inputs for the
+    same configurations. ``quick`` leaves out the long cases and the realistic-size run.
+    """
     rng = np.random.default_rng(seed)
     say = progress or (lambda msg: None)
     rows: list[Row] = []
-    inputs: dict[str, Any]
-    grads: dict[str, Any]
-    opts: dict[str, Any]
 
-    say("linear")
+    say("stages: linear, split_heads, merge_heads, softmax, logsumexp")
     x, w, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)
     c = rng.normal(size=(2, 3, 5))
     g = projection.linear_backward(c, x, w, b)
-    rows += _rows("linear", "(2,3,4)@(4,5)+b", check_vjp(projection.linear, {"x": x, "weight": w, "bias": b}, c,
-                                                        {"x": g.dx, "weight": g.dweight, "bias": g.dbias}))
-    say("split_heads / merge_heads")
+    rows += _check_both("linear", "(2,3,4)@(4,5)+b", projection.linear, {"x": x, "weight": w, "bias": b}, c,
+                        {"x": g.dx, "weight": g.dweight, "bias": g.dbias}, rng, False)
     x, c = rng.normal(size=(2, 3, 6)), rng.normal(size=(2, 3, 3, 2))
-    rows += _rows("split_heads", "H=3", check_vjp(lambda x: heads.split_heads(x, 3), {"x": x}, c,
-                                                  {"x": heads.split_heads_backward(c)}))
+    rows += _check_both("split_heads", "H=3", lambda x: heads.split_heads(x, 3), {"x": x}, c,
+                        {"x": heads.split_heads_backward(c)}, rng, False)
     x, c = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 4, 6))
-    rows += _rows("merge_heads", "H=3", check_vjp(heads.merge_heads, {"x": x}, c,
-                                                  {"x": heads.merge_heads_backward(c, 3)}))
-    say("softmax / logsumexp")
+    rows += _check_both("merge_heads", "H=3", heads.merge_heads, {"x": x}, c,
+                        {"x": heads.merge_heads_backward(c, 3)}, rng, False)
     x, c = 3 * rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    rows += _rows("softmax", "axis=-1", check_vjp(stable_softmax.softmax, {"x": x}, c,
-                                                  {"x": stable_softmax.softmax_backward(c, stable_softmax.softmax(x))}))
+    rows += _check_both("softmax", "axis=-1", stable_softmax.softmax, {"x": x}, c,
+                        {"x": stable_softmax.softmax_backward(c, stable_softmax.softmax(x))}, rng, False)
     c = rng.normal(size=(5,))
-    rows += _rows("logsumexp", "axis=0", check_vjp(lambda x: stable_softmax.logsumexp(x, axis=0), {"x": x}, c,
-                                                   {"x": stable_softmax.logsumexp_backward(c, x, axis=0)}))
+    rows += _check_both("logsumexp", "axis=0", lambda x: stable_softmax.logsumexp(x, axis=0), {"x": x}, c,
+                        {"x": stable_softmax.logsumexp_backward(c, x, axis=0)}, rng, False)
 
-    for case, inputs, opts in _sdpa_cases(rng):
-        say(f"scaled_dot_product_attention: {case}")
-        tr = attention.sdpa_forward(**inputs, **opts)
-        c = rng.normal(size=tr.out.shape)
-        g = attention.sdpa_backward(c, tr)
-        grads = {"q": g.dq, "k": g.dk, "v": g.dv, "bias": g.dbias}
-        result = check_vjp(lambda **kw: attention.scaled_dot_product_attention(**kw, **opts), inputs, c,
-                           {n: grads[n] for n in inputs})
-        rows += _rows("scaled_dot_product_attention", case, result)
+    for case in cases(exclude=("long",) if quick else ()):
+        function = "scaled_dot_product_attention" if case.kind == "sdpa" else "multi_head_attention"
+        say(f"{function}: {case}")
+        data = case.build(None if seed == 0 else seed)
+        ref = data.reference()
+        rows += _check_both(function, case.name, data.function(), data.inputs, data.cotangent, ref.grads,
+                            rng, "long" in case.tags)
 
-    for case, H, Hkv, query, key, value, p, opts in _mha_cases(rng):
-        say(f"multi_head_attention: {case}")
-        tr = mha.mha_forward(query, key, value, p, num_heads=H, num_kv_heads=Hkv, **opts)
+    if not quick:
+        say("multi_head_attention: directional check at B=2 T=48 S=64 D=64 H=8 Hkv=2")
+        p = mha.init_params(rng, d_model=64, num_heads=8, num_kv_heads=2, kdim=48, vdim=40)
+        query, key, value = rng.normal(size=(2, 48, 64)), rng.normal(size=(2, 64, 48)), rng.normal(size=(2, 64, 40))
+        opts: dict[str, Any] = dict(causal=True, align="bottom_right")
+        tr = mha.mha_forward(query, key, value, p, num_heads=8, num_kv_heads=2, **opts)
         c = rng.normal(size=tr.out.shape)
         g = mha.mha_backward(c, tr)
-        self_attention = query is key is value
-        attn_bias = opts.get("bias")
-        other = {k: v for k, v in opts.items() if k != "bias"}
 
-        def f(x=None, query=None, key=None, value=None, bias=None, **weights):
-            if x is not None:
-                query = key = value = x
+        def f_big(query, key, value, **weights):
             return mha.multi_head_attention(query, key, value, mha.MultiHeadParams(**weights),
-                                            num_heads=H, num_kv_heads=Hkv, bias=bias, **other)
+                                            num_heads=8, num_kv_heads=2, **opts)
 
-        inputs = {"x": query} if self_attention else {"query": query, "key": key, "value": value}
-        grads = ({"x": g.dquery + g.dkey + g.dvalue} if self_attention
-                 else {"query": g.dquery, "key": g.dkey, "value": g.dvalue})
-        inputs.update(p.as_dict())
-        grads.update(g.dparams.as_dict())
-        if attn_bias is not None:
-            inputs["bias"], grads["bias"] = attn_bias, g.dbias
-        rows += _rows("multi_head_attention", case, check_vjp(f, inputs, c, grads))
-
-    say("multi_head_attention: directional check at B=2 T=48 S=64 D=64 H=8 Hkv=2")
-    p = mha.init_params(rng, d_model=64, num_heads=8, num_kv_heads=2, kdim=48, vdim=40)
-    query, key, value = rng.normal(size=(2, 48, 64)), rng.normal(size=(2, 64, 48)), rng.normal(size=(2, 64, 40))
-    opts = dict(causal=True, align="bottom_right")
-    tr = mha.mha_forward(query, key, value, p, num_heads=8, num_kv_heads=2, **opts)
-    c = rng.normal(size=tr.out.shape)
-    g = mha.mha_backward(c, tr)
-
-    def f_big(query, key, value, **weights):
-        return mha.multi_head_attention(query, key, value, mha.MultiHeadParams(**weights),
-                                        num_heads=8, num_kv_heads=2, **opts)
-
-    result = check_directional(f_big, {"query": query, "key": key, "value": value, **p.as_dict()}, c,
-                               {"query": g.dquery, "key": g.dkey, "value": g.dvalue, **g.dparams.as_dict()},
-                               rng=rng, num_directions=3)
-    rows += _rows("multi_head_attention", "directional, realistic size", result)
+        rows += _check_both("multi_head_attention", "directional, B=2 T=48 S=64 D=64 H=8 Hkv=2", f_big,
+                            {"query": query, "key": key, "value": value, **p.as_dict()}, c,
+                            g.as_dict(), rng, True)
     return rows
 
 
-def _error_cell(r: Row) -> str:
-    return f"abs {r.abs_error:.1e} (grad = 0)" if r.exact_zero else f"{r.rel_error:.1e}"
+def _cell(rep: ErrorReport, exact_zero: bool) -> str:
+    return f"abs {rep.max_abs_error:.1e}" if exact_zero else f"{rep.rel_error:.1e}"
 
 
 def format_table(rows: list[Row]) -> str:
-    """The rows as an aligned text table with a closing count line."""
-    widths = [max(len(h), *(len(getattr(r, f)) for r in rows)) for h, f in
-              (("function", "function"), ("case", "case"), ("gradient", "gradient"))]
+    """The rows as an aligned text table with the pass rules and a closing count line."""
+    cols = ("function", "case", "gradient")
+    widths = [max(len(h), *(len(getattr(r, h)) for r in rows)) for h in cols]
     head = (f"{'function':<{widths[0]}}  {'case':<{widths[1]}}  {'gradient':<{widths[2]}}  "
-            f"{'rel error':>17}  result")
+            f"{'finite diff':>12}  {'complex step':>12}  result")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.function:<{widths[0]}}  {r.case:<{widths[1]}}  {r.gradient:<{widths[2]}}  "
-                     f"{_error_cell(r):>17}  {'pass' if r.passed else 'FAIL'}")
+                     f"{_cell(r.fd, r.exact_zero):>12}  {_cell(r.cs, r.exact_zero):>12}  "
+                     f"{'pass' if r.passed else 'FAIL'}")
     failed = sum(not r.passed for r in rows)
-    lines.append("")
-    lines.append(f"pass rule: max|analytic - numerical| <= atol + {FD_RTOL:g} * max|numerical|,")
-    lines.append(f"  atol = {FD_NOISE_FACTOR:g} u ||f|| ||c|| / eps, the round-off bound of the finite difference (G3)")
-    lines.append("  'abs ... (grad = 0)': the true gradient is exactly zero (e.g. the key projection's bias b_k); the error is absolute")
-    lines.append(f"worst relative error (nonzero gradients): {max((r.rel_error for r in rows if not r.exact_zero), default=0):.1e}")
-    lines.append(f"gradcheck: {len(rows) - failed} passed, {failed} failed")
+    nonzero = [r for r in rows if not r.exact_zero]
+    lines += [
+        "",
+        "errors: max|analytic - numerical| / max|numerical|; 'abs': the true gradient is exactly 0",
+        "  (e.g. the key projection's bias b_k, or a softmax over one key), so the error is absolute.",
+        f"finite diff (G1) passes when max|diff| <= {FD_RTOL:g} max|numerical| + atol, atol = {FD_NOISE_FACTOR:g} u ||f|| ||c|| / eps (G3)",
+        f"complex step (G4) passes when max|diff| <= {CS_RTOL:g} max|numerical| + atol, atol = {CS_RTOL:g} x the check's largest gradient (G6)",
+        f"worst relative error, nonzero gradients: finite diff {max((r.fd.rel_error for r in nonzero), default=0):.1e}, "
+        f"complex step {max((r.cs.rel_error for r in nonzero), default=0):.1e}",
+        f"gradcheck: {len(rows) - failed} passed, {failed} failed",
+    ]
     return "\n".join(lines)
 
 
-def main_check(seed: int = 0, quiet: bool = False) -> int:
-    import sys
-
+def main_check(seed: int = 0, quiet: bool = False, as_json: bool = False, quick: bool = False) -> int:
     start = time.perf_counter()
     progress = None if quiet else (lambda msg: print(f"  checking {msg} ...", file=sys.stderr, flush=True))
-    rows = run_checks(seed, progress)
-    print(format_table(rows))
-    print(f"({time.perf_counter() - start:.1f} s)")
-    return 0 if all(r.passed for r in rows) else 1
+    rows = run_checks(seed, progress, quick=quick)
+    ok = all(r.passed for r in rows)
+    if as_json:
+        print(json.dumps({"command": "check", "seed": seed, "passed": ok,
+                          "rows": [r.as_dict() for r in rows]}, indent=1))
+    else:
+        print(format_table(rows))
+        print(f"({time.perf_counter() - start:.1f} s)")
+    return 0 if ok else 1

@@ -22,17 +22,39 @@ def test_main_job_passes_and_prints_a_table(capsys):
 
 
 def test_main_job_fails_when_a_gradient_is_wrong(monkeypatch, capsys):
-    import attention_ref.attention as attention
+    import attention_ref.cases as cases
 
-    real = attention.sdpa_backward
+    real = cases.sdpa_backward
 
     def broken(dout, trace):
         g = real(dout, trace)
-        return g._replace(dv=1.01 * g.dv)
+        return g._replace(dv=(1 + 1e-9) * g.dv)  # far below what finite differences can see
 
-    monkeypatch.setattr(attention, "sdpa_backward", broken)
-    assert main(["check", "--quiet", "--seed", "1"]) == 1
-    assert "FAIL" in capsys.readouterr().out
+    monkeypatch.setattr(cases, "sdpa_backward", broken)
+    assert main(["check", "--quiet", "--quick", "--seed", "1"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.endswith("FAIL")]
+    assert rows and all(r[0] == "scaled_dot_product_attention" and r[2] == "dv" for r in rows)
+    # finite differences pass it (1e-9 < FD_RTOL); the complex step does not
+    assert all(float(r[3]) < 1e-6 and float(r[4]) > 1e-10 for r in rows)
+
+
+def test_check_json_is_machine_readable(capsys):
+    import json
+
+    assert main(["check", "--quick", "--quiet", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["passed"] and doc["command"] == "check"
+    cases_seen = {r["case"] for r in doc["rows"]}
+    assert "causal_bottom_right_t_gt_s" in cases_seen and "long_rows" not in cases_seen
+    assert max(r["cs_rel_error"] for r in doc["rows"] if not r["exact_zero"]) < 1e-12
+
+
+def test_cases_subcommand_lists_every_case(capsys):
+    from attention_ref.cases import cases
+
+    assert main(["cases"]) == 0
+    out = capsys.readouterr().out
+    assert all(c.name in out for c in cases())
 
 
 def test_module_entry_point_help():

@@ -39,7 +39,8 @@ EXAMPLE_PAGES = ("oracle.md", "stability.md")
 #: Public functions whose docstring has no Examples section yet (a library docstring to fix).
 EXAMPLES_TO_WRITE: set[str] = set()
 GRADCHECK_PUBLIC = ("error_report", "ErrorReport", "numerical_vjp", "check_vjp", "check_directional",
-                    "GradCheckResult", "fd_noise_floor", "FD_EPS", "FD_RTOL", "FD_NOISE_FACTOR")
+                    "complex_step_vjp", "check_complex_step", "GradCheckResult", "fd_noise_floor",
+                    "FD_EPS", "FD_RTOL", "FD_NOISE_FACTOR", "CS_STEP", "CS_RTOL")
 
 
 @pytest.fixture(scope="module")
