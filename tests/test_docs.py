@@ -42,7 +42,7 @@ EXPECTED_BACKWARDS = {
     "softcap_backward", "weighted_values_backward",
 }
 
-CITATION = re.compile(r"\(([LHSAMG]\d+)\)")
+CITATION = re.compile(r"\(([LHSAMGVF]\d+)\)")
 PAGE_REF = re.compile(r"docs/derivations/([\w-]+)\.md")
 OPEN_MATH = re.compile(r"^\$\$\s*$")
 CLOSE_MATH = re.compile(r"^\$\$\s*(?:\((?P<label>[^()\s]+)\))?\s*$")
