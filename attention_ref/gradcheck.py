@@ -164,7 +164,8 @@ def error_report(actual: ArrayLike, expected: ArrayLike, *, scale: float | None 
     finite = np.isfinite(a) & np.isfinite(e)
     same_nonfinite = ~finite & ((a == e) | (np.isnan(a) & np.isnan(e)))
     mismatch = int((~finite & ~same_nonfinite).sum())
-    diff = np.where(finite, np.abs(a - e), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf where both sides hold the same infinity
+        diff = np.where(finite, np.abs(a - e), 0.0)
     if a.size == 0:
         return ErrorReport(0.0, 0.0, 0.0, (), float("nan"), float("nan"), mismatch)
     flat = int(np.argmax(diff))
