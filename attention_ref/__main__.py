@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
         description="attention_ref: the NumPy ground truth for multi-head attention. "
         "With no subcommand, runs 'check'.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{check,cases}")
+    sub = parser.add_subparsers(dest="command", metavar="{check,cases,compare,golden,verify}")
 
     check = sub.add_parser(
         "check",
@@ -38,6 +38,55 @@ def _parser() -> argparse.ArgumentParser:
         description="List the canonical cases (attention_ref.cases): name, kind, dimensions, options.",
     )
     lister.add_argument("--json", action="store_true", help="machine-readable output")
+
+    golden = sub.add_parser(
+        "golden", help="write golden test vectors (.npz + manifest.json) for implementations outside Python",
+        description="Write golden test vectors into DIR: for each canonical case, <case>.npz with its "
+        "inputs, options, cotangent, output, gradients and intermediates (uncompressed .npy entries, "
+        "little-endian float64 or bool), and manifest.json with the format version, the conventions, "
+        "and every array's shape, dtype and sha256. The format is documented in docs/golden.md. "
+        "Refuses a non-empty DIR unless --overwrite.",
+    )
+    golden.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
+    golden.add_argument("--cases", nargs="+", metavar="NAME",
+                        help="only these cases (default: all; 'attention-ref cases' lists them)")
+    golden.add_argument("--overwrite", action="store_true",
+                        help="replace the golden set in a non-empty DIR (its manifest.json and .npz files)")
+    _common(golden)
+
+    verify = sub.add_parser(
+        "verify", help="verify a golden set's checksums, and its outputs or a candidate's",
+        description="Read the golden set in DIR and verify every checksum, shape and dtype against its "
+        "manifest (a corrupt or incomplete set fails). Then, without --candidate, recompute the "
+        "reference from the stored inputs and compare the stored outputs, gradients and "
+        "intermediates with it; with --candidate DIR2, compare the implementation's outputs in "
+        "DIR2/<case>.npz (output.out required; any grad.* and intermediate.*) with the stored ones. "
+        "Rule: |actual - reference| <= atol + rtol |reference| (float64 default rtol 1e-12, atol "
+        "1e-14), or with --precision the error-budget rule for outputs and gradients. Exit status 1 "
+        "on any failure.",
+    )
+    verify.add_argument("directory", metavar="DIR", help="the golden set")
+    verify.add_argument("--candidate", metavar="DIR2", help="a directory of the implementation's outputs, <case>.npz each")
+    verify.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (default: all of DIR)")
+    verify.add_argument("--rtol", type=float, help="relative tolerance (default 1e-12 for float64)")
+    verify.add_argument("--atol", type=float, help="absolute tolerance (default 1e-14 for float64)")
+    verify.add_argument("--precision", choices=("float32", "float16", "bfloat16"),
+                        help="the candidate's precision: judge output and gradients by the error-budget rule")
+    _common(verify)
+
+    compare = sub.add_parser(
+        "compare", help="run an installed framework's attention on every canonical case and judge it",
+        description="Run PyTorch's F.scaled_dot_product_attention and nn.MultiheadAttention (torch), or "
+        "jax.nn.dot_product_attention and a jnp multi-head attention around it (jax), through the "
+        "adapters on every canonical case, forward and backward with the case's random cotangent, and "
+        "print a conformance table: case, output or gradient, relative error, pass/fail/skip, and the "
+        "rule (float64: 1e-12 relative for torch; the error-budget rule against a float32 baseline for "
+        "jax, whose softmax is float32). Fully masked rows follow the framework's convention. Options "
+        "the framework cannot express are skipped with the reason. Exit status 1 if any row fails.",
+    )
+    compare.add_argument("framework", choices=("torch", "jax"), help="the framework to run (must be installed)")
+    compare.add_argument("--cases", nargs="+", metavar="NAME", help="only these canonical cases (default: all)")
+    _common(compare)
     return parser
 
 
@@ -72,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "cases":
         return _list_cases(args.json)
+    if args.command == "compare":
+        from .conformance import main_compare
+
+        return main_compare(args.framework, args.cases, quiet=args.quiet, as_json=args.json)
+    if args.command in ("golden", "verify"):
+        from . import golden
+
+        if args.command == "golden":
+            return golden.main_golden(args.directory, args.cases, overwrite=args.overwrite, quiet=args.quiet,
+                                      as_json=args.json)
+        return golden.main_verify(args.directory, args.candidate, args.cases, rtol=args.rtol, atol=args.atol,
+                                  precision=args.precision, quiet=args.quiet, as_json=args.json)
     from .report import main_check
 
     return main_check(seed=args.seed, quiet=args.quiet, as_json=args.json, quick=args.quick)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded Generator per test, and the torch gate."""
+"""Shared fixtures: a seeded Generator per test, and the torch and jax gates."""
 from __future__ import annotations
 
 import os
@@ -20,3 +20,12 @@ def require_torch():
 
         return torch
     return pytest.importorskip("torch")
+
+
+def require_jax():
+    """Import jax, or skip -- unless ATTENTION_REF_REQUIRE_JAX=1 (CI), where its absence fails."""
+    if os.environ.get("ATTENTION_REF_REQUIRE_JAX") == "1":
+        import jax  # noqa: F401  -- an ImportError here fails the test, as CI wants
+
+        return jax
+    return pytest.importorskip("jax")

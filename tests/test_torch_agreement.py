@@ -10,7 +10,11 @@
   fully padded batch elements.
 
 Every gradient is a vector-Jacobian product with a random cotangent (``out.backward(c)``), never
-``.sum()``. The tests skip without torch, and fail when ``ATTENTION_REF_REQUIRE_TORCH=1``.
+``.sum()``. Weights, masks and SDPA's keyword arguments are converted by
+:mod:`attention_ref.adapters.torch` (``params_from_torch``, ``mask_from_key_padding_mask``,
+``torch_sdpa_kwargs``, ...), whose own tests are ``tests/test_adapters_torch.py``; a wrong
+conversion shows here as a disagreement. The tests skip without torch, and fail when
+``ATTENTION_REF_REQUIRE_TORCH=1``.
 """
 from __future__ import annotations
 
@@ -21,12 +25,19 @@ import numpy as np
 import pytest
 
 from attention_ref import (
-    MultiHeadParams,
+    causal_mask,
     mha_forward,
     multi_head_attention,
     multi_head_attention_backward,
     scaled_dot_product_attention,
     scaled_dot_product_attention_backward,
+)
+from attention_ref.adapters.torch import (
+    ignore_mask_from_mask,
+    mask_from_key_padding_mask,
+    param_grads_from_torch,
+    params_from_torch,
+    torch_sdpa_kwargs,
 )
 from attention_ref.gradcheck import error_report
 from conftest import require_torch
@@ -132,7 +143,6 @@ def _sdpa_mask(case: SdpaCase, rng: np.random.Generator):
 def sdpa_both(torch, case: SdpaCase, rng: np.random.Generator):
     """Run ours and torch's SDPA on the same inputs and cotangent; return both as named arrays."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
 
     q = rng.normal(size=(case.B, case.H, case.T, case.Dk))
     k = rng.normal(size=(case.B, case.Hkv, case.S, case.Dk))
@@ -148,23 +158,17 @@ def sdpa_both(torch, case: SdpaCase, rng: np.random.Generator):
 
     leaves = {name: torch.tensor(a, requires_grad=True)
               for name, a in (("q", q), ("k", k), ("v", v), ("bias", bias)) if a is not None}
-    attn_mask = leaves.get("bias")
-    if mask is not None:
-        attn_mask = torch.from_numpy(mask)
-    if case.causal == "bottom_right":
-        attn_mask = causal_lower_right(case.T, case.S)
+    # is_causal (top_left), causal_lower_right (bottom_right, T <= S) or an explicit mask (T > S),
+    # a boolean attn_mask or the float one built from the bias leaf (so its gradient is torch's)
+    kwargs = torch_sdpa_kwargs(case.T, case.S, num_heads=case.H, num_kv_heads=case.Hkv,
+                               **{**options, "bias": leaves.get("bias")})
     with sdpa_kernel(SDPBackend.MATH):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            leaves["q"], leaves["k"], leaves["v"], attn_mask=attn_mask,
-            is_causal=case.causal == "top_left", enable_gqa=case.Hkv != case.H)
+        out = torch.nn.functional.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], **kwargs)
     out.backward(torch.from_numpy(dout))
     theirs = {"out": out.detach().numpy(), **{f"d{name}": t.grad.numpy() for name, t in leaves.items()}}
     return ours, theirs
 
 
-# torch warns that causal_lower_right with T > S gives NaN rows; that is the flash kernels. The math
-# backend gives zero rows, and the test checks them.
-@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs:UserWarning")
 @pytest.mark.parametrize("case", SDPA_CASES, ids=[c.name for c in SDPA_CASES])
 def test_sdpa_agrees_with_torch(case, rng):
     torch = require_torch()
@@ -213,27 +217,6 @@ MHA_CASES = [
 ]
 
 
-def params_from_torch(module, *, grad: bool = False) -> MultiHeadParams:
-    """An nn.MultiheadAttention's weights (or, with ``grad``, their gradients) as MultiHeadParams.
-
-    torch stores ``(out, in)`` and computes ``x @ w.T + b``; ours is ``(in, out)``. Query, key and
-    value weights are rows of ``in_proj_weight`` when kdim = vdim = embed_dim, else separate.
-    """
-    def arr(t):
-        if t is None:
-            return None
-        return (t.grad if grad else t.detach()).numpy().copy()
-
-    if module._qkv_same_embed_dim:
-        w_q, w_k, w_v = np.split(arr(module.in_proj_weight), 3)  # (3E, E) -> 3 x (E, E)
-    else:
-        w_q, w_k, w_v = arr(module.q_proj_weight), arr(module.k_proj_weight), arr(module.v_proj_weight)
-    b_in = arr(module.in_proj_bias)
-    b_q, b_k, b_v = np.split(b_in, 3) if b_in is not None else (None, None, None)
-    return MultiHeadParams(w_q=w_q.T, w_k=w_k.T, w_v=w_v.T, w_o=arr(module.out_proj.weight).T,
-                           b_q=b_q, b_k=b_k, b_v=b_v, b_o=arr(module.out_proj.bias))
-
-
 def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     """Run ours and nn.MultiheadAttention on the same weights, inputs and cotangent."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -243,7 +226,7 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     with torch.no_grad():  # random weights, and nonzero biases (torch initialises them to 0)
         for p in module.parameters():
             p.copy_(torch.from_numpy(0.5 * rng.normal(size=tuple(p.shape))))
-    params = params_from_torch(module)
+    params, _ = params_from_torch(module)  # (out, in) -> (in, out); in_proj_weight rows q, k, v
 
     query = rng.normal(size=(case.B, case.T, case.E))
     if case.kind == "self":
@@ -259,7 +242,7 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     dout = rng.normal(size=(case.B, case.T, case.E))
 
     options = dict(num_heads=case.H, causal=case.causal, empty_rows=case.empty_rows,
-                   mask=None if key_padding_mask is None else ~key_padding_mask[:, None, None, :])  # (B, 1, 1, S)
+                   mask=None if key_padding_mask is None else mask_from_key_padding_mask(key_padding_mask))  # (B, 1, 1, S)
     ours = {"out": multi_head_attention(query, key, value, params, **options)}
     if case.need_weights:
         ours["weights"] = mha_forward(query, key, value, params, **options).attention.probs.mean(axis=1)
@@ -274,7 +257,7 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     inputs = {name: torch.tensor(a, requires_grad=True) for name, a in (("query", query), ("key", key), ("value", value))}
     if case.kind == "self":
         inputs["key"] = inputs["value"] = inputs["query"]
-    attn_mask = torch.ones(case.T, case.S, dtype=torch.bool).triu(1) if case.causal else None
+    attn_mask = torch.from_numpy(ignore_mask_from_mask(causal_mask(case.T, case.S))) if case.causal else None  # True = ignore
     with sdpa_kernel(SDPBackend.MATH):
         out, weights = module(inputs["query"], inputs["key"], inputs["value"],
                               key_padding_mask=None if key_padding_mask is None else torch.from_numpy(key_padding_mask),
@@ -289,7 +272,7 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
             theirs["dx"] = inputs["query"].grad.numpy()
         else:
             theirs.update({f"d{name}": t.grad.numpy() for name, t in inputs.items()})
-        theirs.update({f"d{name}": a for name, a in params_from_torch(module, grad=True).as_dict().items()})
+        theirs.update({f"d{name}": a for name, a in param_grads_from_torch(module).as_dict().items()})
     return ours, theirs
 
 
