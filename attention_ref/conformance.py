@@ -202,7 +202,7 @@ def format_rows(framework: str, rows: list[ConformanceRow]) -> str:
     head = f"{'case':<{w_case}}  {'quantity':<{w_q}}  {'rel error':>9}  {'result':<6}  rule / reason"
     lines = [f"conformance of {framework} with attention_ref", head, "-" * len(head)]
     for r in rows:
-        err = "" if r.error is None else f"{r.error:.1e}"
+        err = "" if r.error is None else ("grad = 0" if "gradient is 0" in r.verdict else f"{r.error:.1e}")
         note = r.verdict if r.status != "pass" or r.empty_rows == "zero" else f"{r.verdict}; empty rows: {r.empty_rows}"
         lines.append(f"{r.case:<{w_case}}  {r.quantity:<{w_q}}  {err:>9}  {r.status:<6}  {note}")
     n_pass = sum(r.status == "pass" for r in rows)
