@@ -1,0 +1,625 @@
+r"""Tiled scaled dot-product attention: the FlashAttention-2 algorithm, forward and backward.
+
+The same function as :func:`~attention_ref.scaled_dot_product_attention`, computed block by
+block so that no ``(T, S)`` array is ever held: the forward visits the keys ``block_k`` at a
+time and keeps, per query row, a running max ``m``, a running sum ``l`` and an unnormalised
+output ``acc``, rescaled whenever the max grows (the online softmax, (F1)-(F5)); it returns the
+output and the per-row logsumexp. The backward recomputes each block's weights from q, k and the
+logsumexp, (F6), and replaces the softmax's row reduction by ``D = rowsum(dout * out)``, (F7).
+Memory is O((T + S) x (Dk + Dv)) per head plus one ``(block_q, block_k)`` block.
+
+Every option of the plain path but dropout: mask, bias, causal/window with both alignments,
+softcap, scale, GQA, the ``empty_rows`` policies; blocks with no allowed pair are skipped.
+Dropout is refused: its keep-mask would be the ``(..., H, T, S)`` array that tiling avoids.
+
+Derivation: ``docs/derivations/flash.md``, (F1)-(F9); the stages it shares with the plain path
+cite (A1)-(A16) of ``docs/derivations/attention.md``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from ._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
+from .attention import AttentionGrads, _check_options, _check_qkv
+from .scores import group_heads, masked_fill_value, ungroup_heads
+
+#: Default query rows per block. Large blocks amortise NumPy's per-call overhead; at 256 x 256 the
+#: tiled forward+backward took 0.6-0.75x the plain path's time at T = S = 1024..4096 (single-threaded
+#: BLAS; benchmarks/README.md), and each of a block's arrays is 0.5 MiB per head in float64.
+BLOCK_Q = 256
+#: Default keys per block (see ``BLOCK_Q``).
+BLOCK_K = 256
+
+
+class FlashOutput(NamedTuple):
+    """What :func:`flash_attention_forward` returns: all that its backward needs besides q, k, v."""
+
+    out: np.ndarray  #: (..., H, T, Dv) attention output, (F5)
+    logsumexp: np.ndarray  #: (..., H, T) logsumexp of each row's allowed logits, (F5); -inf for an empty row
+
+
+class OnlineSoftmaxState(NamedTuple):
+    """The running state of the online softmax of a block of query rows, (F1).
+
+    After the keys seen so far, for each row: ``row_max`` is the largest allowed logit (the
+    finite fill while none was allowed), ``row_sum`` the sum of ``exp(logit - row_max)`` over the
+    allowed keys, ``acc`` the same sum weighted by the keys' values. ``acc / row_sum`` is the
+    softmax-weighted mean of the values seen.
+    """
+
+    row_max: np.ndarray  #: (..., T, 1) m, running max of the allowed logits
+    row_sum: np.ndarray  #: (..., T, 1) l, running sum of exp(logit - m)
+    acc: np.ndarray  #: (..., T, Dv) running sum of exp(logit - m) v
+
+
+def online_softmax_init(rows: tuple[int, ...], dv: int, dtype: DTypeLike = np.float64) -> OnlineSoftmaxState:
+    r"""The state before any key: ``m`` the finite fill, ``l = 0``, ``acc = 0``, (F1) with no key.
+
+    Parameters
+    ----------
+    rows : tuple of int
+        Shape of the block of rows, e.g. ``(..., H, T)`` (a GQA view ``(..., Hkv, G, T)`` works too).
+    dv : int
+        Width of the values, Dv.
+    dtype : dtype, default float64
+
+    Returns
+    -------
+    OnlineSoftmaxState
+        ``row_max`` and ``row_sum`` of shape ``rows + (1,)``, ``acc`` of shape ``rows + (Dv,)``.
+
+    Examples
+    --------
+    >>> from attention_ref.flash import online_softmax_init
+    >>> st = online_softmax_init((2, 3), 4)
+    >>> st.row_max.shape, st.row_sum.shape, st.acc.shape, float(st.row_sum.sum())
+    ((2, 3, 1), (2, 3, 1), (2, 3, 4), 0.0)
+    """
+    dt = resolve_dtype(dtype)
+    # The max starts at the finite fill f, not -inf: (F2)'s m_old - m_new is then never inf - inf.
+    return OnlineSoftmaxState(
+        row_max=np.full(rows + (1,), masked_fill_value(dt), dtype=dt),  # (..., T, 1)
+        row_sum=np.zeros(rows + (1,), dtype=dt),  # (..., T, 1)
+        acc=np.zeros(rows + (dv,), dtype=dt),  # (..., T, Dv)
+    )
+
+
+def online_softmax_update(
+    state: OnlineSoftmaxState,
+    logits: np.ndarray,
+    values: np.ndarray,
+    allowed: np.ndarray | None = None,
+) -> OnlineSoftmaxState:
+    r"""Take one block of keys into the online softmax: (F2)-(F4) of ``docs/derivations/flash.md``.
+
+    Parameters
+    ----------
+    state : OnlineSoftmaxState
+        The state after the previous blocks (:func:`online_softmax_init` before the first).
+    logits : ndarray, shape (..., T, Sb)
+        This block's logits (scores after softcap and bias), one column per key of the block.
+        Disallowed entries may hold anything finite or ``-inf``: they are replaced by the fill.
+    values : ndarray, shape (..., Sb, Dv)
+        The block's values; broadcast against ``logits`` by ``@`` (a GQA view works).
+    allowed : ndarray of bool, optional
+        Broadcastable to ``logits``; True = may attend. None = every key of the block is allowed.
+
+    Returns
+    -------
+    OnlineSoftmaxState
+        A new state; ``state`` is not modified.
+
+    Notes
+    -----
+    With :math:`m` the running max, :math:`l` the running sum and :math:`a` the accumulator,
+
+    .. math::
+        m' = \max(m, \max_j \tilde\ell_j) \ \text{(F2)},\quad
+        l' = e^{m - m'}\, l + \sum_j A_j\, e^{\tilde\ell_j - m'} \ \text{(F3)},\quad
+        a' = e^{m - m'}\, a + \sum_j A_j\, e^{\tilde\ell_j - m'}\, v_j \ \text{(F4)}.
+
+    The factor :math:`e^{m - m'} \le 1` re-expresses the old sums relative to the new max.
+
+    References
+    ----------
+    Milakov & Gimelshein (2018), "Online normalizer calculation for softmax";
+    Dao (2023), "FlashAttention-2".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import softmax
+    >>> from attention_ref.flash import online_softmax_init, online_softmax_update
+    >>> x = np.array([[1.0, 5.0, 2.0, 0.5]])                 # one row, S = 4
+    >>> eye = np.eye(4)                                      # v = I: the output is the weights
+    >>> st = online_softmax_init((1,), 4)
+    >>> for j0 in (0, 2):                                    # two blocks of 2 keys
+    ...     st = online_softmax_update(st, x[:, j0:j0 + 2], eye[j0:j0 + 2])
+    >>> bool(np.allclose(st.acc / st.row_sum, softmax(x), rtol=1e-15, atol=0))
+    True
+    """
+    fill = masked_fill_value(logits.dtype)
+    if allowed is not None:
+        logits = np.where(allowed, logits, fill)  # (A4) disallowed -> the finite fill
+    m_new = np.maximum(state.row_max, logits.max(axis=-1, keepdims=True))  # (..., T, 1)   (F2)
+    rescale = np.exp(state.row_max - m_new)  # (..., T, 1) e^{m - m'} <= 1   (F3)
+    p = logits - m_new
+    np.exp(p, out=p)  # (..., T, Sb) e^{l~ - m'}   (F3)
+    if allowed is not None:
+        p *= allowed  # a row with nothing allowed yet has m' = fill and exp(fill - fill) = 1: zero it
+    row_sum = rescale * state.row_sum + p.sum(axis=-1, keepdims=True)  # (..., T, 1)   (F3)
+    acc = rescale * state.acc  # (..., T, Dv)   (F4)
+    acc += p @ values  # (..., T, Sb) @ (..., Sb, Dv) -> (..., T, Dv)   (F4)
+    return OnlineSoftmaxState(row_max=m_new, row_sum=row_sum, acc=acc)
+
+
+def online_softmax_finish(state: OnlineSoftmaxState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""``(out, logsumexp, row_is_empty)`` from the final state, (F5).
+
+    ``out = acc / l`` and ``logsumexp = m + log l`` on rows that saw an allowed key; a row that saw
+    none has ``l = 0`` (every row that saw one has ``l >= 1``): its ``out`` is 0 and its logsumexp
+    ``-inf``, for the caller's empty-row policy to act on.
+
+    Parameters
+    ----------
+    state : OnlineSoftmaxState
+        The state after the last block.
+
+    Returns
+    -------
+    out : ndarray, shape (..., T, Dv)
+    logsumexp : ndarray, shape (..., T)
+    row_is_empty : ndarray of bool, shape (..., T)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref.flash import online_softmax_finish, online_softmax_init, online_softmax_update
+    >>> st = online_softmax_update(online_softmax_init((2,), 1), np.zeros((2, 3)), np.ones((3, 1)),
+    ...                            allowed=np.array([[True], [False]]))
+    >>> out, lse, empty = online_softmax_finish(st)
+    >>> out[:, 0].tolist(), bool(np.isclose(lse[0], np.log(3))), float(lse[1]), empty.tolist()
+    ([1.0, 0.0], True, -inf, [False, True])
+    """
+    l = state.row_sum[..., 0]  # (..., T)
+    row_is_empty = l == 0  # l >= 1 once a row has seen an allowed key: its max contributes e^0
+    safe_l = np.where(row_is_empty, 1.0, l)[..., None]  # (..., T, 1)
+    out = state.acc / safe_l  # (..., T, Dv)   (F5)
+    lse = state.row_max[..., 0] + np.log(safe_l[..., 0])  # (..., T)   (F5)
+    lse[row_is_empty] = -np.inf
+    return out, lse, row_is_empty
+
+
+# ----------------------------------------------------------------------------- the tiled problem
+
+
+class _Tiled(NamedTuple):
+    """The validated inputs, in GQA views: query head h = kv * G + g."""
+
+    qs: np.ndarray  # (..., Hkv, G, T, Dk) queries times scale, (A1)
+    k: np.ndarray  # (..., Hkv, 1, S, Dk)
+    v: np.ndarray  # (..., Hkv, 1, S, Dv)
+    softcap: float | None
+    bias: np.ndarray | None  # (..., Hkv|1, G|1, T|1, S|1): the bias in a GQA view
+    bias_shape: tuple[int, ...]  # the bias's own shape, for dbias
+    bias_has_neginf: bool
+    mask: np.ndarray | None  # (..., Hkv|1, G|1, T|1, S|1) bool, True = may attend
+    causal: bool
+    window: tuple[int | None, int | None] | None
+    offset: int  # the query's position on the key axis is i + offset: 0 top_left, S - T bottom_right
+    empty_rows: str
+    scale: float
+    block_q: int
+    block_k: int
+
+
+def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
+    """An array broadcastable to (..., H, T, S), as (..., Hkv|1, G|1, T|1, S|1): ``ndim + 1`` dims."""
+    shape = (1,) * (ndim - x.ndim) + tuple(x.shape)  # (..., H|1, T|1, S|1)
+    heads = shape[-3]
+    split = (1, 1) if heads == 1 else (num_kv_heads, heads // num_kv_heads)
+    return x.reshape(shape[:-3] + split + shape[-2:])
+
+
+def _block_of(x: np.ndarray, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+    """Rows i0:i1 and columns j0:j1 of an array broadcast along its size-1 last two axes."""
+    rows = slice(i0, i1) if x.shape[-2] != 1 else slice(None)
+    cols = slice(j0, j1) if x.shape[-1] != 1 else slice(None)
+    return x[..., rows, cols]
+
+
+def _prepare(q, k, v, *, mask, bias, causal, align, window, softcap, scale, dropout_p,
+             dropout_mask, empty_rows, block_q, block_k, dt) -> _Tiled:
+    if dropout_p != 0 or dropout_mask is not None:
+        raise ValueError(
+            "the tiled path does not support dropout: its keep-mask would be a (..., H, T, S) "
+            "array, the one thing tiling avoids; use sdpa_forward/sdpa_backward for dropout; got "
+            f"dropout_p={dropout_p!r}, dropout_mask {'given' if dropout_mask is not None else 'None'}"
+        )
+    q, k, v = _check_qkv(q, k, v, dt)
+    opt = _check_options(q, k, mask=mask, bias=bias, causal=causal, align=align, window=window,
+                         softcap=softcap, scale=scale, dropout_p=0.0, dropout_mask=None,
+                         empty_rows=empty_rows, dt=dt)
+    block_q = check_positive_int("block_q", block_q)
+    block_k = check_positive_int("block_k", block_k)
+    T, S, Hkv, ndim = q.shape[-2], k.shape[-2], k.shape[-3], q.ndim
+    return _Tiled(
+        qs=group_heads(q * opt.scale, Hkv),  # (..., Hkv, G, T, Dk)   (A1): scale folded into q
+        k=k[..., :, None, :, :],  # (..., Hkv, 1, S, Dk)
+        v=v[..., :, None, :, :],  # (..., Hkv, 1, S, Dv)
+        softcap=opt.softcap,
+        bias=None if opt.bias is None else _grouped_view(opt.bias, ndim, Hkv),
+        bias_shape=() if opt.bias is None else opt.bias.shape,
+        bias_has_neginf=opt.bias is not None and bool(np.isneginf(opt.bias).any()),
+        mask=None if opt.mask is None else _grouped_view(opt.mask, ndim, Hkv),
+        causal=opt.causal,
+        window=opt.window,
+        offset=0 if opt.align == "top_left" else S - T,
+        empty_rows=opt.empty_rows,
+        scale=opt.scale,
+        block_q=block_q,
+        block_k=block_k,
+    )
+
+
+def _block_allowed(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[bool, np.ndarray | None]:
+    """``(any_allowed, allowed)`` of one block: (A4)'s "may attend" pattern A, as a bool array
+    broadcastable to (..., Hkv, G, i1 - i0, j1 - j0), or None when the whole block is allowed.
+    Causal and window are built from positions, for this block only."""
+    allowed = None
+    if tp.causal or tp.window is not None:
+        i = np.arange(i0, i1)[:, None] + tp.offset  # (Tb, 1) i', the query's position on the key axis
+        j = np.arange(j0, j1)[None, :]  # (1, Sb)
+        allowed = np.ones((i1 - i0, j1 - j0), dtype=bool)  # (Tb, Sb)
+        if tp.causal:
+            allowed &= j <= i
+        if tp.window is not None:
+            left, right = tp.window
+            if left is not None:
+                allowed &= j >= i - left
+            if right is not None:
+                allowed &= j <= i + right
+    if tp.mask is not None:
+        m = _block_of(tp.mask, i0, i1, j0, j1)
+        allowed = m if allowed is None else allowed & m
+    if tp.bias is not None and tp.bias_has_neginf:
+        finite = ~np.isneginf(_block_of(tp.bias, i0, i1, j0, j1))  # a -inf bias entry masks its pair
+        allowed = finite if allowed is None else allowed & finite
+    if allowed is None or allowed.all():
+        return True, None
+    return bool(allowed.any()), allowed
+
+
+def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(capped, logits)`` of one block, (A1)-(A3): both (..., Hkv, G, Tb, Sb)."""
+    kt = tp.k[..., j0:j1, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, Sb)
+    scores = tp.qs[..., i0:i1, :] @ kt  # (..., Hkv, G, Tb, Dk) @ (..., Hkv, 1, Dk, Sb) -> (..., Hkv, G, Tb, Sb)   (A1)
+    capped = scores
+    if tp.softcap is not None:
+        capped /= tp.softcap
+        np.tanh(capped, out=capped)
+        capped *= tp.softcap  # (A2) cap * tanh(s / cap), in place
+    logits = capped if tp.bias is None else capped + _block_of(tp.bias, i0, i1, j0, j1)  # (A3)
+    return capped, logits
+
+
+def _raise_if_empty(row_is_empty: np.ndarray) -> None:
+    where = np.argwhere(row_is_empty)
+    raise ValueError(
+        f"empty_rows='raise': {len(where)} query row(s) have no key to attend; the first at "
+        f"index {tuple(int(i) for i in where[0])} of (..., H, T)"
+    )
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def flash_attention_forward(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    causal: bool = False,
+    align: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: ArrayLike | None = None,
+    empty_rows: str = "zero",
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    dtype: DTypeLike | None = None,
+) -> FlashOutput:
+    r"""Scaled dot-product attention computed block by block with the online softmax.
+
+    The same result as :func:`~attention_ref.scaled_dot_product_attention` (to round-off) without
+    ever holding a ``(T, S)`` array: for each block of ``block_q`` query rows, the keys are
+    visited ``block_k`` at a time and folded into a running max, sum and output, (F2)-(F4).
+
+    Parameters
+    ----------
+    q : array_like, shape (..., H, T, Dk)
+        Queries.
+    k : array_like, shape (..., Hkv, S, Dk)
+        Keys; query head ``h`` uses key/value head ``h // (H // Hkv)``.
+    v : array_like, shape (..., Hkv, S, Dv)
+        Values.
+    mask : array_like of bool, optional
+        True = may attend; broadcastable to (..., H, T, S). Sliced per block, never broadcast whole.
+    bias : array_like, optional
+        Additive bias, broadcastable to (..., H, T, S); ``-inf`` entries mask their pair.
+    causal : bool, default False
+        Query ``i`` may attend key ``j`` only when ``j <= i'``; built per block from positions.
+    align : {"top_left", "bottom_right"}, default "top_left"
+        ``i' = i`` or ``i' = i + S - T``, for ``causal`` and ``window``.
+    window : (int or None, int or None), optional
+        Keys ``i' - left <= j <= i' + right``; None leaves a side unbounded.
+    softcap : float, optional
+        ``cap * tanh(s / cap)`` on the scaled scores, before the bias.
+    scale : float, optional
+        Score scale; ``1 / sqrt(Dk)`` when omitted.
+    dropout_p, dropout_mask
+        Accepted so that the plain path's options can be passed unchanged, but only as
+        ``0.0`` and None: dropout raises ``ValueError`` (use :func:`~attention_ref.sdpa_forward`).
+    empty_rows : {"zero", "uniform", "nan", "raise"}, default "zero"
+        A query row with no key to attend: output 0, the mean of v, NaN, or ``ValueError``
+        (raised after the pass that finds it). Its logsumexp is ``-inf`` in every case.
+    block_q, block_k : int, default 256
+        Query rows and keys per block; any positive size (a block may overhang the sequence end).
+    dtype : dtype, optional
+        Compute dtype; float64 when omitted.
+
+    Returns
+    -------
+    FlashOutput
+        ``out`` (..., H, T, Dv) and ``logsumexp`` (..., H, T), new arrays.
+
+    Notes
+    -----
+    Per query row, with the key blocks visited in order and :math:`\tilde\ell` the masked logits
+    (A1)-(A4):
+
+    .. math::
+        m \leftarrow \max(m, \max_j \tilde\ell_j),\quad
+        l \leftarrow e^{m_\text{old} - m} l + \textstyle\sum_j e^{\tilde\ell_j - m},\quad
+        a \leftarrow e^{m_\text{old} - m} a + \textstyle\sum_j e^{\tilde\ell_j - m} v_j,
+
+    then :math:`\text{out} = a / l` and :math:`\text{logsumexp} = m + \log l`, (F2)-(F5) of
+    ``docs/derivations/flash.md``. A block with no allowed pair is skipped. Dropout is not
+    supported here (its keep-mask would be a (..., H, T, S) array); use the plain path.
+
+    References
+    ----------
+    Milakov & Gimelshein (2018), "Online normalizer calculation for softmax";
+    Dao et al. (2022), "FlashAttention"; Dao (2023), "FlashAttention-2".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import scaled_dot_product_attention
+    >>> from attention_ref.flash import flash_attention_forward
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.normal(size=(4, 7, 8)), rng.normal(size=(2, 9, 8)), rng.normal(size=(2, 9, 5))
+    >>> res = flash_attention_forward(q, k, v, causal=True, align="bottom_right", block_q=3, block_k=4)
+    >>> res.out.shape, res.logsumexp.shape
+    ((4, 7, 5), (4, 7))
+    >>> plain = scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right")
+    >>> bool(np.abs(res.out - plain).max() <= 1e-12 * np.abs(plain).max())
+    True
+    """
+    dt = resolve_dtype(dtype)
+    tp = _prepare(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
+                  softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                  empty_rows=empty_rows, block_q=block_q, block_k=block_k, dt=dt)
+    rows, T, S, Dv = tp.qs.shape[:-2], tp.qs.shape[-2], tp.k.shape[-2], tp.v.shape[-1]
+    out = np.empty(rows + (T, Dv), dtype=dt)  # (..., Hkv, G, T, Dv)
+    lse = np.empty(rows + (T,), dtype=dt)  # (..., Hkv, G, T)
+    row_is_empty = np.empty(rows + (T,), dtype=bool)  # (..., Hkv, G, T)
+
+    for i0 in range(0, T, tp.block_q):
+        i1 = min(i0 + tp.block_q, T)
+        state = online_softmax_init(rows + (i1 - i0,), Dv, dt)  # (F1) before any key
+        for j0 in range(0, S, tp.block_k):
+            j1 = min(j0 + tp.block_k, S)
+            any_allowed, allowed = _block_allowed(tp, i0, i1, j0, j1)
+            if not any_allowed:
+                continue  # skipped, exactly: its max is the fill, so (F2)-(F4) would change nothing
+            _, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
+            state = online_softmax_update(state, logits, tp.v[..., j0:j1, :], allowed)  # (A4), (F2)-(F4)
+        out[..., i0:i1, :], lse[..., i0:i1], row_is_empty[..., i0:i1] = online_softmax_finish(state)  # (F5)
+
+    if row_is_empty.any():
+        if tp.empty_rows == "raise":
+            _raise_if_empty(ungroup_heads(row_is_empty[..., None])[..., 0])
+        # (A5)'s policy; online_softmax_finish left 0 there ("zero")
+        if tp.empty_rows == "uniform":
+            out[row_is_empty] = np.broadcast_to(tp.v.mean(axis=-2, keepdims=True), out.shape)[row_is_empty]
+        elif tp.empty_rows == "nan":
+            out[row_is_empty] = np.nan
+    return FlashOutput(out=ungroup_heads(out),  # (..., H, T, Dv)
+                       logsumexp=ungroup_heads(lse[..., None])[..., 0])  # (..., H, T)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _check_saved(dout, out, lse, q_shape, v_shape, dt):
+    """dout, out (..., H, T, Dv) and logsumexp (..., H, T) as float arrays of the right shapes."""
+    expected = q_shape[:-1] + (v_shape[-1],)  # (..., H, T, Dv)
+    dout = as_float("dout", dout, dt)
+    out = as_float("out", out, dt)
+    lse = as_float("logsumexp", lse, dt)
+    for name, x, shape, layout in (("dout", dout, expected, "(..., H, T, Dv)"),
+                                   ("out", out, expected, "(..., H, T, Dv)"),
+                                   ("logsumexp", lse, expected[:-1], "(..., H, T)")):
+        if x.shape != shape:
+            raise ValueError(f"{name} must have shape {layout} = {shape}; got {x.shape}")
+    bad = np.isnan(lse) | np.isposinf(lse)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"logsumexp must be finite, or -inf on an empty row (what flash_attention_forward "
+            f"returns); got logsumexp[{first}] = {lse[first]}"
+        )
+    return dout, out, lse
+
+
+def flash_attention_backward(
+    dout: ArrayLike,
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    out: ArrayLike,
+    logsumexp: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    causal: bool = False,
+    align: str = "top_left",
+    window: tuple[int | None, int | None] | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: ArrayLike | None = None,
+    empty_rows: str = "zero",
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    dtype: DTypeLike | None = None,
+) -> AttentionGrads:
+    r"""Gradients of scaled dot-product attention, block by block, from the output and logsumexp.
+
+    The FlashAttention-2 backward: for each block of keys, visit the query blocks, recompute the
+    weights from q, k and the forward's logsumexp, (F6), and accumulate ``dv``, ``dk`` (this key
+    block) and ``dq`` (all rows), (F9). The softmax backward's row sum is
+    ``D = rowsum(dout * out)``, (F7), so no row of weights is ever held whole. Derivation:
+    ``docs/derivations/flash.md`` (F6)-(F9), with the stages of ``docs/derivations/attention.md``
+    (A8)-(A16).
+
+    Parameters
+    ----------
+    dout : array_like, shape (..., H, T, Dv)
+        Gradient of the loss with respect to the output.
+    q, k, v : array_like
+        The forward's inputs, (..., H, T, Dk), (..., Hkv, S, Dk), (..., Hkv, S, Dv).
+    out : array_like, shape (..., H, T, Dv)
+        The forward's output (``FlashOutput.out``, or ``AttentionTrace.out``).
+    logsumexp : array_like, shape (..., H, T)
+        The forward's logsumexp, ``-inf`` on empty rows (``FlashOutput.logsumexp``, or
+        ``AttentionTrace.logsumexp``): it marks the empty rows for the ``empty_rows`` policy.
+    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, block_q, block_k, dtype
+        As in :func:`flash_attention_forward`; the options must be the forward's (the block
+        sizes need not be).
+
+    Returns
+    -------
+    AttentionGrads
+        ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv) (summed over the
+        query heads of each group) and ``dbias`` (the bias's shape, or None), as
+        :func:`~attention_ref.sdpa_backward` returns.
+
+    Notes
+    -----
+    .. math::
+        P_{ij} = e^{\tilde\ell_{ij} - \text{lse}_i}\ \text{(F6)},\quad
+        D_i = \textstyle\sum_e d\text{out}_{ie}\, \text{out}_{ie} = \sum_j P_{ij}\, dP_{ij}\ \text{(F7)},\quad
+        d\ell_{ij} = P_{ij}\,(dP_{ij} - D_i)\ \text{(F8)}.
+
+    Empty rows follow the policy as :func:`~attention_ref.sdpa_backward` does: no gradient from
+    the row's scores; ``"uniform"`` adds ``dout / S`` to every key of ``dv``; ``"nan"`` makes ``dv``
+    NaN for each key/value head whose group holds an empty row.
+
+    References
+    ----------
+    Dao (2023), "FlashAttention-2: faster attention with better parallelism and work partitioning".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from attention_ref import scaled_dot_product_attention_backward
+    >>> from attention_ref.flash import flash_attention_backward, flash_attention_forward
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.normal(size=(4, 7, 8)), rng.normal(size=(2, 9, 8)), rng.normal(size=(2, 9, 5))
+    >>> bias = rng.normal(size=(7, 9))
+    >>> res = flash_attention_forward(q, k, v, bias=bias, block_q=4, block_k=4)
+    >>> dout = rng.normal(size=res.out.shape)
+    >>> g = flash_attention_backward(dout, q, k, v, res.out, res.logsumexp, bias=bias, block_q=4, block_k=4)
+    >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias.shape
+    ((4, 7, 8), (2, 9, 8), (2, 9, 5), (7, 9))
+    >>> ref = scaled_dot_product_attention_backward(dout, q, k, v, bias=bias)
+    >>> bool(np.abs(g.dk - ref.dk).max() <= 1e-12 * np.abs(ref.dk).max())
+    True
+    """
+    dt = resolve_dtype(dtype)
+    tp = _prepare(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
+                  softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
+                  empty_rows=empty_rows, block_q=block_q, block_k=block_k, dt=dt)
+    Hkv, T, S = tp.k.shape[-4], tp.qs.shape[-2], tp.k.shape[-2]
+    dout, out, lse = _check_saved(dout, out, logsumexp, ungroup_heads(tp.qs).shape, tp.v.shape, dt)
+    dout = group_heads(dout, Hkv)  # (..., Hkv, G, T, Dv)
+    lse = group_heads(lse[..., None], Hkv)  # (..., Hkv, G, T, 1)
+    row_is_empty = np.isneginf(lse)  # (..., Hkv, G, T, 1): the forward found no key to attend
+    if tp.empty_rows == "raise" and row_is_empty.any():
+        _raise_if_empty(ungroup_heads(row_is_empty)[..., 0])
+    lse = np.where(row_is_empty, 0.0, lse)  # a finite shift: the row's entries are all masked anyway
+
+    # (F7) D_i = sum_e dout_ie out_ie = sum_j P_ij dP_ij; 0 on an empty row (its P is 0, (F6))
+    D = (dout * group_heads(out, Hkv)).sum(axis=-1, keepdims=True)  # (..., Hkv, G, T, 1)
+    D[row_is_empty] = 0.0
+
+    dq = np.zeros(tp.qs.shape, dtype=dt)  # (..., Hkv, G, T, Dk)
+    dk = np.zeros(tp.k.shape[:-4] + (Hkv, S, tp.k.shape[-1]), dtype=dt)  # (..., Hkv, S, Dk)
+    dv = np.zeros(tp.v.shape[:-4] + (Hkv, S, tp.v.shape[-1]), dtype=dt)  # (..., Hkv, S, Dv)
+    dbias = None if tp.bias is None else np.zeros(tp.bias.shape, dtype=dt)  # (..., Hkv|1, G|1, T|1, S|1)
+
+    for j0 in range(0, S, tp.block_k):
+        j1 = min(j0 + tp.block_k, S)
+        k_j, v_j = tp.k[..., j0:j1, :], tp.v[..., j0:j1, :]  # (..., Hkv, 1, Sb, Dk), (..., Hkv, 1, Sb, Dv)
+        for i0 in range(0, T, tp.block_q):
+            i1 = min(i0 + tp.block_q, T)
+            any_allowed, allowed = _block_allowed(tp, i0, i1, j0, j1)
+            if not any_allowed:
+                continue  # skipped: P = 0 on the whole block, (F6), so no gradient comes from it
+            capped, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
+            if allowed is not None:
+                logits = np.where(allowed, logits, masked_fill_value(dt))  # (A4)
+            p = logits - lse[..., i0:i1, :]
+            np.exp(p, out=p)  # (..., Hkv, G, Tb, Sb)   (F6) P = exp(l~ - lse): exp(fill - lse) = 0 where masked
+            dout_i = dout[..., i0:i1, :]  # (..., Hkv, G, Tb, Dv)
+            # (A9), (F9) dv_J += sum over the group's heads of P^T dout
+            dv[..., j0:j1, :] += (p.swapaxes(-1, -2) @ dout_i).sum(axis=-3)  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dv) -> (..., Hkv, Sb, Dv)
+            # (A8) dP = dout v^T; ds holds dP, then dl (F8), then ds (A14), in place
+            ds = dout_i @ v_j.swapaxes(-1, -2)  # (..., Hkv, G, Tb, Dv) @ (..., Hkv, 1, Dv, Sb) -> (..., Hkv, G, Tb, Sb)
+            # (F8) = (A11) with (F7): dl = P (dP - D); (A12) it is 0 where masked, as P is
+            ds -= D[..., i0:i1, :]
+            ds *= p
+            if dbias is not None:
+                # (A13) dbias: dl summed over the axes the bias was broadcast along
+                block = _block_of(dbias, i0, i1, j0, j1)
+                block += sum_to_shape(ds, block.shape)
+            if tp.softcap is not None:
+                # (A14) ds = dl (1 - (c / cap)^2), with the block's capped scores c
+                capped /= tp.softcap
+                np.square(capped, out=capped)
+                ds *= 1.0 - capped
+            # (A15), (F9) dq_I += dl k_J (the scale is applied once, below)
+            dq[..., i0:i1, :] += ds @ k_j  # (..., Hkv, G, Tb, Sb) @ (..., Hkv, 1, Sb, Dk) -> (..., Hkv, G, Tb, Dk)
+            # (A16), (F9) dk_J += sum over the group's heads of dl^T (scale q)
+            dk[..., j0:j1, :] += (ds.swapaxes(-1, -2) @ tp.qs[..., i0:i1, :]).sum(axis=-3)  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dk) -> (..., Hkv, Sb, Dk)
+    dq *= tp.scale  # (A15)
+
+    if row_is_empty.any():
+        if tp.empty_rows == "uniform":
+            # (A9) with P = 1/S on the row: every key of the row's kv head gets dout / S
+            dv += (np.where(row_is_empty, dout, 0.0).sum(axis=(-3, -2)) / S)[..., None, :]  # (..., Hkv, 1, Dv)
+        elif tp.empty_rows == "nan":
+            # (A9) with P = NaN on the row: its kv head's dv is NaN
+            dv[row_is_empty.any(axis=(-3, -2, -1))] = np.nan
+    if dbias is not None:
+        dbias = dbias.reshape(tp.bias_shape)  # back from the GQA view to the bias's own shape
+    return AttentionGrads(dq=ungroup_heads(dq), dk=dk, dv=dv, dbias=dbias)
