@@ -35,7 +35,7 @@ MATHJAX_FILE = "mathjax/tex-chtml-full.js"
 #: (a page pulling in a network fetch that waits for a timeout, an extension gone wrong).
 BUILD_SECONDS_MAX = 60
 #: The pages whose ```python blocks must run.
-EXAMPLE_PAGES = ("oracle.md", "stability.md")
+EXAMPLE_PAGES = ("oracle.md", "stability.md")  # adapters, golden, exact, decoding_and_varlen: run by their own tests
 #: Public functions whose docstring has no Examples section yet (a library docstring to fix).
 EXAMPLES_TO_WRITE: set[str] = set()
 GRADCHECK_PUBLIC = ("error_report", "ErrorReport", "numerical_vjp", "check_vjp", "check_directional",
