@@ -11,7 +11,7 @@ backward with the case's random cotangent, and judge each output and gradient:
   error-budget rule (:func:`attention_ref.testing.check_budget`) against the reference computed
   in float32 (:func:`attention_ref.testing.sdpa_baseline`): outputs within
   :data:`~attention_ref.testing.OUTPUT_BUDGET` (2x) of the baseline's error, gradients within
-  :data:`MIXED_PRECISION_GRADIENT_BUDGET` (8x; see there why not 3x).
+  :data:`MIXED_PRECISION_GRADIENT_BUDGET` (24x; see there why not 3x).
 
 A gradient that is 0 in exact arithmetic (the key projection's bias ``b_k``: it shifts a whole
 score row) is round-off on both sides; it is judged on the scale of the case's largest gradient
@@ -52,13 +52,19 @@ FLOAT64_RTOL = 1e-12
 
 
 #: Gradient budget for a mixed-precision framework (JAX: float32 softmax, float64 products),
-#: judged against the uniformly float32 baseline. Its error structure differs from the baseline's:
-#: measured on the small canonical cases, JAX's dq error reached 4.4x the baseline's (causal
-#: bottom_right, T=3, S=6) while its outputs stay within 1x. FlashAttention's 3x assumes the
-#: candidate and the baseline round the same stages; PyTorch's own SDPA tests allow 8x (dv), 25x
-#: (dk) and 160x (dq) the low-precision reference's error for fused kernels
-#: (test/test_transformers.py, ``fudge_factors``). 8x here: PyTorch's smallest gradient factor.
-MIXED_PRECISION_GRADIENT_BUDGET = 8.0
+#: judged against the uniformly float32 baseline. JAX rounds only its softmax, the baseline every
+#: stage: their errors are of one order (JAX's / the baseline's: median 0.63) but peak on different
+#: entries, and a baseline luckily exact where it peaks makes the ratio large. Measured with jax
+#: 0.10.2 (CPU) over 1000 seeds of the 20 canonical cases JAX can express (``Case.build(seed)``)
+#: and of the 13 option sets of tests/test_adapters_jax.py, on 141,081 gradients that are not 0 in
+#: exact arithmetic: the budget each needed, (error - floor) / baseline error, was 1.95 at the
+#: 99th percentile, 3.88 at the 99.9th, 13.65 at most (dk, padding_empty_rows_zero, seed 771),
+#: and above 8 ten times: PyTorch's smallest factor is too tight. 24x is 1.75x the largest
+#: measured (the tail falls like x^-3.7: 126, 10 and 2 needed more than 4, 8 and 12). FlashAttention's
+#: 3x assumes the candidate and the baseline round the same stages; PyTorch's own SDPA tests allow
+#: 8x (dv), 25x (dk) and 160x (dq) the low-precision reference's error for fused kernels
+#: (test/test_transformers.py, ``fudge_factors``). A wrong convention exceeds the allowance 1e5-fold.
+MIXED_PRECISION_GRADIENT_BUDGET = 24.0
 
 
 class ConformanceRow(NamedTuple):
@@ -187,9 +193,10 @@ def run_conformance(framework: str, selected: list[Any] | None = None,
             r = check_budget(theirs[quantity], expected, base_value, precision=str(low), floor=floor,
                              rtol_budget=OUTPUT_BUDGET if quantity == "out" else MIXED_PRECISION_GRADIENT_BUDGET,
                              name=quantity)
-            verdict = (f"{low} budget: error {r.candidate.max_abs_error:.1e} <= {r.allowed:.1e} "
-                       f"({r.rtol_budget:g} x baseline {r.baseline.max_abs_error:.1e} + floor {r.floor:.1e})"
-                       if r.passed else str(r).replace("\n", " "))
+            zero = quantity != "out" and r.candidate.scale <= FLOAT64_RTOL * grad_scale
+            verdict = (f"{low} budget: {'gradient is 0; ' if zero else ''}error {r.candidate.max_abs_error:.1e} "
+                       f"<= {r.allowed:.1e} ({r.rtol_budget:g} x baseline {r.baseline.max_abs_error:.1e} "
+                       f"+ floor {r.floor:.1e})" if r.passed else str(r).replace("\n", " "))
             rows.append(ConformanceRow(case.name, function, quantity, "pass" if r.passed else "FAIL",
                                        r.candidate.rel_error, verdict, policy))
     return rows
