@@ -38,6 +38,7 @@ from numpy.typing import ArrayLike
 
 from ._validate import sum_to_shape
 from .attention import AttentionGrads, sdpa_forward
+from .gradcheck import error_report
 from .mha import MultiHeadParams
 from .scores import (
     apply_mask,
@@ -273,22 +274,12 @@ def compare(actual: Any, reference: Any, *, name: str = "", scale: float | None 
     e = to_numpy(reference)[0].astype(np.float64)
     if a.shape != e.shape:
         raise ValueError(f"{name or 'actual'} must have the reference's shape {e.shape}; got {a.shape}")
-    finite = np.isfinite(a) & np.isfinite(e)
+    worst = error_report(a, e, scale=scale)  # the worst finite error and where it is
     nan_mismatch = int((np.isnan(a) != np.isnan(e)).sum())
     inf_a, inf_e = np.isinf(a), np.isinf(e)
     inf_mismatch = int(((inf_a | inf_e) & ~(inf_a & inf_e & (a == e)) & ~np.isnan(a) & ~np.isnan(e)).sum())
-    if a.size == 0:
-        return Comparison(name, a.shape, 0.0, 0.0, 0.0, (), float("nan"), float("nan"), nan_mismatch, inf_mismatch)
-    with np.errstate(invalid="ignore"):  # inf - inf where both sides hold the same infinity
-        diff = np.where(finite, np.abs(a - e), 0.0)
-    flat = int(np.argmax(diff))
-    index = tuple(int(i) for i in np.unravel_index(flat, a.shape))
-    max_abs = float(diff.reshape(-1)[flat])
-    if scale is None:
-        scale = float(np.max(np.where(finite, np.abs(e), 0.0)))
-    rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else float("inf"))
-    return Comparison(name, a.shape, max_abs, rel, float(scale), index, float(a[index]), float(e[index]),
-                      nan_mismatch, inf_mismatch)
+    return Comparison(name, a.shape, worst.max_abs_error, worst.rel_error, worst.scale, worst.location,
+                      worst.actual, worst.expected, nan_mismatch, inf_mismatch)
 
 
 def assert_close(actual: Any, reference: Any, *, rtol: float | None = None, atol: float | None = None,
