@@ -45,7 +45,7 @@ from .scores import (
     weighted_values,
     weighted_values_backward,
 )
-from .stable_softmax import softmax_backward, softmax_stats
+from .stable_softmax import softmax_grad, softmax_stats
 
 SCORES_LAYOUT = "(..., H, T, S)"
 
@@ -133,9 +133,14 @@ def dropout_forward(probs: np.ndarray, keep_mask: np.ndarray, dropout_p: float) 
     return dropped
 
 
-def dropout_backward(ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float) -> np.ndarray:
-    r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of ``docs/derivations/attention.md``."""
-    dprobs = ddropped * keep_mask
+def dropout_backward(
+    ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float, *, in_place: bool = False
+) -> np.ndarray:
+    r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of ``docs/derivations/attention.md``.
+
+    With ``in_place=True`` the result overwrites ``ddropped``, which the caller owns and gives up.
+    """
+    dprobs = np.multiply(ddropped, keep_mask, out=ddropped if in_place else None)
     dprobs *= 1.0 / (1.0 - dropout_p)  # (A10)
     return dprobs
 
@@ -307,7 +312,12 @@ def sdpa_forward(
     logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
     masked = apply_mask(logits, allowed)  # (A4)
 
-    probs, shift, row_sum = softmax_stats(masked, axis=-1)  # (A5) = (S1)-(S3)
+    # On a row with an allowed key, exp(fill - max) underflows to exactly 0 (A12): the softmax sets
+    # those weights to 0 without calling exp, which is several times slower when it underflows.
+    takes_part = allowed
+    if allowed is not None and row_is_empty.any():
+        takes_part = allowed | row_is_empty[..., None]  # an empty row is all fill: its softmax is 1/S
+    probs, shift, row_sum = softmax_stats(masked, axis=-1, where=takes_part)  # (A5) = (S1)-(S3)
     row_max = shift[..., 0]  # (..., H, T)
     lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
     if row_is_empty.any():
@@ -384,12 +394,15 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
 
     # (A8), (A9) out = P' v
     ddropped, dv = weighted_values_backward(dout, trace.dropped_probs, trace.v)  # (..., H, T, S), (..., Hkv, S, Dv)
+    # ddropped is this function's own array: (A10)-(A12) update it in place (the trace is never written).
     # (A10) P' = P * keep / (1 - p)
-    dprobs = ddropped if trace.keep_mask is None else dropout_backward(ddropped, trace.keep_mask, trace.dropout_p)
+    dprobs = ddropped
+    if trace.keep_mask is not None:
+        dprobs = dropout_backward(ddropped, trace.keep_mask, trace.dropout_p, in_place=True)
     # (A11) P = softmax(masked scores)
-    dmasked = softmax_backward(dprobs, trace.probs, axis=-1, dtype=dt)  # (..., H, T, S)
+    dmasked = softmax_grad(dprobs, trace.probs, in_place=True)  # (..., H, T, S)
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient
-    dlogits = apply_mask_backward(dmasked, trace.allowed)
+    dlogits = apply_mask_backward(dmasked, trace.allowed, in_place=True)
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
     dbias = add_bias_backward(dlogits, trace.bias.shape) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)

@@ -184,6 +184,15 @@ def ungroup_heads(x: np.ndarray) -> np.ndarray:
     return x.reshape(*lead, hkv * g, t, width)
 
 
+def stack_group_rows(x: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """View ``(..., H, T, X)`` as ``(..., Hkv, G*T, X)``: each group's G query heads as one block of rows.
+
+    A product that contracts this axis sums over the group's heads, as (A9) and (A16) do.
+    """
+    *lead, h, t, width = x.shape
+    return x.reshape(*lead, num_kv_heads, (h // num_kv_heads) * t, width)
+
+
 # ----------------------------------------------------------------------------- scores
 
 
@@ -208,12 +217,12 @@ def scaled_scores_backward(
     """
     hkv = k.shape[-3]
     dsg = group_heads(dscores, hkv)  # (..., Hkv, G, T, S)
-    qg = group_heads(q, hkv)  # (..., Hkv, G, T, Dk)
     # (A15) s = scale * q k^T, so dq = scale * ds @ k
     dq = dsg @ k[..., :, None, :, :]  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
     dq *= scale
-    # (A16) dk = scale * sum over the group's heads of ds^T @ q
-    dk = (dsg.swapaxes(-1, -2) @ qg).sum(axis=-3)  # (..., Hkv, G, S, T) @ (..., Hkv, G, T, Dk) -> (..., Hkv, S, Dk)
+    # (A16) dk = scale * sum over the group's heads of ds^T @ q: one product over their stacked G*T rows
+    ds_rows = stack_group_rows(dscores, hkv)  # (..., Hkv, G*T, S)
+    dk = ds_rows.swapaxes(-1, -2) @ stack_group_rows(q, hkv)  # (..., Hkv, S, G*T) @ (..., Hkv, G*T, Dk) -> (..., Hkv, S, Dk)
     dk *= scale
     return ungroup_heads(dq), dk
 
@@ -245,17 +254,22 @@ def apply_mask(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     r"""Masked scores, (A4): ``logits`` where allowed, the finite fill elsewhere."""
     if allowed is None:
         return logits
-    return np.where(allowed, logits, masked_fill_value(logits.dtype)).astype(logits.dtype, copy=False)
+    masked = logits.copy()  # logits' shape; the trace keeps logits too
+    np.copyto(masked, masked_fill_value(logits.dtype), where=~allowed)  # (A4)
+    return masked
 
 
-def apply_mask_backward(dmasked: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+def apply_mask_backward(dmasked: np.ndarray, allowed: np.ndarray | None, *, in_place: bool = False) -> np.ndarray:
     r"""Gradient of :func:`apply_mask`: it passes only where allowed, (A12) of ``docs/derivations/attention.md``.
 
-    The fill is a constant, so a masked entry's logit gets no gradient.
+    The fill is a constant, so a masked entry's logit gets no gradient. With ``in_place=True``
+    the result overwrites ``dmasked``, which the caller owns and gives up.
     """
     if allowed is None:
         return dmasked
-    return np.where(allowed, dmasked, 0.0).astype(dmasked.dtype, copy=False)  # (A12)
+    dlogits = dmasked if in_place else dmasked.copy()
+    np.copyto(dlogits, 0, where=~allowed)  # (A12)
+    return dlogits
 
 
 def add_bias_backward(dlogits: np.ndarray, bias_shape: tuple[int, ...]) -> np.ndarray:
@@ -286,9 +300,9 @@ def weighted_values_backward(
     """
     hkv = v.shape[-3]
     dog = group_heads(dout, hkv)  # (..., Hkv, G, T, Dv)
-    pg = group_heads(weights, hkv)  # (..., Hkv, G, T, S)
     # (A8) out = P v, so dP = dout @ v^T
     dweights = dog @ v[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
-    # (A9) dv = sum over the group's heads of P^T @ dout
-    dv = (pg.swapaxes(-1, -2) @ dog).sum(axis=-3)  # (..., Hkv, G, S, T) @ (..., Hkv, G, T, Dv) -> (..., Hkv, S, Dv)
+    # (A9) dv = sum over the group's heads of P^T @ dout: one product over their stacked G*T rows
+    p_rows = stack_group_rows(weights, hkv)  # (..., Hkv, G*T, S)
+    dv = p_rows.swapaxes(-1, -2) @ stack_group_rows(dout, hkv)  # (..., Hkv, S, G*T) @ (..., Hkv, G*T, Dv) -> (..., Hkv, S, Dv)
     return ungroup_heads(dweights), dv

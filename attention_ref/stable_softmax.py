@@ -40,18 +40,48 @@ def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
     return np.where(np.isfinite(m), m, 0.0).astype(x.real.dtype, copy=False)
 
 
-def softmax_stats(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def softmax_stats(
+    x: np.ndarray, axis: int = -1, *, where: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Internal: ``(probs, shift, row_sum)`` of an already validated float array.
 
     ``probs = exp(x - shift) / row_sum``; attention uses ``shift`` and ``row_sum`` to report the
-    row max and logsumexp without a second pass.
+    row max and logsumexp without a second pass. ``where`` (bool, broadcastable to ``x``) marks
+    the entries to exponentiate; the others must be known to give ``exp(x - m) = 0`` (attention's
+    masked entries: the fill), which is then set without computing it.
     """
     m = stable_shift(x, axis)  # (..., 1, ...)   (S1)
-    e = np.exp(x - m)  # (S2)
+    e = x - m  # x's shape; the one new array, exponentiated and normalised in place
+    if where is None:
+        np.exp(e, out=e)  # (S2)
+    else:
+        np.exp(e, out=e, where=where)  # (S2) where it takes part,
+        np.copyto(e, 0.0, where=~where)  # and 0 elsewhere
     row_sum = e.sum(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         e /= row_sum  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
     return e, m, row_sum
+
+
+def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Internal: ``sum_j a_j b_j`` over the last axis, kept as an axis of length 1.
+
+    A batch of ``(1, S) @ (S, 1)`` products, so no ``a * b`` temporary of the inputs' size is
+    made; unlike :func:`numpy.vdot`, a complex ``a`` is not conjugated (the complex step needs
+    the same formula as the real case).
+    """
+    return (a[..., None, :] @ b[..., :, None])[..., 0]  # (..., 1, S) @ (..., S, 1) -> (..., 1, 1) -> (..., 1)
+
+
+def softmax_grad(dprobs: np.ndarray, probs: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Internal: (S4) along the last axis of validated arrays of the same shape.
+
+    With ``in_place=True`` the result overwrites ``dprobs``, which the caller owns and gives up.
+    """
+    dot = row_dot(dprobs, probs)  # (..., 1) sum_j dp_j p_j
+    dx = np.subtract(dprobs, dot, out=dprobs if in_place else None)  # dprobs' shape
+    dx *= probs  # (S4)
+    return dx
 
 
 def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike | None = None) -> np.ndarray:
@@ -135,8 +165,8 @@ def softmax_backward(
     dprobs = as_float("dprobs", dprobs, probs.dtype)
     if dprobs.shape != probs.shape:
         raise ValueError(f"dprobs must have probs' shape {probs.shape}; got {dprobs.shape}")
-    dot = (dprobs * probs).sum(axis=axis, keepdims=True)  # sum_j dp_j p_j
-    return probs * (dprobs - dot)  # (S4)
+    dx = softmax_grad(np.moveaxis(dprobs, axis, -1), np.moveaxis(probs, axis, -1))  # (S4) on the last axis
+    return np.moveaxis(dx, -1, axis)
 
 
 def logsumexp(

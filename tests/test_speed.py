@@ -1,0 +1,126 @@
+"""The fast plain path: in-place updates never reach the caller's arrays or the trace; the
+softmax skips only exponentials it knows are 0; ``benchmarks/speed.py --quick`` runs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attention_ref import sdpa_backward, sdpa_forward
+from attention_ref.attention import dropout_backward
+from attention_ref.scores import apply_mask_backward, causal_mask
+from attention_ref.stable_softmax import softmax_grad, softmax_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 6
+
+OPTION_SETS = {
+    "mask_and_bias": {},
+    "causal": {"causal": True, "align": "bottom_right"},
+    "everything": {"causal": True, "softcap": 2.0, "dropout_p": 0.25, "empty_rows": "uniform"},
+}
+
+
+def _snapshot(trace) -> dict[str, np.ndarray]:
+    return {name: np.array(value, copy=True) for name, value in trace._asdict().items()
+            if isinstance(value, np.ndarray)}
+
+
+def _assert_unchanged(trace, snapshot: dict[str, np.ndarray]) -> None:
+    for field, before in snapshot.items():
+        np.testing.assert_array_equal(getattr(trace, field), before, err_msg=f"trace.{field} was written")
+
+
+def test_the_trace_check_catches_a_write(rng):
+    """The comparison below is not vacuous: one entry written into the trace's weights fails it."""
+    trace = sdpa_forward(rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)),
+                         rng.normal(size=(B, HKV, S, DV)))
+    snapshot = _snapshot(trace)
+    trace.probs[1, 2, 0, 3] += 0.5  # what an in-place softmax backward on the wrong array would do
+    with pytest.raises(AssertionError, match="trace.probs"):
+        _assert_unchanged(trace, snapshot)
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_backward_writes_neither_the_trace_nor_the_inputs(rng, name):
+    """sdpa_backward updates its own (..., H, T, S) gradient in place: the trace and dout stay as
+    they were, and a second backward on the same trace gives the same gradients."""
+    q, k, v = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)), rng.normal(size=(B, HKV, S, DV))
+    dout = rng.normal(size=(B, H, T, DV))
+    options = dict(OPTION_SETS[name])
+    if options.get("dropout_p"):
+        options["dropout_mask"] = rng.random((B, H, T, S)) >= options["dropout_p"]
+    options["bias"] = rng.normal(size=(H, T, S))
+    options["mask"] = rng.random((T, S)) < 0.7
+    inputs = {"q": q, "k": k, "v": v, "dout": dout, **{n: options[n] for n in ("bias", "mask")}}
+    inputs_before = {n: x.copy() for n, x in inputs.items()}
+    trace = sdpa_forward(q, k, v, **options)
+    trace_before = _snapshot(trace)
+    first = sdpa_backward(dout, trace)
+    second = sdpa_backward(dout, trace)
+    _assert_unchanged(trace, trace_before)
+    for n, before in inputs_before.items():
+        np.testing.assert_array_equal(inputs[n], before, err_msg=f"the caller's {n} was written")
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_in_place_stages_write_only_when_asked(rng):
+    """The stages' ``in_place=False`` default leaves the gradient given to them untouched, and
+    ``in_place=True`` returns that same array, overwritten with the same values."""
+    d = rng.normal(size=(B, H, T, S))
+    probs = rng.random(size=(B, H, T, S))
+    keep = rng.random((B, H, T, S)) >= 0.3
+    allowed = causal_mask(T, S)
+    stages = {
+        "dropout_backward": lambda x, **kw: dropout_backward(x, keep, 0.3, **kw),
+        "softmax_grad": lambda x, **kw: softmax_grad(x, probs, **kw),
+        "apply_mask_backward": lambda x, **kw: apply_mask_backward(x, allowed, **kw),
+    }
+    for name, stage in stages.items():
+        before = d.copy()
+        fresh = stage(d)
+        np.testing.assert_array_equal(d, before, err_msg=f"{name} wrote its input without in_place")
+        assert not np.shares_memory(fresh, d), name
+        owned = d.copy()
+        result = stage(owned, in_place=True)
+        assert result is owned, f"{name}(in_place=True) did not return the array it was given"
+        np.testing.assert_array_equal(result, fresh, err_msg=name)
+
+
+def test_softmax_skips_only_exponentials_known_to_be_zero(rng):
+    """``softmax_stats(x, where=allowed)`` is bitwise the softmax of the filled scores on every row
+    with an allowed key: exp(fill - max) underflows to exactly 0, so not computing it changes
+    nothing. Leaving out an allowed entry instead changes the result."""
+    fill = np.finfo(np.float64).min
+    x = 30 * rng.normal(size=(B, H, T, S))  # large scores: some allowed weights underflow too
+    allowed = rng.random((B, 1, T, S)) < 0.5
+    allowed[..., 0] = True  # every row has an allowed key
+    masked = np.where(allowed, x, fill)
+    full = softmax_stats(masked)
+    skipped = softmax_stats(masked, where=allowed)
+    for a, b in zip(full, skipped):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(skipped[0][np.broadcast_to(~allowed, x.shape)] == 0)
+    wrong = allowed.copy()
+    wrong[0, 0, 0, 0] = False  # an allowed key left out
+    assert not np.array_equal(softmax_stats(masked, where=wrong)[0], full[0])
+
+
+def test_speed_benchmark_quick_prints_ratios():
+    """The benchmark script runs end to end on small shapes and prints both tables."""
+    pytest.importorskip("torch")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("threads:") for line in lines), run.stdout
+    rows = [line for line in lines if line.startswith("| none ") or line.startswith("| causal ")]
+    assert len(rows) == 2, run.stdout
+    for row in rows:
+        ratio = float(row.split("|")[2].split()[0])  # ours / torch SDPA, best of the repeats
+        assert ratio > 0, row
+    assert "## Growth with T = S" in run.stdout
