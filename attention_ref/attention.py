@@ -45,7 +45,7 @@ from .scores import (
     weighted_values,
     weighted_values_backward,
 )
-from .stable_softmax import softmax_grad, softmax_stats
+from .stable_softmax import softmax_grad, stable_shift
 
 SCORES_LAYOUT = "(..., H, T, S)"
 
@@ -81,11 +81,16 @@ class AttentionTrace(NamedTuple):
 
 
 class AttentionGrads(NamedTuple):
-    """Gradients of scaled dot-product attention with respect to its differentiable inputs."""
+    """Gradients of scaled dot-product attention with respect to its differentiable inputs.
+
+    Every array is the backward's own. ``dk`` and ``dv`` are computed as their transposes (faster,
+    (A9) and (A16)) and are views with the last two axes swapped: not C-contiguous
+    (``np.ascontiguousarray`` gives a C-ordered copy when a C or ctypes consumer needs one).
+    """
 
     dq: np.ndarray  #: (..., H, T, Dk)
-    dk: np.ndarray  #: (..., Hkv, S, Dk), summed over the query heads of each group
-    dv: np.ndarray  #: (..., Hkv, S, Dv), summed over the query heads of each group
+    dk: np.ndarray  #: (..., Hkv, S, Dk), summed over the query heads of each group; a transposed view
+    dv: np.ndarray  #: (..., Hkv, S, Dv), summed over the query heads of each group; a transposed view
     dbias: np.ndarray | None  #: bias's own shape, or None without a bias
 
 
@@ -312,16 +317,23 @@ def sdpa_forward(
     logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
     masked = apply_mask(logits, allowed)  # (A4)
 
-    # On a row with an allowed key, exp(fill - max) underflows to exactly 0 (A12): the softmax sets
-    # those weights to 0 without calling exp, which is several times slower when it underflows.
-    takes_part = allowed
-    if allowed is not None and row_is_empty.any():
-        takes_part = allowed | row_is_empty[..., None]  # an empty row is all fill: its softmax is 1/S
-    probs, shift, row_sum = softmax_stats(masked, axis=-1, where=takes_part)  # (A5) = (S1)-(S3)
+    # (A5) = (S1)-(S3) over the allowed keys. exp is taken of the logits, not of the masked scores,
+    # and the masked weights are set to 0: exp(fill - max) is exactly 0 (A12), but numpy's exp is
+    # ~7x slower where it underflows. (A masked logit may overflow exp; it is discarded too.)
+    shift = stable_shift(masked, axis=-1)  # (..., H, T, 1) row max over the allowed keys   (S1)
+    probs = logits - shift  # (..., H, T, S) the one new array: exponentiated and normalised in place
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.exp(probs, out=probs)  # (S2)
+    if allowed is not None:
+        np.copyto(probs, 0.0, where=~allowed)  # masked weights: exp(fill - max) = 0   (A4), (A12)
+    row_sum = probs.sum(axis=-1, keepdims=True)  # (..., H, T, 1); 0 on an empty row
+    with np.errstate(divide="ignore", invalid="ignore"):
+        probs /= row_sum  # (S3); an empty row gives 0/0 here, and its policy below
     row_max = shift[..., 0]  # (..., H, T)
-    lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
+    with np.errstate(divide="ignore"):
+        lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
     if row_is_empty.any():
-        # (A5) empty-row policy: no allowed key, so the softmax above saw only the fill.
+        # (A5) empty-row policy: the row has no allowed key, so the softmax above is undefined.
         probs[row_is_empty] = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[opt.empty_rows]
         row_max[row_is_empty] = -np.inf
         lse[row_is_empty] = -np.inf
@@ -401,8 +413,10 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
         dprobs = dropout_backward(ddropped, trace.keep_mask, trace.dropout_p, in_place=True)
     # (A11) P = softmax(masked scores)
     dmasked = softmax_grad(dprobs, trace.probs, in_place=True)  # (..., H, T, S)
-    # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient
-    dlogits = apply_mask_backward(dmasked, trace.allowed, in_place=True)
+    # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row with
+    # an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty rows
+    # (whose P the policy set) need zeroing.
+    dlogits = apply_mask_backward(dmasked, trace.allowed if trace.row_is_empty.any() else None, in_place=True)
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
     dbias = add_bias_backward(dlogits, trace.bias.shape) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)

@@ -204,7 +204,7 @@ def scaled_scores(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
     qg = group_heads(q, k.shape[-3])  # (..., Hkv, G, T, Dk)
     kt = k[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, S)
     s = qg @ kt  # (..., Hkv, G, T, Dk) @ (..., Hkv, 1, Dk, S) -> (..., Hkv, G, T, S)
-    s *= scale  # (A1)
+    s *= scale  # (A1); scaling q instead saves this pass but adds a rounding (benchmarks/README.md)
     return ungroup_heads(s)  # (..., H, T, S)
 
 
@@ -213,7 +213,9 @@ def scaled_scores_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""``(dq, dk)`` of :func:`scaled_scores`: (A15) and (A16) of ``docs/derivations/attention.md``.
 
-    ``dk`` sums over the query heads of each group.
+    ``dk`` sums over the query heads of each group. It is computed as its transpose,
+    ``q^T @ ds`` (see :func:`transposed_product`), so it is returned as a view with its last two
+    axes swapped.
     """
     hkv = k.shape[-3]
     dsg = group_heads(dscores, hkv)  # (..., Hkv, G, T, S)
@@ -222,9 +224,19 @@ def scaled_scores_backward(
     dq *= scale
     # (A16) dk = scale * sum over the group's heads of ds^T @ q: one product over their stacked G*T rows
     ds_rows = stack_group_rows(dscores, hkv)  # (..., Hkv, G*T, S)
-    dk = ds_rows.swapaxes(-1, -2) @ stack_group_rows(q, hkv)  # (..., Hkv, S, G*T) @ (..., Hkv, G*T, Dk) -> (..., Hkv, S, Dk)
+    dk = transposed_product(ds_rows, stack_group_rows(q, hkv))  # (..., Hkv, S, Dk)
     dk *= scale
     return ungroup_heads(dq), dk
+
+
+def transposed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    r"""``a^T @ b`` over the last two axes, computed as ``(b^T @ a)^T``.
+
+    ``a`` (..., N, S), ``b`` (..., N, D) -> (..., S, D), a view of a (..., D, S) array. The two
+    are the same sums; when S >> D, OpenBLAS computes the second (an untransposed (N, S) operand,
+    the small one transposed) about 1.4x faster (``benchmarks/README.md``).
+    """
+    return (b.swapaxes(-1, -2) @ a).swapaxes(-1, -2)  # (..., D, N) @ (..., N, S) -> (..., D, S) -> (..., S, D)
 
 
 def softcap_forward(scores: np.ndarray, cap: float) -> np.ndarray:
@@ -296,7 +308,8 @@ def weighted_values_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""``(dweights, dv)`` of :func:`weighted_values`: (A8) and (A9) of ``docs/derivations/attention.md``.
 
-    ``dv`` sums over the query heads of each group.
+    ``dv`` sums over the query heads of each group; like ``dk`` in :func:`scaled_scores_backward`
+    it is computed as its transpose and returned as a view with its last two axes swapped.
     """
     hkv = v.shape[-3]
     dog = group_heads(dout, hkv)  # (..., Hkv, G, T, Dv)
@@ -304,5 +317,5 @@ def weighted_values_backward(
     dweights = dog @ v[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
     # (A9) dv = sum over the group's heads of P^T @ dout: one product over their stacked G*T rows
     p_rows = stack_group_rows(weights, hkv)  # (..., Hkv, G*T, S)
-    dv = p_rows.swapaxes(-1, -2) @ stack_group_rows(dout, hkv)  # (..., Hkv, S, G*T) @ (..., Hkv, G*T, Dv) -> (..., Hkv, S, Dv)
+    dv = transposed_product(p_rows, stack_group_rows(dout, hkv))  # (..., Hkv, S, Dv)
     return ungroup_heads(dweights), dv

@@ -40,23 +40,15 @@ def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
     return np.where(np.isfinite(m), m, 0.0).astype(x.real.dtype, copy=False)
 
 
-def softmax_stats(
-    x: np.ndarray, axis: int = -1, *, where: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def softmax_stats(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Internal: ``(probs, shift, row_sum)`` of an already validated float array.
 
-    ``probs = exp(x - shift) / row_sum``; attention uses ``shift`` and ``row_sum`` to report the
-    row max and logsumexp without a second pass. ``where`` (bool, broadcastable to ``x``) marks
-    the entries to exponentiate; the others must be known to give ``exp(x - m) = 0`` (attention's
-    masked entries: the fill), which is then set without computing it.
+    ``probs = exp(x - shift) / row_sum``; the shift and the row sum give the logsumexp (S5)
+    without a second pass.
     """
     m = stable_shift(x, axis)  # (..., 1, ...)   (S1)
     e = x - m  # x's shape; the one new array, exponentiated and normalised in place
-    if where is None:
-        np.exp(e, out=e)  # (S2)
-    else:
-        np.exp(e, out=e, where=where)  # (S2) where it takes part,
-        np.copyto(e, 0.0, where=~where)  # and 0 elsewhere
+    np.exp(e, out=e)  # (S2)
     row_sum = e.sum(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         e /= row_sum  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does

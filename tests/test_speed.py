@@ -1,5 +1,5 @@
 """The fast plain path: in-place updates never reach the caller's arrays or the trace; the
-softmax skips only exponentials it knows are 0; ``benchmarks/speed.py --quick`` runs."""
+softmax and its backward's shortcuts equal the literal stages; ``benchmarks/speed.py --quick`` runs."""
 from __future__ import annotations
 
 import subprocess
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attention_ref import sdpa_backward, sdpa_forward
+from attention_ref import sdpa_backward, sdpa_forward, softmax
 from attention_ref.attention import dropout_backward
 from attention_ref.scores import apply_mask_backward, causal_mask
-from attention_ref.stable_softmax import softmax_grad, softmax_stats
+from attention_ref.stable_softmax import softmax_grad
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 6
@@ -91,23 +91,47 @@ def test_in_place_stages_write_only_when_asked(rng):
         np.testing.assert_array_equal(result, fresh, err_msg=name)
 
 
-def test_softmax_skips_only_exponentials_known_to_be_zero(rng):
-    """``softmax_stats(x, where=allowed)`` is bitwise the softmax of the filled scores on every row
-    with an allowed key: exp(fill - max) underflows to exactly 0, so not computing it changes
-    nothing. Leaving out an allowed entry instead changes the result."""
+def test_softmax_of_logits_equals_softmax_of_masked_scores(rng):
+    """The forward exponentiates the logits and sets the masked weights to 0 instead of
+    exponentiating the fill: on every row with an allowed key that is bitwise the softmax of the
+    masked scores (exp(fill - max) underflows to exactly 0), even where a masked logit would
+    overflow exp or is a -inf bias. Forgetting to zero the masked weights fails it."""
     fill = np.finfo(np.float64).min
-    x = 30 * rng.normal(size=(B, H, T, S))  # large scores: some allowed weights underflow too
-    allowed = rng.random((B, 1, T, S)) < 0.5
-    allowed[..., 0] = True  # every row has an allowed key
-    masked = np.where(allowed, x, fill)
-    full = softmax_stats(masked)
-    skipped = softmax_stats(masked, where=allowed)
-    for a, b in zip(full, skipped):
-        np.testing.assert_array_equal(a, b)
-    assert np.all(skipped[0][np.broadcast_to(~allowed, x.shape)] == 0)
-    wrong = allowed.copy()
-    wrong[0, 0, 0, 0] = False  # an allowed key left out
-    assert not np.array_equal(softmax_stats(masked, where=wrong)[0], full[0])
+    q, k, v = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)), rng.normal(size=(B, HKV, S, DV))
+    mask = rng.random((B, 1, T, S)) < 0.5
+    mask[..., 0] = True  # every row has an allowed key
+    bias = 30 * rng.normal(size=(H, T, S))  # large scores: some allowed weights underflow too
+    bias[0, 0, 1:3] = [1e6, -np.inf]  # a masked logit that overflows exp, and a -inf bias entry
+    mask[:, :, 0, 1] = False
+    trace = sdpa_forward(q, k, v, mask=mask, bias=bias)
+    assert np.array_equal(trace.masked_scores, np.where(trace.allowed, trace.logits, fill))
+    np.testing.assert_array_equal(trace.probs, softmax(trace.masked_scores))
+    assert np.all(trace.probs[np.broadcast_to(~trace.allowed, trace.probs.shape)] == 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        unzeroed = np.exp(trace.logits - trace.row_max[..., None])  # the masked weights left in
+        unzeroed /= unzeroed.sum(-1, keepdims=True)
+    assert not np.allclose(unzeroed, trace.probs, equal_nan=True)
+
+
+@pytest.mark.parametrize("empty_rows", ["zero", "uniform", "nan"])
+def test_backward_shortcuts_equal_the_stage_by_stage_backward(rng, empty_rows):
+    """sdpa_backward zeroes masked gradients only on empty rows (elsewhere P = 0 there, so (A11)
+    gave 0 already): equal to the literal stages, (A12) on every masked entry, to rounding."""
+    q, k, v = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)), rng.normal(size=(B, HKV, S, DV))
+    dout = rng.normal(size=(B, H, T, DV))
+    mask = rng.random((B, 1, T, S)) < 0.6
+    mask[0, 0, 1] = False  # one empty row in each head of batch 0
+    keep = rng.random((B, H, T, S)) >= 0.2
+    trace = sdpa_forward(q, k, v, mask=mask, bias=rng.normal(size=(H, T, S)), causal=True,
+                         align="bottom_right", dropout_p=0.2, dropout_mask=keep, empty_rows=empty_rows)
+    got = sdpa_backward(dout, trace)
+    # The literal stages, (A8)-(A16), on the same trace:
+    dprobs = (dout @ trace.v.repeat(H // HKV, axis=-3).swapaxes(-1, -2)) * keep / 0.8  # (A8), (A10)
+    dmasked = trace.probs * (dprobs - np.sum(dprobs * trace.probs, axis=-1, keepdims=True))  # (A11)
+    dlogits = np.where(trace.allowed, dmasked, 0.0)  # (A12)
+    np.testing.assert_allclose(got.dbias, dlogits.sum(0), rtol=1e-12, atol=1e-14)
+    dq = dlogits @ trace.k.repeat(H // HKV, axis=-3) * trace.scale  # (A15)
+    np.testing.assert_allclose(got.dq, dq, rtol=1e-12, atol=1e-14)
 
 
 def test_speed_benchmark_quick_prints_ratios():
