@@ -319,7 +319,7 @@ def sdpa_forward(
 
     # (A5) = (S1)-(S3) over the allowed keys. exp is taken of the logits, not of the masked scores,
     # and the masked weights are set to 0: exp(fill - max) is exactly 0 (A12), but numpy's exp is
-    # ~7x slower where it underflows. (A masked logit may overflow exp; it is discarded too.)
+    # ~6x slower where it underflows. (A masked logit may overflow exp; it is discarded too.)
     shift = stable_shift(masked, axis=-1)  # (..., H, T, 1) row max over the allowed keys   (S1)
     probs = logits - shift  # (..., H, T, S) the one new array: exponentiated and normalised in place
     with np.errstate(over="ignore", invalid="ignore"):
