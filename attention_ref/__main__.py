@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -113,7 +114,23 @@ def _list_cases(as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    A reader that closes the pipe early (``attention-ref cases | head``) ends the run quietly
+    with status 141 (128 + SIGPIPE, what a shell reports for a program killed by it).
+    """
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a broken pipe shows up here when the output was still buffered
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so that the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return status
+
+
+def _run(argv: list[str] | None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

@@ -57,6 +57,19 @@ def test_cases_subcommand_lists_every_case(capsys):
     assert all(c.name in out for c in cases())
 
 
+def test_a_reader_closing_the_pipe_ends_the_run_quietly():
+    """``attention-ref cases | head``: when the reader has closed the pipe, the command stops with
+    141 (128 + SIGPIPE) and no traceback, instead of a BrokenPipeError. (The whole listing fits
+    in a pipe's buffer, so the reader closes before the child, still importing, writes.)"""
+    run = subprocess.Popen([sys.executable, "-m", "attention_ref", "cases"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, cwd=ROOT)
+    run.stdout.close()  # the reader goes away before the first line
+    stderr = run.stderr.read().decode()
+    run.stderr.close()
+    assert run.wait(timeout=60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "attention_ref", "check", "--help"],
                             capture_output=True, text=True, check=True)
