@@ -40,19 +40,14 @@ def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
     return np.where(np.isfinite(m), m, 0.0).astype(x.real.dtype, copy=False)
 
 
-def softmax_stats(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Internal: ``(probs, shift, row_sum)`` of an already validated float array.
-
-    ``probs = exp(x - shift) / row_sum``; the shift and the row sum give the logsumexp (S5)
-    without a second pass.
-    """
+def softmax_of(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Internal: the softmax (S1)-(S3) of an already validated float array."""
     m = stable_shift(x, axis)  # (..., 1, ...)   (S1)
     e = x - m  # x's shape; the one new array, exponentiated and normalised in place
     np.exp(e, out=e)  # (S2)
-    row_sum = e.sum(axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        e /= row_sum  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
-    return e, m, row_sum
+        e /= e.sum(axis=axis, keepdims=True)  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
+    return e
 
 
 def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -114,7 +109,7 @@ def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike | None = None) -> 
     array([0.5, 0.5, 0. ])
     """
     x, axis = _prepare("x", x, axis, dtype)
-    return softmax_stats(x, axis)[0]
+    return softmax_of(x, axis)
 
 
 def softmax_backward(
@@ -233,4 +228,4 @@ def logsumexp_backward(
         raise ValueError(f"dlse must have logsumexp's output shape {tuple(out_shape)}; got {dlse.shape}")
     if not keepdims:
         dlse = np.expand_dims(dlse, axis)
-    return dlse * softmax_stats(x, axis)[0]  # (S6)
+    return dlse * softmax_of(x, axis)  # (S6)
