@@ -4,7 +4,8 @@ Every stage (projection, head split/merge, stable softmax, scaled and masked sco
 dot-product attention, multi-head attention) is a pure function with a hand-written backward,
 verified by finite differences. Conventions: ``docs/conventions.md``.
 """
-from .attention import (
+from . import _aliases
+from .core.attention import (
     AttentionGrads,
     AttentionTrace,
     dropout_keep_mask,
@@ -13,9 +14,9 @@ from .attention import (
     sdpa_backward,
     sdpa_forward,
 )
-from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
-from .projection import LinearGrads, linear, linear_backward
-from .mha import (
+from .core.heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
+from .core.linear import LinearGrads, linear, linear_backward
+from .core.mha import (
     MultiHeadGrads,
     MultiHeadParams,
     MultiHeadTrace,
@@ -25,11 +26,11 @@ from .mha import (
     multi_head_attention,
     multi_head_attention_backward,
 )
-from .scores import attention_mask, causal_mask, window_mask
-from .stable_softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
+from .core.scores import attention_mask, causal_mask, window_mask
+from .core.softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
 from . import gradcheck
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AttentionGrads", "AttentionTrace", "LinearGrads", "MultiHeadGrads", "MultiHeadParams",
@@ -40,3 +41,5 @@ __all__ = [
     "scaled_dot_product_attention_backward", "sdpa_backward", "sdpa_forward", "softmax",
     "softmax_backward", "split_heads", "split_heads_backward", "window_mask",
 ]
+
+_aliases.install(__name__)  # the module paths of 0.1 (attention_ref.flash, ...): see _aliases.py

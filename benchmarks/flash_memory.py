@@ -1,4 +1,4 @@
-"""Peak memory and relative time of the tiled attention (attention_ref.flash).
+"""Peak memory and relative time of the tiled attention (attention_ref.variants.flash).
 
 1. Memory: scaled dot-product attention forward + backward with the tiled path, B = 1, H = 8,
    T = S = 16384, Dk = Dv = 64, float64, run in a child process; its peak resident set size
@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's attention_ref
 
 from attention_ref import sdpa_backward, sdpa_forward  # noqa: E402
-from attention_ref.flash import BLOCK_K, BLOCK_Q, flash_attention_backward, flash_attention_forward  # noqa: E402
+from attention_ref.variants.flash import BLOCK_K, BLOCK_Q, flash_attention_backward, flash_attention_forward  # noqa: E402
 
 GIB = 2**30
 

@@ -10,7 +10,7 @@ Measured in one process, with the same number of threads on both sides, in float
   shapes and layouts as the plain path's, alone: ``q k^T`` and ``P v`` forward (A1), (A7);
   ``dout v^T``, ``P^T dout``, ``dS k`` and ``dS^T q`` backward (A8), (A9), (A15), (A16), the
   second and fourth computed transposed (``dout^T P``, ``q^T dS``), the faster layout;
-* **tiled / plain**: ``attention_ref.flash`` (when present) against the plain path.
+* **tiled / plain**: ``attention_ref.variants.flash`` (when present) against the plain path.
 
 Then a growth table over T = S = 128 ... 4096: time relative to T = 128 (exact attention is
 O(T^2) work) and the peak memory of one forward + backward measured with ``tracemalloc``
@@ -145,19 +145,19 @@ def plain_step(q, k, v, dout, causal):
 
 
 def has_tiled() -> bool:
-    """Whether this checkout has the tiled path, ``attention_ref.flash``."""
+    """Whether this checkout has the tiled path, ``attention_ref.variants.flash``."""
     try:
-        import attention_ref.flash  # noqa: F401
+        import attention_ref.variants.flash  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 def tiled_step(q, k, v, dout, causal):
-    """Forward + backward of the tiled path, or None when ``attention_ref.flash`` is absent."""
+    """Forward + backward of the tiled path, or None when ``attention_ref.variants.flash`` is absent."""
     if not has_tiled():
         return None
-    from attention_ref.flash import flash_attention_backward, flash_attention_forward
+    from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
 
     def step():
         fo = flash_attention_forward(q, k, v, causal=causal)

@@ -5,7 +5,7 @@
   polarity, top-left ``is_causal`` and ``local_window_size`` when T != S, GQA grouping, uniform
   empty rows, zeroed rows beyond ``query_seq_lengths``, a float32 softmax under x64.
 * ``run_jax_sdpa`` and ``run_jax_mha`` against the reference, forward and every gradient for a
-  random cotangent, by the rule ``attention-ref compare jax`` applies (:mod:`attention_ref.conformance`):
+  random cotangent, by the rule ``attention-ref compare jax`` applies (:mod:`attention_ref.oracle.conformance`):
   JAX's softmax is float32 even for float64 inputs, so its error is judged by the error-budget
   rule of :mod:`attention_ref.testing` against the reference computed in float32, not by 1e-12.
 * ``options_from_jax_kwargs`` against real JAX calls with sequence lengths.
@@ -47,7 +47,7 @@ from attention_ref.adapters.jax import (
     run_jax_mha,
     run_jax_sdpa,
 )
-from attention_ref.conformance import MIXED_PRECISION_GRADIENT_BUDGET
+from attention_ref.oracle.conformance import MIXED_PRECISION_GRADIENT_BUDGET
 from attention_ref.testing import (
     OUTPUT_BUDGET,
     BudgetReport,
@@ -77,7 +77,7 @@ def judge(theirs: dict, ours: dict, base: dict) -> list[BudgetReport]:
 
     ``theirs``, ``ours`` (the float64 reference) and ``base`` (the reference computed in float32,
     :func:`~attention_ref.testing.sdpa_baseline` / :func:`~attention_ref.testing.mha_baseline`)
-    map "out", "dq", ... to arrays. The rule of :func:`attention_ref.conformance.run_conformance`:
+    map "out", "dq", ... to arrays. The rule of :func:`attention_ref.oracle.conformance.run_conformance`:
     :func:`~attention_ref.testing.check_budget`, ``OUTPUT_BUDGET`` for the output,
     ``MIXED_PRECISION_GRADIENT_BUDGET`` for each gradient, whose floor is at least the noise floor
     of the case's largest gradient (a gradient that is 0 in exact arithmetic, the key projection's

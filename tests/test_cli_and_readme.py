@@ -22,7 +22,7 @@ def test_main_job_passes_and_prints_a_table(capsys):
 
 
 def test_main_job_fails_when_a_gradient_is_wrong(monkeypatch, capsys):
-    import attention_ref.cases as cases
+    import attention_ref.oracle.cases as cases
 
     real = cases.sdpa_backward
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref.attention import dropout_backward, dropout_forward
+from attention_ref.core.attention import dropout_backward, dropout_forward
 from attention_ref.cases import cases
 from attention_ref.gradcheck import (
     CS_RTOL,
@@ -19,7 +19,7 @@ from attention_ref.gradcheck import (
     check_vjp,
     complex_step_vjp,
 )
-from attention_ref.scores import (
+from attention_ref.core.scores import (
     add_bias_backward, apply_mask, apply_mask_backward, causal_mask, scaled_scores,
     scaled_scores_backward, softcap_backward, softcap_forward, weighted_values,
     weighted_values_backward,

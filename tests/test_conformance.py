@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attention_ref.cases import cases, get_case
-from attention_ref.conformance import format_rows, run_conformance
+from attention_ref.oracle.conformance import format_rows, run_conformance
 from conftest import require_jax, require_torch
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref.decode import DecodeResult, KVCache, decode_step
+from attention_ref.variants.decode import DecodeResult, KVCache, decode_step
 from attention_ref.gradcheck import error_report
 from naive import naive_attention
 

@@ -28,11 +28,11 @@ import attention_ref
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "attention_ref"
 DERIVATIONS = ROOT / "docs" / "derivations"
-#: The stage modules. Found by listing the package (public names only), so a renamed module
+#: Every public module of every layer. Found by walking the package, so a renamed or moved module
 #: (``linear`` -> ``projection``, ``softmax`` -> ``stable_softmax``) is still covered.
 MODULES = tuple(
-    f"attention_ref.{m.name}" for m in pkgutil.iter_modules(attention_ref.__path__)
-    if not m.name.startswith("_")
+    m.name for m in pkgutil.walk_packages(attention_ref.__path__, prefix="attention_ref.")
+    if not any(part.startswith("_") for part in m.name.split("."))
 )
 #: Backwards that must be found, so that the docstring test cannot pass by finding nothing.
 EXPECTED_BACKWARDS = {
@@ -111,8 +111,8 @@ BACKWARDS = _backward_functions()
 
 
 def test_backwards_are_found():
-    assert {"attention_ref.scores", "attention_ref.heads", "attention_ref.attention",
-            "attention_ref.mha"} <= set(MODULES), MODULES
+    assert {"attention_ref.core.scores", "attention_ref.core.heads", "attention_ref.core.attention",
+            "attention_ref.core.mha"} <= set(MODULES), MODULES
     missing = EXPECTED_BACKWARDS - set(BACKWARDS)
     assert not missing, f"expected *_backward functions not found: {sorted(missing)}"
 

@@ -28,9 +28,9 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref import exact
+from attention_ref.oracle import exact
 from attention_ref.cases import cases as canonical_cases
-from attention_ref.exact import exact_mha, exact_sdpa
+from attention_ref.oracle.exact import exact_mha, exact_sdpa
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = {np.float64: float(np.finfo(np.float64).eps), np.float32: float(np.finfo(np.float32).eps)}
@@ -517,7 +517,7 @@ def test_rounding_is_correct_down_to_subnormals():
 
 
 def test_import_attention_ref_does_not_import_mpmath():
-    code = "import sys, attention_ref, attention_ref.exact; sys.exit(int('mpmath' in sys.modules))"
+    code = "import sys, attention_ref, attention_ref.oracle.exact; sys.exit(int('mpmath' in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

@@ -8,9 +8,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-import attention_ref.flash as flash
+import attention_ref.variants.flash as flash
 from attention_ref import attention_mask, sdpa_backward, sdpa_forward, softmax
-from attention_ref.flash import (
+from attention_ref.variants.flash import (
     FlashOutput,
     OnlineSoftmaxState,
     flash_attention_backward,
@@ -435,7 +435,7 @@ def test_flash_backward_against_finite_differences_directly():
     """The tiled backward checked on its own against central differences (random cotangent,
     GQA, T != S, Dk != Dv, bias, softcap, causal bottom_right, blocks that do not divide T or S),
     not only through its agreement with the plain path."""
-    from attention_ref.flash import flash_attention_backward, flash_attention_forward
+    from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
     from attention_ref.gradcheck import check_vjp
 
     rng = np.random.default_rng(7)

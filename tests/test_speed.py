@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from attention_ref import sdpa_backward, sdpa_forward, softmax
-from attention_ref.attention import dropout_backward
-from attention_ref.scores import apply_mask_backward, causal_mask
-from attention_ref.stable_softmax import softmax_grad
+from attention_ref.core.attention import dropout_backward
+from attention_ref.core.scores import apply_mask_backward, causal_mask
+from attention_ref.core.softmax import softmax_grad
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 6

@@ -13,7 +13,7 @@ from scipy.special import logsumexp as scipy_logsumexp
 
 import attention_ref as ar
 from attention_ref.gradcheck import check_complex_step, check_vjp, error_report
-from attention_ref.varlen import (
+from attention_ref.variants.varlen import (
     block_diagonal_mask,
     cu_seqlens_from_lengths,
     varlen_attention,

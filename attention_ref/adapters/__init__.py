@@ -18,6 +18,9 @@ whose message names the option and the reason, so that a conformance runner can 
 (a bottom-right causal mask or a sliding window becomes an explicit boolean mask).
 
 Mapping tables and the framework behaviours measured: ``docs/adapters.md``.
+
+Layer 3 of attention_ref. May import: numpy and ``attention_ref.core`` (and each framework,
+lazily); the oracle tools above drive the adapters, never the other way round.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._validate import (
+from ..core._validate import (
     ALIGNS,
     EMPTY_ROW_POLICIES,
     as_float,
@@ -37,9 +40,9 @@ from .._validate import (
     check_window,
     resolve_dtype,
 )
-from ..attention import AttentionGrads
-from ..mha import MultiHeadGrads
-from ..scores import attention_mask
+from ..core.attention import AttentionGrads
+from ..core.mha import MultiHeadGrads
+from ..core.scores import attention_mask
 
 __all__ = ["UnsupportedOption", "FrameworkRun"]
 

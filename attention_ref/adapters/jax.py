@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from .._validate import as_float, check_positive_int
-from ..attention import AttentionGrads
-from ..mha import MultiHeadGrads, MultiHeadParams
-from ..scores import attention_mask, causal_mask, window_mask
+from ..core._validate import as_float, check_positive_int
+from ..core.attention import AttentionGrads
+from ..core.mha import MultiHeadGrads, MultiHeadParams
+from ..core.scores import attention_mask, causal_mask, window_mask
 from . import (
     FrameworkRun,
     UnsupportedOption,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from . import heads, mha, projection, stable_softmax
+from ..core import heads, linear as projection, mha, softmax as stable_softmax
 from .cases import cases
 from .gradcheck import (
     CS_RTOL,

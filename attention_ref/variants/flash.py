@@ -22,9 +22,9 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from ._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
-from .attention import AttentionGrads, _check_options, _check_qkv
-from .scores import group_heads, masked_fill_value, ungroup_heads
+from ..core._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
+from ..core.attention import AttentionGrads, _check_options, _check_qkv
+from ..core.scores import group_heads, masked_fill_value, ungroup_heads
 
 #: Default query rows per block. Large blocks amortise NumPy's per-call overhead; at 256 x 256 the
 #: tiled forward+backward took 0.6-0.75x the plain path's time at T = S = 1024..4096 (single-threaded
@@ -73,7 +73,7 @@ def online_softmax_init(rows: tuple[int, ...], dv: int, dtype: DTypeLike = np.fl
 
     Examples
     --------
-    >>> from attention_ref.flash import online_softmax_init
+    >>> from attention_ref.variants.flash import online_softmax_init
     >>> st = online_softmax_init((2, 3), 4)
     >>> st.row_max.shape, st.row_sum.shape, st.acc.shape, float(st.row_sum.sum())
     ((2, 3, 1), (2, 3, 1), (2, 3, 4), 0.0)
@@ -132,7 +132,7 @@ def online_softmax_update(
     --------
     >>> import numpy as np
     >>> from attention_ref import softmax
-    >>> from attention_ref.flash import online_softmax_init, online_softmax_update
+    >>> from attention_ref.variants.flash import online_softmax_init, online_softmax_update
     >>> x = np.array([[1.0, 5.0, 2.0, 0.5]])                 # one row, S = 4
     >>> eye = np.eye(4)                                      # v = I: the output is the weights
     >>> st = online_softmax_init((1,), 4)
@@ -177,7 +177,7 @@ def online_softmax_finish(state: OnlineSoftmaxState) -> tuple[np.ndarray, np.nda
     Examples
     --------
     >>> import numpy as np
-    >>> from attention_ref.flash import online_softmax_finish, online_softmax_init, online_softmax_update
+    >>> from attention_ref.variants.flash import online_softmax_finish, online_softmax_init, online_softmax_update
     >>> st = online_softmax_update(online_softmax_init((2,), 1), np.zeros((2, 3)), np.ones((3, 1)),
     ...                            allowed=np.array([[True], [False]]))
     >>> out, lse, empty = online_softmax_finish(st)
@@ -403,7 +403,7 @@ def flash_attention_forward(
     --------
     >>> import numpy as np
     >>> from attention_ref import scaled_dot_product_attention
-    >>> from attention_ref.flash import flash_attention_forward
+    >>> from attention_ref.variants.flash import flash_attention_forward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 7, 8)), rng.normal(size=(2, 9, 8)), rng.normal(size=(2, 9, 5))
     >>> res = flash_attention_forward(q, k, v, causal=True, align="bottom_right", block_q=3, block_k=4)
@@ -542,7 +542,7 @@ def flash_attention_backward(
     --------
     >>> import numpy as np
     >>> from attention_ref import scaled_dot_product_attention_backward
-    >>> from attention_ref.flash import flash_attention_backward, flash_attention_forward
+    >>> from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 7, 8)), rng.normal(size=(2, 9, 8)), rng.normal(size=(2, 9, 5))
     >>> bias = rng.normal(size=(7, 9))

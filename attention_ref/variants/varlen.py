@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from ._validate import (
+from ..core._validate import (
     ALIGNS,
     EMPTY_ROW_POLICIES,
     as_float,
@@ -36,8 +36,8 @@ from ._validate import (
     fresh,
     resolve_dtype,
 )
-from .attention import AttentionTrace, sdpa_backward, sdpa_forward
-from .scores import attention_mask
+from ..core.attention import AttentionTrace, sdpa_backward, sdpa_forward
+from ..core.scores import attention_mask
 
 __all__ = [
     "VarlenGrads", "VarlenTrace", "block_diagonal_mask", "cu_seqlens_from_lengths",
@@ -66,7 +66,7 @@ def cu_seqlens_from_lengths(lengths: ArrayLike) -> np.ndarray:
 
     Examples
     --------
-    >>> from attention_ref.varlen import cu_seqlens_from_lengths
+    >>> from attention_ref.variants.varlen import cu_seqlens_from_lengths
     >>> cu_seqlens_from_lengths([3, 0, 2])
     array([0, 3, 3, 5])
     """
@@ -182,7 +182,7 @@ def block_diagonal_mask(
 
     Examples
     --------
-    >>> from attention_ref.varlen import block_diagonal_mask
+    >>> from attention_ref.variants.varlen import block_diagonal_mask
     >>> block_diagonal_mask([0, 2, 3], [0, 3, 5], causal=True, align="bottom_right").astype(int)
     array([[1, 1, 0, 0, 0],
            [1, 1, 1, 0, 0],
@@ -271,7 +271,7 @@ def varlen_forward(
     Examples
     --------
     >>> import numpy as np
-    >>> from attention_ref.varlen import varlen_forward
+    >>> from attention_ref.variants.varlen import varlen_forward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(5, 2, 4)), rng.normal(size=(7, 1, 4)), rng.normal(size=(7, 1, 3))
     >>> tr = varlen_forward(q, k, v, [0, 2, 5], [0, 4, 7], causal=True, align="bottom_right")
@@ -354,7 +354,7 @@ def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
     Examples
     --------
     >>> import numpy as np
-    >>> from attention_ref.varlen import varlen_forward, varlen_backward
+    >>> from attention_ref.variants.varlen import varlen_forward, varlen_backward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(5, 2, 4)), rng.normal(size=(7, 1, 4)), rng.normal(size=(7, 1, 3))
     >>> tr = varlen_forward(q, k, v, [0, 2, 5], [0, 4, 7])
@@ -470,7 +470,7 @@ varlen_attention.__doc__ = r"""Attention over a packed batch of variable-length 
     --------
     >>> import numpy as np
     >>> from attention_ref import scaled_dot_product_attention
-    >>> from attention_ref.varlen import varlen_attention
+    >>> from attention_ref.variants.varlen import varlen_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(5, 2, 4)), rng.normal(size=(5, 2, 4)), rng.normal(size=(5, 2, 3))
     >>> out = varlen_attention(q, k, v, [0, 3, 5], [0, 3, 5], causal=True)   # lengths 3 and 2
@@ -524,7 +524,7 @@ varlen_attention_backward.__doc__ = r"""Gradients of :func:`varlen_attention`, i
     Examples
     --------
     >>> import numpy as np
-    >>> from attention_ref.varlen import varlen_attention_backward
+    >>> from attention_ref.variants.varlen import varlen_attention_backward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 2, 3)), rng.normal(size=(6, 2, 3)), rng.normal(size=(6, 2, 5))
     >>> g = varlen_attention_backward(rng.normal(size=(4, 2, 5)), q, k, v, [0, 1, 1, 4], [0, 2, 3, 6])

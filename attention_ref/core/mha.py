@@ -30,7 +30,7 @@ from .attention import (
     sdpa_forward,
 )
 from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
-from .projection import linear, linear_backward
+from .linear import linear, linear_backward
 
 
 @dataclass(frozen=True)

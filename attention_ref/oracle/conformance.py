@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .cases import CaseData, cases
-from .mha import MultiHeadParams
+from ..core.mha import MultiHeadParams
 from .testing import (
     OUTPUT_BUDGET,
     check_budget,
@@ -86,12 +86,12 @@ class ConformanceRow(NamedTuple):
 
 def _framework(name: str) -> tuple[Any, ...]:
     if name == "torch":
-        from .adapters import torch as pt
+        from ..adapters import torch as pt
 
         return (pt.run_torch_sdpa, pt.run_torch_mha, pt.TORCH_SDPA_EMPTY_ROWS, pt.TORCH_MHA_EMPTY_ROWS,
                 "torch F.scaled_dot_product_attention", "torch nn.MultiheadAttention", None)
     if name == "jax":
-        from .adapters import jax as jx
+        from ..adapters import jax as jx
 
         return (jx.run_jax_sdpa, jx.run_jax_mha, jx.JAX_EMPTY_ROWS, jx.JAX_EMPTY_ROWS,
                 "jax.nn.dot_product_attention", "jax multi-head (jnp + dot_product_attention)",
@@ -141,7 +141,7 @@ def run_conformance(framework: str, selected: list[Any] | None = None,
     ImportError
         If the framework is not installed (the message names the package).
     """
-    from .adapters import UnsupportedOption
+    from ..adapters import UnsupportedOption
 
     run_sdpa, run_mha, sdpa_policy, mha_policy, sdpa_name, mha_name, low = _framework(framework)
     say = progress or (lambda msg: None)

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from ._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
-from .attention import sdpa_forward
+from ..core._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
+from ..core.attention import sdpa_forward
 
 __all__ = ["DecodeResult", "KVCache", "decode_step"]
 
@@ -63,7 +63,7 @@ class KVCache:
     Examples
     --------
     >>> import numpy as np
-    >>> from attention_ref.decode import KVCache
+    >>> from attention_ref.variants.decode import KVCache
     >>> rng = np.random.default_rng(0)
     >>> cache = KVCache.empty((2,), num_kv_heads=1, head_dim=4, v_head_dim=3)   # B = 2
     >>> cache.length
@@ -132,7 +132,7 @@ class KVCache:
 
         Examples
         --------
-        >>> from attention_ref.decode import KVCache
+        >>> from attention_ref.variants.decode import KVCache
         >>> KVCache.empty((3,), num_kv_heads=2, head_dim=8).k.shape
         (3, 2, 0, 8)
         """
@@ -171,7 +171,7 @@ class KVCache:
         Examples
         --------
         >>> import numpy as np
-        >>> from attention_ref.decode import KVCache
+        >>> from attention_ref.variants.decode import KVCache
         >>> cache = KVCache(np.zeros((1, 2, 4)), np.zeros((1, 2, 3)))        # Hkv = 1, S = 2
         >>> cache.append(np.ones((1, 1, 4)), np.ones((1, 1, 3))).k[0, :, 0]
         array([0., 0., 1.])
@@ -262,7 +262,7 @@ def decode_step(
     --------
     >>> import numpy as np
     >>> from attention_ref import scaled_dot_product_attention
-    >>> from attention_ref.decode import KVCache, decode_step
+    >>> from attention_ref.variants.decode import KVCache, decode_step
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 6, 8)), rng.normal(size=(2, 6, 8)), rng.normal(size=(2, 6, 5))
     >>> cache, outs = KVCache.empty((), num_kv_heads=2, head_dim=8, v_head_dim=5), []

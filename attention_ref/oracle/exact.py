@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validate import _is_complex, as_float, check_positive_int
-from .attention import _check_options, _check_qkv
-from .mha import MultiHeadParams, _check_params, _check_widths
-from .scores import attention_mask
+from ..core._validate import _is_complex, as_float, check_positive_int
+from ..core.attention import _check_options, _check_qkv
+from ..core.mha import MultiHeadParams, _check_params, _check_widths
+from ..core.scores import attention_mask
 
 #: The most multiply-adds a call may need in its forward pass: the score and value products
 #: ``B*H*T*S*(Dk+Dv)``, plus the four projections for :func:`exact_mha`. Pure-Python mpmath at
@@ -97,7 +97,7 @@ def _context(dps: Any) -> Any:
         import mpmath
     except ImportError:
         raise ImportError(
-            "attention_ref.exact needs mpmath (>=1.3,<1.4): pip install 'attention_ref[exact]'"
+            "attention_ref.oracle.exact needs mpmath (>=1.3,<1.4): pip install 'attention_ref[exact]'"
         ) from None
     ctx = mpmath.MPContext()
     ctx.dps = int(dps)
@@ -469,7 +469,7 @@ def exact_sdpa(
     --------
     >>> import numpy as np
     >>> from attention_ref import scaled_dot_product_attention
-    >>> from attention_ref.exact import exact_sdpa
+    >>> from attention_ref.oracle.exact import exact_sdpa
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 3, 2)), rng.normal(size=(2, 5, 2)), rng.normal(size=(2, 5, 3))
     >>> ex = exact_sdpa(q, k, v, rng.normal(size=(4, 3, 3)), causal=True, align="bottom_right")
@@ -739,7 +739,7 @@ def exact_mha(
     --------
     >>> import numpy as np
     >>> from attention_ref import init_params, multi_head_attention
-    >>> from attention_ref.exact import exact_mha
+    >>> from attention_ref.oracle.exact import exact_mha
     >>> rng = np.random.default_rng(0)
     >>> p = init_params(rng, d_model=4, num_heads=2, num_kv_heads=1, head_dim=2, v_head_dim=3)
     >>> x = rng.normal(size=(2, 3, 4))

@@ -45,7 +45,7 @@ from .scores import (
     weighted_values,
     weighted_values_backward,
 )
-from .stable_softmax import softmax_grad, stable_shift
+from .softmax import softmax_grad, stable_shift
 
 SCORES_LAYOUT = "(..., H, T, S)"
 

@@ -1,0 +1,300 @@
+r"""Named canonical cases: a seeded grid of attention configurations to parametrise tests with.
+
+Every case has a stable name, builds its inputs from its own seed (derived from the name, so
+adding a case never changes another), and produces the reference outputs, gradients and
+intermediates. Use them to test your implementation on the configurations where frameworks
+differ or kernels break::
+
+    import pytest
+    from attention_ref.cases import cases
+
+    @pytest.mark.parametrize("case", cases("sdpa"), ids=str)
+    def test_my_attention(case):
+        data = case.build()
+        ref = data.reference()
+        out = my_attention(**data.inputs, **data.options)      # your code
+        assert_close(out, ref.out)
+
+The grid (``python -m attention_ref cases`` lists it): plain attention; causal ``top_left`` and
+``bottom_right`` with T < S and T > S; sliding windows; key padding with fully masked rows under
+the ``"zero"`` and ``"uniform"`` policies; an additive bias (with and without ``-inf`` entries);
+GQA and MQA; Dk != Dv; cross-attention (T != S everywhere); soft-capping; dropout with a
+keep-mask; 1-element edges; long rows; and multi-head attention (self- and cross-attention, GQA,
+kdim/vdim, key padding, no bias, an attention bias).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+
+from ..core.attention import AttentionTrace, scaled_dot_product_attention, sdpa_backward, sdpa_forward
+from ..core.mha import MultiHeadParams, MultiHeadTrace, init_params, mha_backward, mha_forward, multi_head_attention
+
+__all__ = ["KINDS", "Case", "CaseData", "Reference", "cases", "get_case"]
+
+KINDS = ("sdpa", "mha")
+
+#: Array-valued options: not differentiated, but part of the case's definition.
+_ARRAY_OPTIONS = ("mask", "dropout_mask")
+_PARAM_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+
+
+class Reference(NamedTuple):
+    """What the reference computes for a case, all float64 (or ``dtype``) numpy arrays."""
+
+    out: np.ndarray  #: the output: (..., H, T, Dv) for SDPA, (..., T, D_out) for MHA
+    grads: dict[str, np.ndarray]  #: gradient of each input, keyed by the input's name (``q``, ``w_o``, ``bias``, ...)
+    intermediates: dict[str, np.ndarray]  #: scores, masked_scores, row_max, logsumexp, probs, ...
+
+
+@dataclass(frozen=True)
+class Case:
+    """One named configuration. ``build()`` makes its arrays; ``str(case)`` is its name."""
+
+    name: str  #: stable identifier, safe as a pytest id and a file name
+    kind: str  #: "sdpa" (scaled dot-product attention) or "mha" (multi-head attention)
+    description: str  #: one line: what the case exercises
+    dims: Mapping[str, int]  #: B, H, Hkv, T, S, Dk, Dv (MHA also D, Dk_in, Dv_in, D_out)
+    options: Mapping[str, Any] = field(default_factory=dict)  #: scalar options (causal, align, window, ...)
+    extras: tuple[str, ...] = ()  #: array extras: "padding", "empty_row", "bias", "neg_inf_bias", "dropout", "no_param_bias"
+    tags: tuple[str, ...] = ()  #: groups: "mask", "causal", "gqa", "long", ...
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def seed(self) -> int:
+        """Seed of the inputs: a checksum of the name, stable across versions and platforms."""
+        return zlib.crc32(self.name.encode())
+
+    def build(self, seed: int | None = None) -> CaseData:
+        """Draw the case's arrays from its seed; the same case always gives the same arrays.
+
+        ``seed`` (a non-negative int) draws another instance of the same configuration, mixed
+        with the case's own seed; omitted, the canonical instance.
+        """
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be None or a non-negative int; got {seed!r}")
+        return _build(self, seed)
+
+
+@dataclass(frozen=True)
+class CaseData:
+    """The arrays of one case, and the reference evaluated on them.
+
+    ``inputs`` are the differentiable arrays (SDPA: ``q``, ``k``, ``v`` and ``bias`` if any; MHA:
+    ``query``, ``key``, ``value``, the weights ``w_q`` ... ``b_o`` and ``bias`` if any); ``options``
+    the rest of the keyword arguments (masks, keep-mask, flags; ``num_heads`` and ``num_kv_heads``
+    for MHA), so ``reference function(**inputs, **options)`` is the case -- see :meth:`forward`.
+    """
+
+    case: Case
+    inputs: dict[str, np.ndarray]
+    options: dict[str, Any]
+    cotangent: np.ndarray  #: a random upstream gradient of the output's shape
+
+    def function(self) -> Callable[..., np.ndarray]:
+        """``f(**inputs) -> out``: the reference forward with the options closed over (for gradcheck)."""
+        opts = dict(self.options)
+        if self.case.kind == "sdpa":
+            return lambda **inputs: scaled_dot_product_attention(**inputs, **opts)
+
+        def mha(query, key, value, bias=None, **weights):
+            extra = {} if bias is None else {"bias": bias}
+            return multi_head_attention(query, key, value, MultiHeadParams(**weights), **extra, **opts)
+
+        return mha
+
+    def forward(self, **overrides: Any) -> np.ndarray:
+        """The reference output; keyword ``overrides`` replace inputs (e.g. a complex ``q``)."""
+        return self.function()(**{**self.inputs, **overrides})
+
+    def trace(self, dtype: Any = None) -> AttentionTrace | MultiHeadTrace:
+        """The forward with every intermediate (:class:`~attention_ref.AttentionTrace` or
+        :class:`~attention_ref.MultiHeadTrace`)."""
+        kwargs: dict[str, Any] = {**self.inputs, **self.options, "dtype": dtype}
+        if self.case.kind == "sdpa":
+            return sdpa_forward(**kwargs)
+        weights = {n: kwargs.pop(n) for n in _PARAM_NAMES if n in kwargs}
+        return mha_forward(params=MultiHeadParams(**weights), **kwargs)
+
+    def reference(self, dtype: Any = None) -> Reference:
+        """Output, gradients (for ``cotangent``) and intermediates, from one forward and backward."""
+        tr = self.trace(dtype)
+        if isinstance(tr, AttentionTrace):
+            g = sdpa_backward(self.cotangent, tr)
+            grads = {"q": g.dq, "k": g.dk, "v": g.dv}
+            if g.dbias is not None:
+                grads["bias"] = g.dbias
+            attn = tr
+        else:
+            mg = mha_backward(self.cotangent, tr)
+            grads = mg.as_dict()
+            attn = tr.attention
+        inter = {"scores": attn.scores, "masked_scores": attn.masked_scores, "row_max": attn.row_max,
+                 "logsumexp": attn.logsumexp, "probs": attn.probs}
+        if isinstance(tr, MultiHeadTrace):
+            inter.update(q=tr.q, k=tr.k, v=tr.v, context=tr.context)
+        return Reference(tr.out, {n: grads[n] for n in self.inputs}, inter)
+
+
+def _sdpa_case(name, description, *, B=2, H=2, Hkv=None, T=3, S=5, Dk=4, Dv=None, extras=(), tags=(), **options):
+    dims = dict(B=B, H=H, Hkv=H if Hkv is None else Hkv, T=T, S=S, Dk=Dk, Dv=Dk if Dv is None else Dv)
+    return Case(name, "sdpa", description, dims, options, tuple(extras), tuple(tags))
+
+
+def _mha_case(name, description, *, B=2, H=2, Hkv=None, T=3, S=5, D=6, Dk=None, Dv=None, Dk_in=None,
+              Dv_in=None, D_out=None, extras=(), tags=(), **options):
+    Dk = D // H if Dk is None else Dk
+    dims = dict(B=B, H=H, Hkv=H if Hkv is None else Hkv, T=T, S=S, D=D, Dk=Dk, Dv=Dk if Dv is None else Dv,
+                Dk_in=D if Dk_in is None else Dk_in, Dv_in=D if Dv_in is None else Dv_in,
+                D_out=D if D_out is None else D_out)
+    return Case(name, "mha", description, dims, options, tuple(extras), tuple(tags))
+
+
+_CASES: tuple[Case, ...] = (
+    _sdpa_case("plain", "no mask, H = Hkv, Dk = Dv, T != S"),
+    _sdpa_case("causal_top_left_t_lt_s", "causal, query i sees keys j <= i (PyTorch is_causal, JAX), T < S",
+               T=3, S=5, causal=True, align="top_left", tags=("causal",)),
+    _sdpa_case("causal_top_left_t_gt_s", "causal top_left with T > S: the last queries see every key",
+               T=6, S=4, causal=True, align="top_left", tags=("causal",)),
+    _sdpa_case("causal_bottom_right_t_lt_s", "causal, query i sees keys j <= i + S - T (FlashAttention, decoding), T < S",
+               T=3, S=6, causal=True, align="bottom_right", tags=("causal",)),
+    _sdpa_case("causal_bottom_right_t_gt_s", "causal bottom_right with T > S: the first T - S query rows are empty (zeros)",
+               T=6, S=4, causal=True, align="bottom_right", tags=("causal", "empty_rows")),
+    _sdpa_case("sliding_window_causal", "causal sliding window (2, 0): each query sees itself and 2 keys back (Mistral)",
+               T=6, S=6, window=(2, 0), tags=("window",)),
+    _sdpa_case("sliding_window_two_sided_bottom_right", "window (1, 1) around i + S - T, T < S",
+               T=4, S=7, window=(1, 1), align="bottom_right", tags=("window",)),
+    _sdpa_case("padding_empty_rows_zero", "key padding per batch element plus one fully masked query row; empty rows give 0",
+               extras=("padding", "empty_row"), tags=("mask", "empty_rows")),
+    _sdpa_case("padding_empty_rows_uniform", "the same masks; empty rows give weights 1/S (JAX, the -1e9 idiom)",
+               extras=("padding", "empty_row"), empty_rows="uniform", tags=("mask", "empty_rows")),
+    _sdpa_case("padding_no_empty_rows", "key padding that leaves every query a key", extras=("padding",), tags=("mask",)),
+    _sdpa_case("additive_bias", "a random additive bias of shape (1, H, T, S), broadcast over the batch",
+               extras=("bias",), tags=("bias",)),
+    _sdpa_case("bias_with_neg_inf", "a bias whose -inf entries mask their pairs (ALiBi-style padding)",
+               extras=("bias", "neg_inf_bias"), tags=("bias", "mask")),
+    _sdpa_case("gqa", "grouped-query attention: H = 4 query heads over Hkv = 2 key/value heads, Dk != Dv",
+               H=4, Hkv=2, Dk=4, Dv=3, tags=("gqa",)),
+    _sdpa_case("mqa", "multi-query attention: Hkv = 1", H=4, Hkv=1, tags=("gqa",)),
+    _sdpa_case("dk_ne_dv", "value width differs from the query/key width", Dk=8, Dv=3),
+    _sdpa_case("cross_attention_long_keys", "T = 2 queries over S = 9 keys, causal bottom_right + padding",
+               T=2, S=9, causal=True, align="bottom_right", extras=("padding",), tags=("causal", "mask")),
+    _sdpa_case("softcap", "soft-capped scores cap * tanh(s / cap) with cap = 1.5 (Gemma 2), with a bias",
+               softcap=1.5, extras=("bias",), tags=("bias",)),
+    _sdpa_case("dropout_keep_mask", "dropout p = 0.25 with an explicit keep-mask", dropout_p=0.25,
+               extras=("dropout",), tags=("dropout",)),
+    _sdpa_case("custom_scale", "an explicit scale 0.3 instead of 1/sqrt(Dk)", scale=0.3),
+    _sdpa_case("one_element", "B = H = T = S = Dk = Dv = 1: a softmax over one key", B=1, H=1, T=1, S=1, Dk=1),
+    _sdpa_case("long_rows", "S = 1024 keys per row, GQA, causal bottom_right: long softmax reductions",
+               B=1, H=2, Hkv=1, T=4, S=1024, Dk=8, Dv=8, causal=True, align="bottom_right", tags=("long", "causal", "gqa")),
+    _mha_case("mha_self_attention", "self-attention D = 8, H = 2, biases, causal", T=4, S=4, D=8,
+              causal=True, extras=("self",), tags=("causal",)),
+    _mha_case("mha_cross_attention_key_padding", "cross-attention T != S with key padding (nn.MultiheadAttention-expressible)",
+              T=3, S=5, D=6, H=2, extras=("padding",), tags=("mask",)),
+    _mha_case("mha_gqa_kdim_vdim", "GQA H = 4, Hkv = 2, Dk = 3 != Dv = 5, kdim = 5, vdim = 7, out width 4",
+              H=4, Hkv=2, D=6, Dk=3, Dv=5, Dk_in=5, Dv_in=7, D_out=4, tags=("gqa",)),
+    _mha_case("mha_mqa_no_bias_attention_bias", "MQA, no projection biases, bottom_right causal + an attention bias",
+              H=3, Hkv=1, D=6, T=2, S=4, causal=True, align="bottom_right", extras=("no_param_bias", "bias"),
+              tags=("gqa", "bias", "causal")),
+)
+
+
+def cases(kind: str | None = None, *, tags: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[Case]:
+    """The canonical cases, in a fixed order.
+
+    Parameters
+    ----------
+    kind : {"sdpa", "mha"}, optional
+        Only scaled dot-product attention or only multi-head attention cases.
+    tags : tuple of str, optional
+        Only cases carrying one of these tags (``"causal"``, ``"mask"``, ``"empty_rows"``,
+        ``"bias"``, ``"gqa"``, ``"window"``, ``"dropout"``, ``"long"``).
+    exclude : tuple of str
+        Leave out cases carrying any of these tags (e.g. ``("long",)`` for a quick run).
+
+    Returns
+    -------
+    list of Case
+
+    Examples
+    --------
+    >>> from attention_ref.cases import cases
+    >>> [str(c) for c in cases("sdpa", tags=("causal",))][:2]
+    ['causal_top_left_t_lt_s', 'causal_top_left_t_gt_s']
+    >>> data = cases("sdpa")[0].build()
+    >>> sorted(data.inputs), data.reference().out.shape
+    (['k', 'q', 'v'], (2, 2, 3, 4))
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None; got {kind!r}")
+    for name, value in (("tags", tags or ()), ("exclude", exclude)):
+        if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
+            raise TypeError(f"{name} must be a tuple of str; got {value!r}")
+    return [c for c in _CASES
+            if (kind is None or c.kind == kind)
+            and (tags is None or set(tags) & set(c.tags))
+            and not set(exclude) & set(c.tags)]
+
+
+def get_case(name: str) -> Case:
+    """The case called ``name``.
+
+    Examples
+    --------
+    >>> from attention_ref.cases import get_case
+    >>> get_case("gqa").dims["Hkv"]
+    2
+    """
+    for c in _CASES:
+        if c.name == name:
+            return c
+    raise ValueError(f"no canonical case named {name!r}; the names are {[c.name for c in _CASES]}")
+
+
+def _build(case: Case, seed: int | None) -> CaseData:
+    rng = np.random.default_rng(case.seed if seed is None else [case.seed, seed])
+    d = case.dims
+    B, H, Hkv, T, S = d["B"], d["H"], d["Hkv"], d["T"], d["S"]
+    options: dict[str, Any] = dict(case.options)
+    inputs: dict[str, np.ndarray] = {}
+    if case.kind == "sdpa":
+        inputs["q"] = rng.normal(size=(B, H, T, d["Dk"]))
+        inputs["k"] = rng.normal(size=(B, Hkv, S, d["Dk"]))
+        inputs["v"] = rng.normal(size=(B, Hkv, S, d["Dv"]))
+    else:
+        inputs["query"] = rng.normal(size=(B, T, d["D"]))
+        if "self" in case.extras:
+            inputs["key"], inputs["value"] = inputs["query"].copy(), inputs["query"].copy()
+        else:
+            inputs["key"] = rng.normal(size=(B, S, d["Dk_in"]))
+            inputs["value"] = rng.normal(size=(B, S, d["Dv_in"]))
+        p = init_params(rng, d_model=d["D"], num_heads=H, num_kv_heads=Hkv, head_dim=d["Dk"],
+                        v_head_dim=d["Dv"], kdim=d["Dk_in"], vdim=d["Dv_in"], out_dim=d["D_out"],
+                        bias="no_param_bias" not in case.extras)
+        inputs.update(p.as_dict())
+        options.update(num_heads=H, num_kv_heads=Hkv)
+    if "padding" in case.extras or "empty_row" in case.extras:
+        mask = np.ones((B, 1, T, S), dtype=bool)  # (B, 1, T, S): the same for every head
+        if "padding" in case.extras:
+            lengths = [S] + [max(1, S - 2 - i) for i in range(B - 1)]  # batch 0 unpadded, then shorter
+            for b, n in enumerate(lengths):
+                mask[b, :, :, n:] = False
+        if "empty_row" in case.extras:
+            mask[0, :, min(1, T - 1), :] = False  # batch 0: query row 1 sees nothing
+        options["mask"] = mask
+    if "bias" in case.extras:
+        bias = rng.normal(size=(1, H, T, S))  # (1, H, T, S): broadcast over the batch
+        if "neg_inf_bias" in case.extras:
+            bias[0, :, :, -1] = -np.inf  # the last key is masked for every query
+            bias[0, 0, 0, :] = -np.inf  # head 0, query 0: an empty row
+        inputs["bias"] = bias
+    if "dropout" in case.extras:
+        options["dropout_mask"] = rng.random((B, H, T, S)) >= options["dropout_p"]
+    out_shape = (B, H, T, d["Dv"]) if case.kind == "sdpa" else (B, T, d["D_out"])
+    cotangent = rng.normal(size=out_shape)
+    return CaseData(case, inputs, options, cotangent)

@@ -1,0 +1,1195 @@
+r"""Golden test vectors: a directory of cases for implementations outside Python.
+
+:func:`write_golden` evaluates canonical cases (:mod:`attention_ref.cases`) and writes, per case,
+one ``<case name>.npz`` -- inputs, array options, the cotangent, the output, every gradient and
+the intermediates (scores, masked scores, row max, logsumexp, weights) -- and one
+``manifest.json``: the format name and version, the conventions, and per case its dimensions,
+scalar options and, per array, its shape, dtype and the SHA-256 of its bytes. A C, Rust or
+JavaScript test reads the manifest with any JSON parser and the arrays with a zip reader and the
+ten-line ``.npy`` header (``docs/golden.md`` describes both byte by byte).
+
+:func:`read_golden` reads such a directory back and verifies every checksum, shape and dtype
+against the manifest, raising :class:`GoldenError` -- naming the file, the array and what is
+wrong -- on any corruption. :func:`verify_golden` judges an implementation: a directory of its
+outputs laid out the same way, or a Python callable; with no candidate it recomputes the
+reference from the stored inputs and checks the stored outputs (a golden set made by another,
+or a broken, version fails).
+
+Command line: ``attention-ref golden DIR`` and ``attention-ref verify DIR [--candidate DIR2]``.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import sys
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from .._version import __version__
+from ..core.attention import AttentionTrace, scaled_dot_product_attention
+from .cases import KINDS, Case, CaseData, Reference, cases as canonical_cases, get_case
+from ..core.mha import multi_head_attention
+from ..core.scores import masked_fill_value
+from .testing import DEFAULT_TOLERANCES, PRECISIONS, Comparison, assert_close, budget_reports, compare
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "MANIFEST_NAME", "CONVENTIONS", "GoldenError",
+    "Problem", "ArraySpec", "GoldenCase", "GoldenSet", "ArrayResult", "write_golden", "read_golden",
+    "verify_golden", "format_results",
+]
+
+#: The ``format`` field of every manifest.
+FORMAT = "attention_ref.golden"
+#: The version this module writes. A change a reader could misread (a renamed key, a new dtype,
+#: another array encoding) increments it; adding cases or arrays under the same rules does not.
+FORMAT_VERSION = 1
+#: The versions :func:`read_golden` understands.
+SUPPORTED_VERSIONS = (1,)
+#: The manifest's file name inside a golden directory.
+MANIFEST_NAME = "manifest.json"
+
+#: Key groups, in the order the arrays are stored.
+_GROUPS = ("input", "option", "cotangent", "output", "grad", "intermediate")
+#: ``group.name`` (letters, digits, ``_``), or ``cotangent``: safe as a zip entry and a file name
+#: on every system, and the same spelling in every language.
+_KEY = re.compile(r"(?:(?:input|option|output|grad|intermediate)\.[A-Za-z][A-Za-z0-9_]*|cotangent)")
+#: Case names become file names: no separators, no leading dot.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: The two array encodings (``.npy`` descr strings): little-endian IEEE 754 binary64, and one
+#: byte per boolean (0 or 1).
+_DTYPES = {"<f8": np.dtype("<f8"), "|b1": np.dtype("|b1")}
+#: Fixed zip timestamps and permissions: the same arrays always give the same bytes.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_ZIP_ATTR = 0o100644 << 16
+_FUNCTIONS: dict[str, Callable[..., Any]] = {"sdpa": scaled_dot_product_attention, "mha": multi_head_attention}
+#: Keyword arguments of the reference that are arrays: stored as ``option.<name>``; ``bias`` is
+#: differentiable, so it is an input.
+_ARRAY_OPTIONS = ("mask", "dropout_mask")
+_NOT_OPTIONS = ("dtype", "bias", "params") + _ARRAY_OPTIONS
+
+
+def _scalar_defaults(kind: str) -> dict[str, Any]:
+    """The scalar keyword options of the reference function of ``kind``, with their defaults."""
+    sig = inspect.signature(_FUNCTIONS[kind])
+    return {n: (None if p.default is inspect.Parameter.empty else p.default)
+            for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _NOT_OPTIONS}
+
+
+#: What a golden set assumes, written into every manifest (``conventions``) so that a reader in
+#: another language has the definitions next to the numbers. ``docs/conventions.md`` has the
+#: sources and what each framework does.
+CONVENTIONS: dict[str, Any] = {
+    "dimension_letters": {
+        "B": "batch", "T": "query positions", "S": "key/value positions", "D": "model width of the query input",
+        "H": "query heads", "Hkv": "key/value heads (H is a multiple of Hkv)", "Dk": "per-head query/key width",
+        "Dv": "per-head value width", "Dk_in": "key input width (MHA)", "Dv_in": "value input width (MHA)",
+        "D_out": "output width (MHA)",
+    },
+    "layout": {
+        "sdpa": "q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv), out (B, H, T, Dv); C order "
+                "(row-major, the last axis varies fastest)",
+        "mha": "query (B, T, D), key (B, S, Dk_in), value (B, S, Dv_in), out (B, T, D_out); per-head "
+               "intermediates (B, H, T, Dk) and (B, Hkv, S, Dk) like sdpa",
+    },
+    "scale": "scores are multiplied by scale; scale null means 1 / sqrt(Dk); scale_used is the value applied",
+    "order_of_operations": [
+        "scores = q @ k^T * scale",
+        "softcap (if not null): scores = softcap * tanh(scores / softcap)",
+        "+ bias (additive, broadcast to (B, H, T, S); a -inf entry masks its pair)",
+        "mask: the boolean mask AND causal AND window; masked entries are excluded from the softmax",
+        "probs = softmax over S of the allowed entries; empty rows follow empty_rows",
+        "dropout (dropout_p > 0): probs * option.dropout_mask / (1 - dropout_p)",
+        "out = (dropped) probs @ v",
+    ],
+    "mask": "bool, broadcastable to (B, H, T, S); true = may attend (PyTorch scaled_dot_product_attention, JAX)",
+    "causal": {
+        "top_left": "query i may attend key j when j <= i (PyTorch is_causal, JAX)",
+        "bottom_right": "query i may attend key j when j <= i + S - T (FlashAttention, decoding)",
+    },
+    "window": "window [left, right]: query i may attend key j when i' - left <= j <= i' + right, with "
+              "i' = i (align top_left) or i + S - T (align bottom_right); a null side is unbounded; "
+              "combined with causal by AND",
+    "empty_rows": {
+        "zero": "a query row with no key to attend gives weights 0 and output 0, and passes no gradient",
+        "uniform": "such a row gives weights 1/S over all keys (output = mean of v)",
+        "nan": "such a row gives NaN",
+        "raise": "such a row is an error",
+    },
+    "gqa": "query head h uses key/value head h // (H // Hkv); key/value gradients sum over the heads of each group",
+    "dropout": "deterministic: option.dropout_mask is the keep-mask (true = kept), kept weights are "
+               "scaled by 1 / (1 - dropout_p); intermediate.probs are the weights before dropout",
+    "weights": "y = x @ w + b with w of shape (in, out) (PyTorch nn.Linear stores (out, in): transpose it)",
+    "mha": [
+        "q = split_heads(query @ w_q + b_q, H), k = split_heads(key @ w_k + b_k, Hkv), "
+        "v = split_heads(value @ w_v + b_v, Hkv)",
+        "split_heads: (B, T, H*Dh) -> (B, H, T, Dh) with out[b, h, t, d] = x[b, t, h*Dh + d]",
+        "context = sdpa(q, k, v, options); out = merge_heads(context) @ w_o + b_o, merge_heads the inverse of split_heads",
+        "a case without b_q, b_k, b_v, b_o has no projection biases",
+    ],
+    "gradients": "grad.X is the vector-Jacobian product sum(cotangent * d output.out / d input.X), of "
+                 "input.X's shape; an input broadcast in the forward (a bias of shape (1, H, T, S)) has "
+                 "its gradient summed over the broadcast axes",
+    "intermediates": {
+        "scores": "(B, H, T, S) q @ k^T * scale, before softcap, bias and mask",
+        "masked_scores": "(B, H, T, S) after softcap, bias and mask; masked entries hold masked_fill, not -inf",
+        "row_max": "(B, H, T) max of masked_scores over the allowed keys; -inf for an empty row",
+        "logsumexp": "(B, H, T) log of sum of exp(masked_scores) over the allowed keys; -inf for an empty row",
+        "probs": "(B, H, T, S) attention weights after the empty-row policy, before dropout",
+        "q": "MHA: (B, H, T, Dk) per-head queries", "k": "MHA: (B, Hkv, S, Dk) per-head keys",
+        "v": "MHA: (B, Hkv, S, Dv) per-head values", "context": "MHA: (B, H, T, Dv) per-head attention output",
+    },
+    "masked_fill": float(masked_fill_value(np.float64)),
+    "arrays": "little-endian; dtype <f8 = IEEE 754 binary64, |b1 = one byte per element, 0 or 1; "
+              "sha256 = SHA-256 of the array's raw data bytes in C order (the .npy payload after its header)",
+}
+
+_GROUP_DOC = {
+    "input": "the differentiable arguments (sdpa: q, k, v, bias; mha: query, key, value, w_q ... b_o, bias)",
+    "option": "array-valued options: mask (bool), dropout_mask (bool)",
+    "cotangent": "the random upstream gradient of output.out (same shape)",
+    "output": "output.out, the reference output",
+    "grad": "grad.X, the gradient of input.X for the cotangent",
+    "intermediate": "forward intermediates by name (see conventions.intermediates)",
+}
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a golden directory."""
+
+    file: str  #: the file, relative to the directory (``manifest.json``, ``plain.npz``)
+    array: str | None  #: the array's key (``grad.q``), or None for the file as a whole
+    what: str  #: what is wrong
+
+    def __str__(self) -> str:
+        return f"{self.file}: " + (f"array {self.array!r}: " if self.array else "") + self.what
+
+
+class GoldenError(ValueError):
+    """A golden directory that cannot be trusted: corrupt, incomplete, or not this format.
+
+    ``problems`` lists every :class:`Problem` found (file, array, what); the message shows them
+    all, one per line.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], problems: Sequence[Problem]):
+        self.directory = str(directory)
+        self.problems = list(problems)
+        head = f"golden set {self.directory} is not valid"
+        if len(self.problems) == 1:
+            text = f"{head}: {self.problems[0]}"
+        else:
+            text = f"{head} ({len(self.problems)} problems):\n" + "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(text)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _select(cases: Iterable[Case | str] | None) -> list[Case]:
+    if cases is None:
+        return canonical_cases()
+    if isinstance(cases, (str, Case)):
+        raise TypeError(f"cases must be None or a list of case names or Case objects; got {cases!r}")
+    selected: list[Case] = []
+    for c in cases:
+        if isinstance(c, str):
+            c = get_case(c)  # ValueError listing the names
+        elif not isinstance(c, Case):
+            raise TypeError(f"cases must hold case names or Case objects; got {type(c).__name__} {c!r}")
+        if c.kind not in KINDS or not _NAME.fullmatch(c.name):
+            raise ValueError(f"case name must match {_NAME.pattern} and kind be one of {KINDS}; got {c.name!r}, {c.kind!r}")
+        if any(s.name == c.name for s in selected):
+            raise ValueError(f"cases must not repeat a name; {c.name!r} appears twice")
+        selected.append(c)
+    if not selected:
+        raise ValueError("cases must name at least one case; got an empty list")
+    return selected
+
+
+def _case_arrays(data: CaseData, ref: Reference) -> dict[str, np.ndarray]:
+    """Every array of a case by key, in storage order, as little-endian C-order float64 / bool."""
+    arrays: dict[str, Any] = {f"input.{n}": a for n, a in data.inputs.items()}
+    arrays.update({f"option.{n}": data.options[n] for n in _ARRAY_OPTIONS if data.options.get(n) is not None})
+    arrays["cotangent"] = data.cotangent
+    arrays["output.out"] = ref.out
+    arrays.update({f"grad.{n}": g for n, g in ref.grads.items()})
+    arrays.update({f"intermediate.{n}": a for n, a in ref.intermediates.items()})
+    out = {}
+    for key, a in arrays.items():
+        a = np.asarray(a)
+        dt = _DTYPES["|b1"] if a.dtype == np.bool_ else _DTYPES["<f8"]
+        out[key] = np.ascontiguousarray(a, dtype=dt)  # no copy when already LE float64 / bool
+    return out
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, version=(1, 0), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A zip of stored (uncompressed) ``<key>.npy`` entries with fixed metadata.
+
+    Not :func:`numpy.savez`: it writes every local header with a ZIP64 extra field and the
+    current time, so the bytes change between runs and a minimal reader must parse ZIP64. These
+    archives have exact 32-bit sizes in every header and no data descriptors, and
+    :func:`numpy.load` reads them like any ``.npz``.
+    """
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, a in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # unix, so that the attributes below mean the same everywhere
+            info.external_attr = _ZIP_ATTR
+            zf.writestr(info, _npy_bytes(a))
+    return buf.getvalue()
+
+
+def _nonfinite(a: np.ndarray) -> dict[str, int]:
+    if a.dtype.kind != "f":
+        return {"neg_inf": 0, "pos_inf": 0, "nan": 0}
+    return {"neg_inf": int(np.isneginf(a).sum()), "pos_inf": int(np.isposinf(a).sum()), "nan": int(np.isnan(a).sum())}
+
+
+def _array_entry(key: str, a: np.ndarray) -> dict[str, Any]:
+    return {"key": key, "shape": list(a.shape), "dtype": a.dtype.str,
+            "sha256": hashlib.sha256(a.tobytes(order="C")).hexdigest(), "nonfinite": _nonfinite(a)}
+
+
+def _json_option(v: Any) -> Any:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v)
+    if isinstance(v, (tuple, list)):
+        return [_json_option(x) for x in v]
+    if v is None or isinstance(v, str):
+        return v
+    raise TypeError(f"option value {v!r} of type {type(v).__name__} has no JSON form")
+
+
+def _case_entry(data: CaseData, file: str, blob: bytes, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    case = data.case
+    scalars = {**_scalar_defaults(case.kind),
+               **{n: v for n, v in data.options.items() if n not in _ARRAY_OPTIONS}}
+    tr = data.trace()
+    attn = tr if isinstance(tr, AttentionTrace) else tr.attention
+    return {
+        "name": case.name, "kind": case.kind, "function": _FUNCTIONS[case.kind].__name__,
+        "description": case.description, "tags": list(case.tags), "dims": dict(case.dims),
+        "options": {n: _json_option(v) for n, v in scalars.items()}, "scale_used": float(attn.scale),
+        "file": file, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+        "arrays": [_array_entry(k, a) for k, a in arrays.items()],
+    }
+
+
+def _dump_manifest(manifest: Mapping[str, Any]) -> str:
+    """Indented ASCII JSON with each array entry on one line.
+
+    ``allow_nan=False``: a NaN or infinity would make the manifest invalid JSON. None can occur
+    (the options are validated finite, the arrays' infinities are only counted), and this makes
+    sure of it.
+    """
+    compact: dict[str, str] = {}
+
+    def mark(entry: Mapping[str, Any]) -> str:
+        token = f"@@array-{len(compact)}@@"
+        compact[f'"{token}"'] = json.dumps(entry, allow_nan=False)
+        return token
+
+    marked = {**manifest, "cases": [{**c, "arrays": [mark(a) for a in c["arrays"]]} for c in manifest["cases"]]}
+    text = json.dumps(marked, indent=1, allow_nan=False)
+    text = re.sub(r'"@@array-\d+@@"', lambda m: compact[m.group(0)], text)
+    return text + "\n"
+
+
+def _prepare(path: Path, overwrite: bool) -> None:
+    """Make ``path`` an empty directory for a golden set, or clear the golden set in it."""
+    path.mkdir(parents=True, exist_ok=True)
+    present = sorted(p.name for p in path.iterdir())
+    if not present:
+        return
+    if not overwrite:
+        raise FileExistsError(f"directory {path} is not empty ({len(present)} entries: {', '.join(present[:3])}"
+                              f"{', ...' if len(present) > 3 else ''}); pass overwrite=True (CLI: --overwrite) "
+                              "to replace the golden set in it")
+    npz = [n for n in present if n.endswith(".npz")]
+    if npz and MANIFEST_NAME not in present:
+        raise FileExistsError(f"directory {path} holds .npz files ({', '.join(npz[:3])}) but no {MANIFEST_NAME}: "
+                              "not a golden set, so overwrite=True will not delete them; use an empty directory")
+    (path / MANIFEST_NAME).unlink(missing_ok=True)  # first: a half-replaced set has no manifest
+    for n in npz:
+        (path / n).unlink()
+
+
+def write_golden(directory: str | os.PathLike[str], cases: Iterable[Case | str] | None = None, *,
+                 overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    r"""Write golden test vectors for ``cases`` into ``directory``: one ``.npz`` per case and a manifest.
+
+    Each case's file ``<name>.npz`` holds its arrays under the keys ``input.<name>``,
+    ``option.<name>``, ``cotangent``, ``output.out``, ``grad.<name>`` and
+    ``intermediate.<name>``, as uncompressed ``.npy`` (version 1.0) entries: little-endian
+    float64 (``<f8``) or bool (``|b1``), C order. ``manifest.json`` records the format, the
+    conventions and, per case, its dims, scalar options and every array's shape, dtype and
+    SHA-256; it is written last. The same cases always give byte-identical files.
+    The format: ``docs/golden.md``.
+
+    Parameters
+    ----------
+    directory : str or path
+        Created if missing. If it is not empty, ``overwrite=True`` is required.
+    cases : list of str or Case, optional
+        The cases to write (names or :class:`~attention_ref.cases.Case` objects); by default
+        every canonical case, :func:`attention_ref.cases.cases`.
+    overwrite : bool
+        Replace the golden set in a non-empty directory: its ``manifest.json`` and ``.npz`` files
+        are deleted first, other files are left alone. A directory holding ``.npz`` files but no
+        manifest is refused even so.
+    progress : callable, optional
+        Called with one line of text before each case, and before writing.
+
+    Returns
+    -------
+    dict
+        The manifest, as written to ``manifest.json``.
+
+    Raises
+    ------
+    FileExistsError
+        ``directory`` is a file, or is not empty and ``overwrite`` is False.
+    ValueError
+        An unknown case name, a repeated case, or no case.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from attention_ref.golden import read_golden, write_golden
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     manifest = write_golden(tmp, ["plain", "gqa"])
+    ...     golden = read_golden(tmp)                    # every checksum verified
+    ...     arrays = golden["gqa"].arrays()
+    >>> manifest["format_version"], [c["file"] for c in manifest["cases"]]
+    (1, ['plain.npz', 'gqa.npz'])
+    >>> arrays["input.q"].shape, arrays["grad.v"].shape, arrays["intermediate.logsumexp"].shape
+    ((2, 4, 3, 4), (2, 2, 5, 3), (2, 4, 3))
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or path; got {type(directory).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool; got {overwrite!r}")
+    selected = _select(cases)
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"directory must be a directory; {path} is a file")
+    say = progress or (lambda msg: None)
+    # Everything is computed before the directory is touched: a case that fails to build leaves
+    # the directory as it was.
+    files: dict[str, bytes] = {}
+    entries = []
+    for i, case in enumerate(selected, start=1):
+        say(f"computing {case.name} ({i}/{len(selected)})")
+        data = case.build()
+        arrays = _case_arrays(data, data.reference())
+        file = f"{case.name}.npz"
+        files[file] = _npz_bytes(arrays)
+        entries.append(_case_entry(data, file, files[file], arrays))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "attention_ref_version": __version__,
+        "conventions": CONVENTIONS, "key_groups": _GROUP_DOC, "cases": entries,
+    }
+    text = _dump_manifest(manifest)
+    say(f"writing {len(files)} files and {MANIFEST_NAME} to {path}")
+    _prepare(path, overwrite)
+    for file, blob in files.items():
+        (path / file).write_bytes(blob)
+    tmp = path / (MANIFEST_NAME + ".part")  # the manifest last, and whole: no half-written set has one
+    tmp.write_text(text, encoding="ascii")
+    os.replace(tmp, path / MANIFEST_NAME)
+    return json.loads(text)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class ArraySpec(NamedTuple):
+    """One array as the manifest describes it."""
+
+    key: str  #: ``group.name`` or ``cotangent``
+    shape: tuple[int, ...]  #: the array's shape
+    dtype: str  #: ``"<f8"`` or ``"|b1"``
+    sha256: str  #: SHA-256 (hex) of the raw C-order data bytes
+    nonfinite: dict[str, int]  #: counts of ``neg_inf``, ``pos_inf`` and ``nan`` entries
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (the format allows no NaN or Infinity literals)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"an object repeats the key(s) {repeated}")
+    return dict(pairs)
+
+
+def _parse_manifest(raw: bytes, problems: list[Problem]) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: not UTF-8 text ({exc})"))
+        return None
+    except json.JSONDecodeError as exc:
+        problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"))
+        return None
+    except ValueError as exc:
+        problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: {exc}"))
+        return None
+    if not isinstance(doc, dict):
+        problems.append(Problem(MANIFEST_NAME, None, f"malformed manifest: expected a JSON object, got {type(doc).__name__}"))
+        return None
+    if doc.get("format") != FORMAT:
+        problems.append(Problem(MANIFEST_NAME, None, f"format must be {FORMAT!r}; got {doc.get('format')!r}"))
+        return None
+    version = doc.get("format_version")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        problems.append(Problem(MANIFEST_NAME, None, f"unknown format_version {version!r}: this reader "
+                                f"(attention_ref {__version__}) supports {list(SUPPORTED_VERSIONS)}"))
+        return None
+    if not isinstance(doc.get("cases"), list) or not doc["cases"]:
+        problems.append(Problem(MANIFEST_NAME, None, f"cases must be a non-empty list; got {doc.get('cases')!r:.80}"))
+        return None
+    return doc
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _expected_shapes(kind: str, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Shapes the dims imply for the main arrays (a manifest whose dims were edited fails these)."""
+    d = dims
+    if kind == "sdpa":
+        return {"input.q": (d["B"], d["H"], d["T"], d["Dk"]), "input.k": (d["B"], d["Hkv"], d["S"], d["Dk"]),
+                "input.v": (d["B"], d["Hkv"], d["S"], d["Dv"]), "output.out": (d["B"], d["H"], d["T"], d["Dv"])}
+    return {"input.query": (d["B"], d["T"], d["D"]), "input.key": (d["B"], d["S"], d["Dk_in"]),
+            "input.value": (d["B"], d["S"], d["Dv_in"]), "output.out": (d["B"], d["T"], d["D_out"]),
+            "intermediate.q": (d["B"], d["H"], d["T"], d["Dk"]), "intermediate.context": (d["B"], d["H"], d["T"], d["Dv"])}
+
+
+_DIMS = {"sdpa": ("B", "H", "Hkv", "T", "S", "Dk", "Dv"),
+         "mha": ("B", "H", "Hkv", "T", "S", "D", "Dk", "Dv", "Dk_in", "Dv_in", "D_out")}
+
+
+def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -> GoldenCase | None:
+    """A manifest case entry as a :class:`GoldenCase`, or None (with problems) if it is malformed."""
+    where = f"cases[{i}]"
+    bad: list[str] = []
+
+    def need(name: str, ok: Callable[[Any], bool], what: str) -> Any:
+        value = entry.get(name)
+        if not ok(value):
+            bad.append(f"{name} must be {what}; got {value!r:.80}")
+        return value
+
+    if not isinstance(entry, dict):
+        problems.append(Problem(MANIFEST_NAME, None, f"{where} must be an object; got {entry!r:.80}"))
+        return None
+    name = need("name", lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)), f"a str matching {_NAME.pattern}")
+    if isinstance(name, str):
+        where = f"case {name!r}"
+    kind = need("kind", lambda v: v in KINDS, f"one of {KINDS}")
+    need("description", lambda v: isinstance(v, str), "a str")
+    need("tags", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of str")
+    dims = need("dims", lambda v: isinstance(v, dict) and kind in KINDS and all(_is_int(v.get(k)) and v[k] > 0 for k in _DIMS[kind]),
+                f"an object with positive ints {_DIMS.get(kind, ())}")
+    options = need("options", lambda v: isinstance(v, dict), "an object")
+    need("scale_used", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+    file = need("file", lambda v: v == f"{name}.npz", f"'{name}.npz'")
+    sha = need("sha256", lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)), "64 lowercase hex digits")
+    size = need("bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0")
+    arrays = need("arrays", lambda v: isinstance(v, list) and bool(v), "a non-empty list")
+    specs: list[ArraySpec] = []
+    for j, a in enumerate(arrays if isinstance(arrays, list) else []):
+        ok = (isinstance(a, dict) and isinstance(a.get("key"), str) and bool(_KEY.fullmatch(a["key"]))
+              and isinstance(a.get("shape"), list) and all(_is_int(n) and n >= 0 for n in a["shape"])
+              and a.get("dtype") in _DTYPES and isinstance(a.get("sha256"), str) and bool(_SHA256.fullmatch(a["sha256"]))
+              and isinstance(a.get("nonfinite"), dict)
+              and all(_is_int(a["nonfinite"].get(c)) for c in ("neg_inf", "pos_inf", "nan")))
+        if not ok:
+            bad.append(f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8 or |b1), "
+                       f"sha256 and nonfinite counts; got {a!r:.120}")
+            continue
+        specs.append(ArraySpec(a["key"], tuple(a["shape"]), a["dtype"], a["sha256"],
+                               {c: a["nonfinite"][c] for c in ("neg_inf", "pos_inf", "nan")}))
+    if bad:
+        problems += [Problem(MANIFEST_NAME, None, f"{where}: {b}") for b in bad]
+        return None
+    by_key = {s.key: s for s in specs}
+    if len(by_key) != len(specs):
+        bad.append("an array key appears twice")
+    for required in ("cotangent", "output.out"):
+        if required not in by_key:
+            bad.append(f"no array {required!r}")
+    inputs = [k.split(".", 1)[1] for k in by_key if k.startswith("input.")]
+    if not inputs:
+        bad.append("no input.* array")
+    for n in inputs:
+        g = by_key.get(f"grad.{n}")
+        if g is None or g.shape != by_key[f"input.{n}"].shape:
+            bad.append(f"grad.{n} must be listed with input.{n}'s shape {list(by_key[f'input.{n}'].shape)}")
+    for k, s in by_key.items():
+        if k.startswith("grad.") and f"input.{k[5:]}" not in by_key:
+            bad.append(f"{k} has no input.{k[5:]}")
+        if s.dtype != "<f8" and not k.startswith("option."):
+            bad.append(f"{k} must have dtype <f8; got {s.dtype}")
+    if "cotangent" in by_key and "output.out" in by_key and by_key["cotangent"].shape != by_key["output.out"].shape:
+        bad.append(f"cotangent's shape {list(by_key['cotangent'].shape)} must be output.out's {list(by_key['output.out'].shape)}")
+    for k, want in _expected_shapes(kind, dims).items():
+        if k in by_key and by_key[k].shape != want:
+            bad.append(f"{k} has shape {list(by_key[k].shape)} but dims imply {list(want)}")
+    if bad:
+        problems += [Problem(MANIFEST_NAME, None, f"{where}: {b}") for b in bad]
+        return None
+    return GoldenCase(name=name, kind=kind, description=entry["description"], tags=tuple(entry["tags"]),
+                      dims=dict(dims), options=_decode_options(options), scale_used=float(entry["scale_used"]),
+                      file=file, sha256=sha, size=size, specs=tuple(specs), directory=directory)
+
+
+def _decode_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {n: tuple(v) if isinstance(v, list) else v for n, v in options.items()}  # window [l, r] -> (l, r)
+
+
+def _parse_npy(raw: bytes) -> tuple[str, bool, tuple[int, ...], bytes]:
+    """``(descr, fortran_order, shape, data)`` of a ``.npy`` file; ValueError if malformed."""
+    f = io.BytesIO(raw)
+    version = np.lib.format.read_magic(f)  # ValueError unless b"\x93NUMPY" + 2 version bytes
+    if version != (1, 0):
+        raise ValueError(f".npy version {version[0]}.{version[1]}; the format uses 1.0")
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    data = raw[f.tell():]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"data is {len(data)} bytes, the header's shape {list(shape)} and dtype {dtype.str} "
+                         f"need {expected} (truncated or padded)")
+    return dtype.str, bool(fortran), tuple(int(n) for n in shape), data
+
+
+def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict[str, np.ndarray]:
+    """Parse a case's archive and check every array against the manifest; problems are appended."""
+    file = case.file
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(blob))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        problems.append(Problem(file, None, f"not a readable zip archive ({exc}): truncated or overwritten"))
+        return {}
+    arrays: dict[str, np.ndarray] = {}
+    with zf:
+        infos = {i.filename: i for i in zf.infolist()}
+        for extra in sorted(set(infos) - {f"{s.key}.npy" for s in case.specs}):
+            problems.append(Problem(file, extra.removesuffix(".npy"), "in the file but not listed in manifest.json"))
+        for spec in case.specs:
+            info = infos.get(f"{spec.key}.npy")
+            if info is None:
+                problems.append(Problem(file, spec.key, "listed in manifest.json but missing from the file"))
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                problems.append(Problem(file, spec.key, f"compressed (zip method {info.compress_type}); the format "
+                                        "stores entries uncompressed (method 0)"))
+                continue
+            try:
+                raw = zf.read(info)  # checks the entry's CRC-32
+                descr, fortran, shape, data = _parse_npy(raw)
+            except (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error) as exc:
+                problems.append(Problem(file, spec.key, f"corrupt or unreadable: {exc}"))
+                continue
+            wrong = []
+            if descr != spec.dtype:
+                wrong.append(f"dtype {descr} but manifest.json says {spec.dtype}")
+            if fortran:
+                wrong.append("stored in Fortran order; the format uses C order")
+            if shape != spec.shape:
+                wrong.append(f"shape {list(shape)} but manifest.json says {list(spec.shape)}")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != spec.sha256:
+                wrong.append(f"sha256 of the data is {digest}, manifest.json says {spec.sha256} (corrupt data)")
+            if wrong:
+                problems += [Problem(file, spec.key, w) for w in wrong]
+                continue
+            a = np.frombuffer(data, dtype=_DTYPES[descr]).reshape(shape)  # read-only view of the bytes
+            if _nonfinite(a) != spec.nonfinite:
+                problems.append(Problem(file, spec.key, f"nonfinite counts {_nonfinite(a)} but manifest.json says {spec.nonfinite}"))
+                continue
+            arrays[spec.key] = a
+    return arrays
+
+
+def _read_case(directory: Path, case: GoldenCase, problems: list[Problem]) -> dict[str, np.ndarray]:
+    path = directory / case.file
+    if not path.is_file():
+        problems.append(Problem(case.file, None, f"missing file (listed in manifest.json for case {case.name!r})"))
+        return {}
+    blob = path.read_bytes()
+    found: list[Problem] = []
+    if len(blob) != case.size:
+        found.append(Problem(case.file, None, f"the file is {len(blob)} bytes, manifest.json says {case.size} "
+                             "(truncated or appended to)"))
+    arrays = _load_arrays(blob, case, found)
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != case.sha256:
+        found.append(Problem(case.file, None, f"sha256 of the file is {digest}, manifest.json says {case.sha256}"
+                             + ("" if found else " (every array matches: the zip metadata changed)")))
+    problems += found
+    return {} if found else arrays
+
+
+@dataclass(frozen=True, eq=False)
+class GoldenCase:
+    """One case of a golden set: the manifest's description, and its arrays on demand.
+
+    The arrays are read (and verified again) on the first call of :meth:`arrays`, then kept;
+    they are read-only.
+    """
+
+    name: str  #: the case's name, also its file's stem
+    kind: str  #: "sdpa" or "mha"
+    description: str  #: one line: what the case exercises
+    tags: tuple[str, ...]  #: the case's tags
+    dims: dict[str, int]  #: B, H, Hkv, T, S, Dk, Dv (MHA also D, Dk_in, Dv_in, D_out)
+    options: dict[str, Any]  #: every scalar option of the reference call, defaults included
+    scale_used: float  #: the score scale applied (1/sqrt(Dk) unless options["scale"] is given)
+    file: str  #: ``<name>.npz``
+    sha256: str  #: SHA-256 of the file
+    size: int  #: the file's size in bytes (the manifest's ``bytes``)
+    specs: tuple[ArraySpec, ...]  #: the arrays as the manifest lists them
+    directory: Path = Path(".")  #: the golden set's directory
+    _cache: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of the case by key (``input.q``, ``grad.q``, ...), verified; read-only.
+
+        Raises :class:`GoldenError` if the file changed since :func:`read_golden`.
+        """
+        if not self._cache:
+            problems: list[Problem] = []
+            arrays = _read_case(self.directory, self, problems)
+            if problems:
+                raise GoldenError(self.directory, problems)
+            self._cache.update(arrays)
+        return dict(self._cache)
+
+    def _group(self, group: str) -> dict[str, np.ndarray]:
+        return {k.split(".", 1)[1]: a for k, a in self.arrays().items() if k.startswith(group + ".")}
+
+    def case_data(self) -> CaseData:
+        """The case as a :class:`~attention_ref.cases.CaseData` (writable copies of the arrays).
+
+        ``reference function(**data.inputs, **data.options)`` is the case, so the reference,
+        ``attention_ref.testing.budget_reports`` and the gradient checkers apply to it.
+        """
+        scalars = {n: v for n, v in self.options.items() if not (self.kind == "mha" and n in ("num_heads", "num_kv_heads"))}
+        case = Case(self.name, self.kind, self.description, dict(self.dims), scalars, (), self.tags)
+        options = {**self.options, **{n: a.copy() for n, a in self._group("option").items()}}
+        inputs = {n: a.copy() for n, a in self._group("input").items()}
+        return CaseData(case, inputs, options, self.arrays()["cotangent"].copy())
+
+    def reference(self) -> Reference:
+        """The stored output, gradients and intermediates, as a :class:`~attention_ref.cases.Reference`."""
+        return Reference(self.arrays()["output.out"], self._group("grad"), self._group("intermediate"))
+
+
+class GoldenSet:
+    """A verified golden directory: the manifest, and each case by name.
+
+    Made by :func:`read_golden`. ``golden["plain"]`` is a :class:`GoldenCase`; iterating gives the
+    cases in the manifest's order.
+    """
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], manifest_sha256: str,
+                 cases: Sequence[GoldenCase]):
+        self.directory = directory  #: the directory read
+        self.manifest = manifest  #: the parsed manifest.json
+        self.manifest_sha256 = manifest_sha256  #: SHA-256 of manifest.json's bytes (to pin a set)
+        self.cases = tuple(cases)  #: the cases, in the manifest's order
+
+    @property
+    def names(self) -> list[str]:
+        """The case names, in the manifest's order."""
+        return [c.name for c in self.cases]
+
+    @property
+    def format_version(self) -> int:
+        """The manifest's ``format_version``."""
+        return int(self.manifest["format_version"])
+
+    def __getitem__(self, name: str) -> GoldenCase:
+        for c in self.cases:
+            if c.name == name:
+                return c
+        raise KeyError(f"no case {name!r} in golden set {self.directory}; it has {self.names}")
+
+    def __iter__(self) -> Iterator[GoldenCase]:
+        return iter(self.cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __repr__(self) -> str:
+        return f"GoldenSet({str(self.directory)!r}, {len(self.cases)} cases, format_version {self.format_version})"
+
+
+def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
+    r"""Read a golden directory and verify all of it: manifest, files, arrays and checksums.
+
+    Checks, in order: ``manifest.json`` exists and is valid JSON (no NaN/Infinity literals), its
+    ``format`` and ``format_version`` are known, every case entry is well formed and consistent
+    (a gradient per input, with its shape; the dims agree with the shapes); then every case's
+    file exists and has the manifest's SHA-256, and every array in it is listed, readable
+    (zip CRC-32, ``.npy`` header), with the manifest's dtype, shape and SHA-256; and no ``.npz``
+    in the directory is missing from the manifest. The arrays themselves are not kept: each
+    case reads them again on :meth:`GoldenCase.arrays`.
+
+    Parameters
+    ----------
+    directory : str or path
+        A directory written by :func:`write_golden` (or by any writer of the same format).
+
+    Returns
+    -------
+    GoldenSet
+
+    Raises
+    ------
+    GoldenError
+        Listing every problem found, each naming the file, the array and what is wrong.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from attention_ref.golden import GoldenError, read_golden, write_golden
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = write_golden(tmp, ["plain", "one_element"])
+    ...     print(read_golden(tmp).names)
+    ...     Path(tmp, "one_element.npz").unlink()
+    ...     try:
+    ...         read_golden(tmp)
+    ...     except GoldenError as err:
+    ...         print(err.problems[0])
+    ['plain', 'one_element']
+    one_element.npz: missing file (listed in manifest.json for case 'one_element')
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or path; got {type(directory).__name__}")
+    path = Path(directory)
+    if not path.is_dir():
+        raise GoldenError(path, [Problem(".", None, "no such directory")])
+    problems: list[Problem] = []
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file():
+        raise GoldenError(path, [Problem(MANIFEST_NAME, None, "missing file (every golden directory has one)")])
+    raw = mpath.read_bytes()
+    manifest = _parse_manifest(raw, problems)
+    if manifest is None:
+        raise GoldenError(path, problems)
+    golden_cases: list[GoldenCase] = []
+    for i, entry in enumerate(manifest["cases"]):
+        gc = _check_entry(i, entry, problems, path)
+        if gc is None:
+            continue
+        if any(c.name == gc.name for c in golden_cases):
+            problems.append(Problem(MANIFEST_NAME, None, f"case {gc.name!r} appears twice"))
+            continue
+        _read_case(path, gc, problems)
+        golden_cases.append(gc)
+    listed = {c.file for c in golden_cases} | {e.get("file") for e in manifest["cases"] if isinstance(e, dict)}
+    for stray in sorted(p.name for p in path.glob("*.npz") if p.name not in listed):
+        problems.append(Problem(stray, None, "not listed in manifest.json (a case removed from the manifest?)"))
+    if problems:
+        raise GoldenError(path, problems)
+    return GoldenSet(path, manifest, hashlib.sha256(raw).hexdigest(), golden_cases)
+
+
+# ----------------------------------------------------------------------------- verifying
+
+
+class ArrayResult(NamedTuple):
+    """One array of one case, judged."""
+
+    case: str  #: the case's name
+    key: str  #: the array's key (``output.out``, ``grad.q``, ``intermediate.logsumexp``)
+    passed: bool  #: within the rule
+    rule: str  #: the rule applied, e.g. ``rtol=1e-12 atol=1e-14`` or ``budget bfloat16 3x``
+    message: str  #: the comparison report (worst error, where, both values), or what is missing
+    comparison: Comparison | None  #: the worst error, or None when nothing could be compared
+
+    @property
+    def max_abs_error(self) -> float:
+        """max \\|actual - reference\\| over entries finite on both sides (NaN if not compared)."""
+        return self.comparison.max_abs_error if self.comparison is not None else float("nan")
+
+    @property
+    def rel_error(self) -> float:
+        """max_abs_error / max \\|reference\\| (NaN if not compared)."""
+        return self.comparison.rel_error if self.comparison is not None else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite numbers become null."""
+        def num(x: float) -> float | None:
+            return float(x) if np.isfinite(x) else None
+
+        c = self.comparison
+        return {"case": self.case, "key": self.key, "passed": self.passed, "rule": self.rule,
+                "max_abs_error": num(self.max_abs_error), "rel_error": num(self.rel_error),
+                "location": list(c.location) if c is not None else None,
+                "nan_mismatch": c.nan_mismatch if c is not None else None,
+                "inf_mismatch": c.inf_mismatch if c is not None else None, "message": self.message}
+
+
+_JUDGED = ("output.", "grad.", "intermediate.")
+
+
+def _judge(case: str, key: str, actual: Any, reference: np.ndarray, rtol: float, atol: float) -> ArrayResult:
+    rule = f"rtol={rtol:g} atol={atol:g}"
+    try:
+        shape = np.shape(actual)
+    except (TypeError, ValueError) as exc:
+        return ArrayResult(case, key, False, rule, f"not an array: {exc}", None)
+    if shape != reference.shape:
+        return ArrayResult(case, key, False, rule, f"shape {list(shape)}, the golden set has {list(reference.shape)}", None)
+    try:
+        comp = compare(actual, reference, name=f"{case} {key}")
+        assert_close(actual, reference, rtol=rtol, atol=atol, precision="float64", name=f"{case} {key}")
+    except AssertionError as exc:
+        return ArrayResult(case, key, False, rule, str(exc), comp)
+    except (TypeError, ValueError) as exc:
+        return ArrayResult(case, key, False, rule, f"cannot be compared: {exc}", None)
+    return ArrayResult(case, key, True, rule, str(comp), comp)
+
+
+def _candidate_from_dir(directory: Path, case: str) -> tuple[dict[str, Any], str | None]:
+    path = directory / f"{case}.npz"
+    if not path.is_file():
+        return {}, f"no {path.name} in the candidate directory {directory}"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}, None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return {}, f"{path} is not a readable .npz: {exc}"
+
+
+def _check_tolerance(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be None or a finite number >= 0; got {value!r}")
+    return float(value)
+
+
+def verify_golden(directory: str | os.PathLike[str] | GoldenSet,
+                  candidate: str | os.PathLike[str] | Callable[..., Mapping[str, Any]] | None = None, *,
+                  rtol: float | None = None, atol: float | None = None, precision: str | None = None,
+                  cases: Sequence[str] | None = None,
+                  progress: Callable[[str], None] | None = None) -> list[ArrayResult]:
+    r"""Judge an implementation's outputs against a golden set, or the golden set against the reference.
+
+    The golden directory is read and verified first (:func:`read_golden`). Then, per case:
+
+    * ``candidate=None`` (self-verification): the reference is recomputed from the stored
+      inputs, options and cotangent, and every stored output, gradient and intermediate is
+      compared with it. A set written by another version, or corrupted consistently with its
+      checksums, fails here.
+    * ``candidate`` a directory: its ``<case>.npz`` (any ``.npz`` writer; float32 is fine) must
+      hold ``output.out`` and may hold any ``grad.*`` and ``intermediate.*`` keys of the golden
+      set; each is compared with the stored array. Other ``input.*``/``option.*``/``cotangent``
+      entries are ignored, so a copy of the golden file with the outputs replaced works.
+    * ``candidate`` a callable ``candidate(case_name, inputs, options, cotangent) -> dict``: called
+      with copies of the stored arrays (``inputs`` by name: ``q``, ``k``, ...; ``options``: every
+      scalar option plus the ``mask``/``dropout_mask`` arrays, so that
+      ``scaled_dot_product_attention(**inputs, **options)`` is the case), returning arrays under
+      the same keys as a candidate file.
+
+    The rule is ``|actual - reference| <= atol + rtol |reference|`` element-wise, NaN facing NaN
+    and an infinity the same infinity (``attention_ref.testing.assert_close``), with the
+    float64 default of ``attention_ref.testing.DEFAULT_TOLERANCES`` unless ``rtol``/``atol``
+    are given. With ``precision`` (a low-precision candidate) ``output.out`` and the gradients
+    are judged by the error-budget rule instead (``attention_ref.testing.budget_reports``:
+    against the reference computed in that precision from the stored inputs), and intermediates
+    by ``rtol``/``atol``, defaulting to ``DEFAULT_TOLERANCES[precision]``.
+
+    Parameters
+    ----------
+    directory : str, path or GoldenSet
+        The golden set.
+    candidate : str, path or callable, optional
+        See above; None checks the golden set itself.
+    rtol, atol : float, optional
+        Tolerances of the element-wise rule.
+    precision : {"float32", "float16", "bfloat16"}, optional
+        The candidate's precision, for the error-budget rule.
+    cases : list of str, optional
+        Judge only these cases (by default all: a candidate directory must then cover all).
+    progress : callable, optional
+        Called with one line of text before each case.
+
+    Returns
+    -------
+    list of ArrayResult
+        One per array compared (or missing), in case order.
+
+    Raises
+    ------
+    GoldenError
+        The golden set is corrupt (see :func:`read_golden`).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from attention_ref import scaled_dot_product_attention
+    >>> from attention_ref.golden import verify_golden, write_golden
+    >>> def mine(name, inputs, options, cotangent):       # an implementation under test
+    ...     return {"output.out": scaled_dot_product_attention(**inputs, **options)}
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = write_golden(tmp, ["causal_bottom_right_t_gt_s", "gqa"])
+    ...     itself = verify_golden(tmp)                  # stored outputs vs a recomputation
+    ...     results = verify_golden(tmp, mine)
+    >>> all(r.passed for r in itself), [(r.case, r.key, r.passed) for r in results]
+    (True, [('causal_bottom_right_t_gt_s', 'output.out', True), ('gqa', 'output.out', True)])
+    """
+    golden = directory if isinstance(directory, GoldenSet) else read_golden(directory)
+    rtol, atol = _check_tolerance("rtol", rtol), _check_tolerance("atol", atol)
+    if precision is not None:
+        if precision not in PRECISIONS or precision == "float64":
+            raise ValueError(f"precision must be None or one of {PRECISIONS[1:]} (the error-budget rule); "
+                             f"got {precision!r}; for float64 give rtol/atol")
+        if candidate is None:
+            raise ValueError("precision applies to a candidate; self-verification (candidate=None) is float64")
+    tol = DEFAULT_TOLERANCES[precision or "float64"]
+    rtol = tol.rtol if rtol is None else rtol
+    atol = tol.atol if atol is None else atol
+    if cases is None:
+        names = golden.names
+    else:
+        if isinstance(cases, str) or not all(isinstance(c, str) for c in cases):
+            raise TypeError(f"cases must be None or a list of case names; got {cases!r}")
+        unknown = [c for c in cases if c not in golden.names]
+        if unknown:
+            raise ValueError(f"cases must be names in the golden set {golden.names}; got unknown {unknown}")
+        names = list(cases)
+    cand_dir: Path | None = None
+    call: Callable[..., Any] | None = None
+    if isinstance(candidate, (str, os.PathLike)):
+        cand_dir = Path(candidate)
+        if not cand_dir.is_dir():
+            raise ValueError(f"candidate must be an existing directory, a callable or None; {cand_dir} is not a directory")
+    elif callable(candidate):
+        call = candidate
+    elif candidate is not None:
+        raise TypeError(f"candidate must be a directory, a callable or None; got {type(candidate).__name__}")
+    say = progress or (lambda msg: None)
+    results: list[ArrayResult] = []
+    for i, name in enumerate(names, start=1):
+        gc = golden[name]
+        say(f"verifying {name} ({i}/{len(names)})")
+        stored = {k: a for k, a in gc.arrays().items() if k.startswith(_JUDGED)}
+        if candidate is None:
+            data = gc.case_data()
+            ref = data.reference()
+            recomputed = {"output.out": ref.out, **{f"grad.{n}": g for n, g in ref.grads.items()},
+                          **{f"intermediate.{n}": a for n, a in ref.intermediates.items()}}
+            for key, a in stored.items():
+                if key not in recomputed:
+                    results.append(ArrayResult(name, key, False, "", f"attention_ref {__version__} does not compute {key}", None))
+                else:
+                    results.append(_judge(name, key, a, recomputed[key], rtol, atol))
+            continue
+        if call is None:
+            got, missing = _candidate_from_dir(cand_dir or Path("."), name)
+            if missing:
+                results.append(ArrayResult(name, "output.out", False, "", missing, None))
+                continue
+            got = {k: v for k, v in got.items() if k.startswith(_JUDGED)}
+        else:
+            data = gc.case_data()
+            returned = call(name, data.inputs, data.options, data.cotangent)
+            if not isinstance(returned, Mapping):
+                raise TypeError(f"candidate must return a dict of arrays keyed like 'output.out', 'grad.q'; "
+                                f"for case {name!r} it returned {type(returned).__name__}")
+            got = dict(returned)
+        results += _judge_candidate(gc, stored, got, rtol, atol, precision)
+    return results
+
+
+def _judge_candidate(gc: GoldenCase, stored: Mapping[str, np.ndarray], got: Mapping[str, Any],
+                     rtol: float, atol: float, precision: str | None) -> list[ArrayResult]:
+    name = gc.name
+    results = [ArrayResult(name, k, False, "", f"the candidate returned {k!r}, which is not an output, gradient "
+                           f"or intermediate of the golden set (keys: {sorted(stored)})", None)
+               for k in sorted(set(got) - set(stored))]
+    if "output.out" not in got:
+        results.append(ArrayResult(name, "output.out", False, "", "the candidate has no output.out", None))
+    judged = [k for k in stored if k in got]
+    budget_keys = [k for k in judged if k == "output.out" or k.startswith("grad.")] if precision else []
+    if budget_keys and "output.out" in got:
+        shape_ok = [k for k in budget_keys if np.shape(got[k]) == stored[k].shape]
+        for k in set(budget_keys) - set(shape_ok):
+            results.append(_judge(name, k, got[k], stored[k], rtol, atol))
+        if "output.out" in shape_ok:
+            grads = {k[5:]: got[k] for k in shape_ok if k.startswith("grad.")}
+            reports = budget_reports(gc.case_data(), got["output.out"], grads or None, precision=str(precision),
+                                     reference=gc.reference())
+            keys = ["output.out"] + [f"grad.{n}" for n in grads]
+            for k, rep in zip(keys, reports):
+                results.append(ArrayResult(name, k, rep.passed, f"budget {precision} {rep.rtol_budget:g}x",
+                                           str(rep), rep.candidate))
+        else:
+            results += [_judge(name, k, got[k], stored[k], rtol, atol) for k in shape_ok]
+        judged = [k for k in judged if k not in budget_keys]
+    results += [_judge(name, k, got[k], stored[k], rtol, atol) for k in judged]
+    order = {k: i for i, k in enumerate(stored)}
+    return sorted(results, key=lambda r: order.get(r.key, len(order)))
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_results(results: Sequence[ArrayResult]) -> str:
+    """The results as a table with one row per case, the failures in full, and a count line.
+
+    Examples
+    --------
+    >>> from attention_ref.golden import ArrayResult, format_results
+    >>> print(format_results([ArrayResult("plain", "output.out", True, "rtol=1e-12 atol=1e-14", "", None)]))
+    case   arrays  worst array  max abs err  rel err  result
+    --------------------------------------------------------
+    plain       1  output.out             -        -  pass
+    <BLANKLINE>
+    verify: 1 case passed, 0 failed (1 array compared, 0 failed)
+    """
+    by_case: dict[str, list[ArrayResult]] = {}
+    for r in results:
+        by_case.setdefault(r.case, []).append(r)
+    width = max([len("case")] + [len(c) for c in by_case])
+    kw = max([len("worst array")] + [len(r.key) for r in results])
+    head = f"{'case':<{width}}  arrays  {'worst array':<{kw}}  max abs err  rel err  result"
+    lines = [head, "-" * len(head)]
+
+    def badness(r: ArrayResult) -> tuple[bool, float]:
+        rel = r.rel_error
+        return (not r.passed, rel if np.isfinite(rel) else (-1.0 if np.isnan(rel) else float("inf")))
+
+    for case, rs in by_case.items():
+        worst = max(rs, key=badness)
+        err = "-" if worst.comparison is None else f"{worst.max_abs_error:.1e}"
+        rel = "-" if worst.comparison is None else f"{worst.rel_error:.1e}"
+        ok = all(r.passed for r in rs)
+        lines.append(f"{case:<{width}}  {len(rs):>6}  {worst.key:<{kw}}  {err:>11}  {rel:>7}  {'pass' if ok else 'FAIL'}")
+    failed = [r for r in results if not r.passed]
+    if failed:
+        lines += ["", "failures:"]
+        for r in failed:
+            text = r.message.replace("\n", "\n    ")
+            lines.append(f"  {r.case} {r.key} [{r.rule or 'missing'}]:\n    {text}")
+    bad_cases = sum(not all(r.passed for r in rs) for rs in by_case.values())
+    n_cases = len(by_case)
+    lines += ["", f"verify: {n_cases - bad_cases} case{'s' if n_cases - bad_cases != 1 else ''} passed, {bad_cases} failed "
+                  f"({len(results)} array{'s' if len(results) != 1 else ''} compared, {len(failed)} failed)"]
+    return "\n".join(lines)
+
+
+def _say(quiet: bool) -> Callable[[str], None] | None:
+    return None if quiet else (lambda msg: print(f"  {msg} ...", file=sys.stderr, flush=True))
+
+
+def main_golden(directory: str, cases: Sequence[str] | None = None, *, overwrite: bool = False,
+                quiet: bool = False, as_json: bool = False) -> int:
+    """``attention-ref golden DIR``: write the golden set; returns the exit status."""
+    start = time.perf_counter()
+    try:
+        manifest = write_golden(directory, cases, overwrite=overwrite, progress=_say(quiet))
+    except (FileExistsError, ValueError, TypeError) as exc:
+        if as_json:
+            print(json.dumps({"command": "golden", "directory": str(directory), "passed": False, "error": str(exc)}, indent=1))
+        print(f"attention-ref golden: error: {exc}", file=sys.stderr)
+        return 1
+    msha = hashlib.sha256((Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()
+    rows = [{"name": c["name"], "kind": c["kind"], "file": c["file"], "arrays": len(c["arrays"]),
+             "bytes": c["bytes"], "sha256": c["sha256"]} for c in manifest["cases"]]
+    if as_json:
+        print(json.dumps({"command": "golden", "directory": str(directory), "passed": True,
+                          "format_version": manifest["format_version"], "manifest_sha256": msha, "cases": rows}, indent=1))
+        return 0
+    width = max(len("case"), *(len(r["name"]) for r in rows))
+    head = f"{'case':<{width}}  kind  arrays  {'KiB':>6}  sha256 (first 16 hex digits)"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['kind']:<4}  {r['arrays']:>6}  {r['bytes'] / 1024:>6.1f}  {r['sha256'][:16]}")
+    total = sum(r["bytes"] for r in rows)
+    print(f"\nwrote {len(rows)} cases ({sum(r['arrays'] for r in rows)} arrays, {total / 1024:.1f} KiB) and "
+          f"{MANIFEST_NAME} (sha256 {msha}) to {directory} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main_verify(directory: str, candidate: str | None = None, cases: Sequence[str] | None = None, *,
+                rtol: float | None = None, atol: float | None = None, precision: str | None = None,
+                quiet: bool = False, as_json: bool = False) -> int:
+    """``attention-ref verify DIR [--candidate DIR2]``: returns the exit status (1 on any failure)."""
+    start = time.perf_counter()
+    say = _say(quiet)
+    try:
+        if say:
+            say(f"reading and checking {directory}")
+        golden = read_golden(directory)
+        results = verify_golden(golden, candidate, rtol=rtol, atol=atol, precision=precision, cases=cases,
+                                progress=say)
+    except GoldenError as exc:
+        if as_json:
+            print(json.dumps({"command": "verify", "directory": str(directory), "passed": False, "error": str(exc),
+                              "problems": [p._asdict() for p in exc.problems]}, indent=1))
+        else:
+            print(f"{exc}\nverify: FAILED, the golden set is not valid ({len(exc.problems)} problem"
+                  f"{'s' if len(exc.problems) != 1 else ''})")
+        return 1
+    except (ValueError, TypeError) as exc:
+        if as_json:
+            print(json.dumps({"command": "verify", "directory": str(directory), "passed": False, "error": str(exc)}, indent=1))
+        print(f"attention-ref verify: error: {exc}", file=sys.stderr)
+        return 1
+    ok = bool(results) and all(r.passed for r in results)
+    mode = ("stored outputs against a recomputation by attention_ref " + __version__ if candidate is None
+            else f"candidate {candidate} against the stored outputs")
+    if as_json:
+        print(json.dumps({"command": "verify", "directory": str(directory), "candidate": candidate,
+                          "passed": ok, "manifest_sha256": golden.manifest_sha256,
+                          "format_version": golden.format_version, "precision": precision,
+                          "results": [r.as_dict() for r in results]}, indent=1))
+        return 0 if ok else 1
+    n_arrays = sum(len(c.specs) for c in golden)
+    print(f"golden set {directory}: {len(golden)} cases, {n_arrays} arrays, every checksum verified "
+          f"(format_version {golden.format_version}, manifest sha256 {golden.manifest_sha256})")
+    print(f"comparing {mode}\n")
+    print(format_results(results))
+    rules = sorted({r.rule for r in results if r.rule})
+    print(f"rule: |actual - reference| <= atol + rtol * |reference| element-wise"
+          f"{'; budget: error <= factor x the baseline error + floor (attention_ref.testing)' if precision else ''}"
+          f" -- used: {', '.join(rules) or 'none'} ({time.perf_counter() - start:.1f} s)")
+    return 0 if ok else 1

@@ -1,0 +1,13 @@
+"""Variants: the same attention computed another way, or on other layouts.
+
+Layer 2 of attention_ref. Each module computes what :func:`attention_ref.sdpa_forward` computes,
+takes the same :class:`~attention_ref.core.options.AttentionOptions` and builds its allowed pairs
+with :mod:`attention_ref.core.masks`:
+
+* ``flash`` -- tiled FlashAttention-2, forward and backward from the logsumexp, (F1)-(F9);
+* ``varlen`` -- packed variable-length batches with ``cu_seqlens``, (V1)-(V6);
+* ``decode`` -- decoding with an immutable key/value cache.
+
+A new variant (split-KV, paged caches, MLA, sparse or programmable attention) is a new module
+here. May import: numpy and :mod:`attention_ref.core`.
+"""
