@@ -26,14 +26,15 @@ from .core.mha import (
     multi_head_attention,
     multi_head_attention_backward,
 )
-from .core.scores import attention_mask, causal_mask, window_mask
+from .core.masks import AllowedPairs, attention_mask, causal_mask, window_mask
+from .core.options import AttentionOptions
 from .core.softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
 from . import gradcheck
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (the package version, attention_ref.__version__)
 
 __all__ = [
-    "AttentionGrads", "AttentionTrace", "LinearGrads", "MultiHeadGrads", "MultiHeadParams",
+    "AllowedPairs", "AttentionGrads", "AttentionOptions", "AttentionTrace", "LinearGrads", "MultiHeadGrads", "MultiHeadParams",
     "MultiHeadTrace", "attention_mask", "causal_mask", "dropout_keep_mask", "gradcheck",
     "init_params", "linear", "linear_backward", "logsumexp", "logsumexp_backward",
     "merge_heads", "merge_heads_backward", "mha_backward", "mha_forward", "multi_head_attention",

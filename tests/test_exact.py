@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import attention_ref as ar
+from attention_ref import AttentionOptions
 from attention_ref.oracle import exact
 from attention_ref.cases import cases as canonical_cases
 from attention_ref.oracle.exact import exact_mha, exact_sdpa
@@ -346,7 +347,8 @@ def directional(ctx: Any, phi: Callable[[Any], Any], x: np.ndarray, grad: np.nda
 
 def sdpa_directionals() -> dict[str, Directional]:
     inputs, dout, options = fd_sdpa_case()
-    ctx, a, dout_mp, _ = exact._prepare_sdpa(**inputs, dout=dout, dps=FD_DPS, **options)
+    ctx, a, dout_mp, _ = exact._prepare_sdpa(**inputs, dout=dout, dps=FD_DPS,
+                                             given=AttentionOptions(**options))
     _, grads = exact._sdpa_mp(ctx, a, dout_mp)
     rng = np.random.default_rng(22)
 
@@ -362,8 +364,10 @@ def mha_directionals() -> dict[str, Directional]:
     bias's shift of a row's scores no longer cancels) and a dropout keep-mask."""
     c = CONFIGS["MHA cross-attention, GQA, kdim/vdim, bias, key padding"]
     keep = np.random.default_rng(23).random((2, 4, 3, 5)) >= 0.5  # (B, H, T, S)
-    ctx, m, dout_mp, _ = exact._prepare_mha(**c.inputs, dout=c.dout, dps=FD_DPS, **c.options,
-                                            softcap=2.0, dropout_p=0.5, dropout_mask=keep)
+    given = AttentionOptions.of(**{n: x for n, x in c.options.items() if n in AttentionOptions.names()},
+                                softcap=2.0, dropout_p=0.5, dropout_mask=keep)
+    heads = {n: x for n, x in c.options.items() if n not in AttentionOptions.names()}
+    ctx, m, dout_mp, _ = exact._prepare_mha(**c.inputs, dout=c.dout, dps=FD_DPS, **heads, given=given)
     r = exact._mha_mp(ctx, m, dout_mp)
     rng = np.random.default_rng(24)
 

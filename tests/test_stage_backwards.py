@@ -6,8 +6,9 @@ import numpy as np
 
 from attention_ref.core.attention import dropout_backward, dropout_forward
 from attention_ref.gradcheck import check_vjp
+from attention_ref.core.masks import causal_mask
 from attention_ref.core.scores import (
-    add_bias_backward, apply_mask, apply_mask_backward, causal_mask, scaled_scores,
+    add_bias_backward, apply_mask, apply_mask_backward, scaled_scores,
     scaled_scores_backward, softcap_backward, softcap_forward, weighted_values,
     weighted_values_backward,
 )

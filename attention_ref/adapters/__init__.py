@@ -29,20 +29,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..core._validate import (
-    ALIGNS,
-    EMPTY_ROW_POLICIES,
     as_float,
     check_broadcastable,
-    check_choice,
     check_ndim,
     check_nonempty,
-    check_real_scalar,
-    check_window,
     resolve_dtype,
 )
 from ..core.attention import AttentionGrads
 from ..core.mha import MultiHeadGrads
-from ..core.scores import attention_mask
+from ..core.masks import AllowedPairs, query_offset
+from ..core.options import AttentionOptions
 
 __all__ = ["UnsupportedOption", "FrameworkRun"]
 
@@ -130,60 +126,38 @@ class _Options(NamedTuple):
     allowed: np.ndarray | None  # structural & (bias != -inf)
 
 
-def _prepare(
-    framework: str,
-    policy: str,
-    no_dropout: str,
-    T: int,
-    S: int,
-    *,
-    mask: Any,
-    bias: Any,
-    causal: Any,
-    align: Any,
-    window: Any,
-    softcap: Any,
-    scale: Any,
-    dropout_p: Any,
-    dropout_mask: Any,
-    empty_rows: Any,
-) -> _Options:
+def _prepare(framework: str, policy: str, no_dropout: str, T: int, S: int,
+             options: AttentionOptions) -> _Options:
     """Validate the options, refuse what ``framework`` cannot express, and build the masks.
 
     ``policy`` is what the framework does with a fully masked row; a different ``empty_rows`` is
     refused only when such a row exists (otherwise the policy does not matter). ``no_dropout``
     says why the framework cannot take the reference's explicit dropout keep-mask.
     """
+    mask, bias = options.mask, options.bias
     if mask is not None:
         mask = _bool_array("mask", mask, "True = may attend")
     if bias is not None:
         bias = as_float("bias", _numpy(bias), np.dtype(np.float64))
         if bias.ndim < 2:
             raise ValueError(f"bias must have shape (..., T, S) (2 or more dims); got shape {bias.shape}")
-        check_broadcastable("bias", bias, bias.shape[:-2] + (T, S), "(..., H, T, S)")
-        bad = np.isnan(bias) | np.isposinf(bias)
-        if bad.any():
-            raise ValueError(f"bias must be finite or -inf (-inf masks that entry); got {int(bad.sum())} NaN/+inf entries")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool; got {causal!r}")
-    align = check_choice("align", align, ALIGNS)
-    window = check_window(window)
-    if scale is not None:
-        scale = check_real_scalar("scale", scale, positive=False)
-    dropout_p = check_real_scalar("dropout_p", dropout_p, positive=False)
-    if dropout_p >= 1:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    if dropout_p == 0 and dropout_mask is not None:
-        raise ValueError("dropout_mask was given but dropout_p is 0; pass dropout_p > 0 or no mask")
-    empty_rows = check_choice("empty_rows", empty_rows, EMPTY_ROW_POLICIES)
-
-    if softcap is not None:
-        check_real_scalar("softcap", softcap, positive=True)
+    keep = options.dropout_mask
+    keep = None if keep is None or isinstance(keep, np.random.Generator) else np.asarray(_numpy(keep))
+    lead = [x.shape[:-2] for x in (mask, bias, keep) if x is not None and x.ndim >= 2]
+    try:
+        scores_shape = np.broadcast_shapes(*lead) + (T, S) if lead else (T, S)
+    except ValueError:
+        scores_shape = (T, S)  # the mask and bias disagree: validate reports it
+    opt = options.replace(mask=mask, bias=bias).validate(scores_shape)
+    mask, bias, causal, align, window, empty_rows = (opt.mask, opt.bias, opt.causal, opt.align,
+                                                     opt.window, opt.empty_rows)
+    if opt.softcap is not None:
         raise UnsupportedOption("softcap", framework, "it has no soft-cap (cap * tanh(s / cap)) of the scores")
-    if dropout_p > 0:
+    if opt.dropout_p > 0:
         raise UnsupportedOption("dropout_p", framework, no_dropout)
 
-    structural = attention_mask(T, S, mask=mask, causal=bool(causal), align=align, window=window)
+    pairs = AllowedPairs(T, S, mask, causal, window, query_offset(T, S, align))
+    structural = pairs.dense()
     allowed = structural
     if bias is not None and np.isneginf(bias).any():
         finite = ~np.isneginf(bias)
@@ -198,7 +172,7 @@ def _prepare(
                 f"of the combined mask's (..., T) rows); it gives such a row {policy!r}, not "
                 f"{empty_rows!r} (pass empty_rows={policy!r} to compare with it)",
             )
-    return _Options(mask, bias, bool(causal), align, window, scale, structural, allowed)
+    return _Options(mask, bias, bool(causal), align, window, opt.scale, structural, allowed)
 
 
 def _head_arrays(q: Any, k: Any, v: Any, dt: np.dtype, ndim: int | None = None):

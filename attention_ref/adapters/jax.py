@@ -30,12 +30,13 @@ import importlib
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike
+from numpy.typing import ArrayLike
 
 from ..core._validate import as_float, check_positive_int
 from ..core.attention import AttentionGrads
 from ..core.mha import MultiHeadGrads, MultiHeadParams
-from ..core.scores import attention_mask, causal_mask, window_mask
+from ..core.masks import attention_mask, causal_mask, window_mask
+from ..core.options import AttentionOptions
 from . import (
     FrameworkRun,
     UnsupportedOption,
@@ -310,16 +311,8 @@ def jax_dpa_kwargs(
     T: int,
     S: int,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     r"""The keyword arguments of ``jax.nn.dot_product_attention`` for the reference's options.
 
@@ -347,8 +340,10 @@ def jax_dpa_kwargs(
     ----------
     T, S : int
         Query and key lengths.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.scaled_dot_product_attention`; ``mask`` and ``bias`` of
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.scaled_dot_product_attention`; ``mask`` and ``bias`` of
         at most 4 dims, broadcastable to (B, H, T, S).
 
     Returns
@@ -375,9 +370,8 @@ def jax_dpa_kwargs(
     >>> kw["is_causal"], kw["mask"].shape, kw["mask"][0, 0].astype(int).tolist()
     (False, (1, 1, 2, 3), [[1, 1, 0], [1, 1, 1]])
     """
-    p = _prepare(_DPA, JAX_EMPTY_ROWS, "it has no dropout", T, S,
-                 mask=mask, bias=bias, causal=causal, align=align, window=window, softcap=softcap,
-                 scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    opts = AttentionOptions.of(options, **kwargs)
+    p = _prepare(_DPA, JAX_EMPTY_ROWS, "it has no dropout", T, S, opts)
     native = p.align == JAX_ALIGN or T == S  # JAX's own causal/window arguments apply
     explicit = p.mask
     jbias = None
@@ -527,17 +521,8 @@ def run_jax_sdpa(
     v: ArrayLike,
     dout: ArrayLike | None = None,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> FrameworkRun:
     r"""Run ``jax.nn.dot_product_attention`` on the reference's inputs and options.
 
@@ -555,8 +540,10 @@ def run_jax_sdpa(
         JAX requires Dv = Dk (value of the key's shape).
     dout : array_like, shape (B, H, T, Dv), optional
         Cotangent of the output; without it no gradient is computed.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.scaled_dot_product_attention`.
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.scaled_dot_product_attention`.
     dtype : dtype, optional
         The dtype of JAX's arrays; float64 when omitted.
 
@@ -586,6 +573,10 @@ def run_jax_sdpa(
     >>> run.out.dtype, run.grads.dk.shape
     (dtype('float64'), (2, 2, 5, 8))
     """
+    opts = AttentionOptions.of(options, **kwargs)
+    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
+        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    )
     jax = _jax()
     dt = _dtype(dtype)
     q, k, v = _head_arrays(q, k, v, dt, ndim=4)
@@ -626,17 +617,8 @@ def run_jax_mha(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> FrameworkRun:
     r"""Multi-head attention in JAX: ``jnp`` projections around ``jax.nn.dot_product_attention``.
 
@@ -659,8 +641,10 @@ def run_jax_mha(
         Cotangent of the output.
     num_heads, num_kv_heads : int
         H and Hkv (H when omitted).
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.multi_head_attention`.
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.multi_head_attention`.
     dtype : dtype, optional
         The dtype of JAX's arrays; float64 when omitted.
 
@@ -687,6 +671,10 @@ def run_jax_mha(
     >>> run.out.shape, run.grads.dvalue.shape, run.grads.dparams.w_k.shape
     ((2, 3, 8), (2, 7, 5), (6, 4))
     """
+    opts = AttentionOptions.of(options, **kwargs)
+    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
+        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    )
     jax = _jax()
     dt = _dtype(dtype)
     H = check_positive_int("num_heads", num_heads)

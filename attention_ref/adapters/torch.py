@@ -34,7 +34,8 @@ from numpy.typing import ArrayLike, DTypeLike
 from ..core._validate import as_float, check_broadcastable, check_positive_int
 from ..core.attention import AttentionGrads
 from ..core.mha import MultiHeadGrads, MultiHeadParams
-from ..core.scores import attention_mask
+from ..core.masks import attention_mask
+from ..core.options import AttentionOptions
 from . import (
     FrameworkRun,
     UnsupportedOption,
@@ -615,17 +616,8 @@ def torch_sdpa_kwargs(
     *,
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     r"""The keyword arguments of ``torch.nn.functional.scaled_dot_product_attention`` for the reference's options.
 
@@ -655,8 +647,10 @@ def torch_sdpa_kwargs(
         Query and key lengths.
     num_heads, num_kv_heads : int, optional
         H and Hkv; ``enable_gqa`` is set when both are given and differ.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.scaled_dot_product_attention`. ``mask`` and ``bias`` may be
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.scaled_dot_product_attention`. ``mask`` and ``bias`` may be
         torch tensors; a ``bias`` tensor is used as it is, so autograd reaches it.
     dtype : dtype, optional
         dtype of a float ``attn_mask`` (it must match the query's); float64 when omitted.
@@ -684,9 +678,9 @@ def torch_sdpa_kwargs(
     >>> type(torch_sdpa_kwargs(3, 5, causal=True, align="bottom_right")["attn_mask"]).__name__
     'CausalBias'
     """
-    p = _prepare(_SDPA, TORCH_SDPA_EMPTY_ROWS, _NO_DROPOUT, T, S,
-                 mask=mask, bias=bias, causal=causal, align=align, window=window, softcap=softcap,
-                 scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    opts = AttentionOptions.of(options, **kwargs)
+    bias, dtype = opts.bias, opts.dtype
+    p = _prepare(_SDPA, TORCH_SDPA_EMPTY_ROWS, _NO_DROPOUT, T, S, opts)
     gqa = False
     if num_kv_heads is not None:
         if num_heads is None:
@@ -734,17 +728,8 @@ def torch_mha_kwargs(
     *,
     num_heads: int,
     head_dim: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     r"""The keyword arguments of an ``nn.MultiheadAttention`` call for the reference's options.
 
@@ -773,8 +758,10 @@ def torch_mha_kwargs(
         H.
     head_dim : int, optional
         Dk; needed only to check a ``scale`` (the module's is fixed at ``1 / sqrt(Dk)``).
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.multi_head_attention`; ``mask`` and ``bias`` broadcast to
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.multi_head_attention`; ``mask`` and ``bias`` broadcast to
         (B, H, T, S). A ``bias`` torch tensor is used as it is, so autograd reaches it.
     dtype : dtype, optional
         dtype of a float ``attn_mask``; float64 when omitted.
@@ -802,13 +789,13 @@ def torch_mha_kwargs(
     >>> kw["key_padding_mask"].int().tolist(), tuple(kw["attn_mask"].shape), kw["need_weights"]
     ([[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]], (4, 5), False)
     """
+    opts = AttentionOptions.of(options, **kwargs)
+    bias, scale, dtype = opts.bias, opts.scale, opts.dtype
     B = check_positive_int("batch_size", batch_size)
     H = check_positive_int("num_heads", num_heads)
     if scale is not None and head_dim is None:
         raise ValueError("head_dim (Dk) is needed to check scale against the module's fixed 1 / sqrt(Dk)")
-    p = _prepare(_MHA, TORCH_MHA_EMPTY_ROWS, _NO_DROPOUT, T, S,
-                 mask=mask, bias=bias, causal=causal, align=align, window=window, softcap=softcap,
-                 scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows)
+    p = _prepare(_MHA, TORCH_MHA_EMPTY_ROWS, _NO_DROPOUT, T, S, opts)
     if p.scale is not None:
         fixed = 1.0 / math.sqrt(check_positive_int("head_dim", head_dim))
         if not math.isclose(p.scale, fixed, rel_tol=1e-12):
@@ -852,17 +839,8 @@ def run_torch_sdpa(
     v: ArrayLike,
     dout: ArrayLike | None = None,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> FrameworkRun:
     r"""Run ``torch.nn.functional.scaled_dot_product_attention`` on the reference's inputs and options.
 
@@ -877,8 +855,10 @@ def run_torch_sdpa(
     v : array_like, shape (..., Hkv, S, Dv)
     dout : array_like, shape (..., H, T, Dv), optional
         Cotangent of the output; without it no gradient is computed.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.scaled_dot_product_attention`.
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.scaled_dot_product_attention`.
     dtype : dtype, optional
         The dtype torch computes in; float64 when omitted.
 
@@ -906,6 +886,10 @@ def run_torch_sdpa(
     >>> bool(np.abs(run.out - ours).max() < 1e-12), run.grads.dk.shape
     (True, (2, 2, 5, 8))
     """
+    opts = AttentionOptions.of(options, **kwargs)
+    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
+        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    )
     torch = _torch()
     dt = _dtype(dtype)
     q, k, v = _head_arrays(q, k, v, dt)
@@ -945,17 +929,8 @@ def run_torch_mha(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> FrameworkRun:
     r"""Run ``torch.nn.MultiheadAttention`` with the reference's weights, inputs and options.
 
@@ -980,8 +955,10 @@ def run_torch_mha(
         H.
     num_kv_heads : int, optional
         Refused unless equal to H.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows
-        As for :func:`~attention_ref.multi_head_attention`.
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name: mask, bias,
+        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype),
+        as for :func:`~attention_ref.multi_head_attention`.
     dtype : dtype, optional
         The dtype torch computes in; float64 when omitted.
 
@@ -1011,6 +988,10 @@ def run_torch_mha(
     >>> run.grads.dkey.shape, run.grads.dparams.w_k.shape
     ((2, 7, 6), (6, 8))
     """
+    opts = AttentionOptions.of(options, **kwargs)
+    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
+        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    )
     torch = _torch()
     dt = _dtype(dtype)
     H = check_positive_int("num_heads", num_heads)

@@ -7,12 +7,9 @@ Layer 1 of attention_ref. What it holds, in the order of the forward pass:
 * ``softmax`` -- the stable softmax and logsumexp, (S1)-(S6);
 * ``options`` -- :class:`AttentionOptions`, the one definition of the attention options;
 * ``masks`` -- the one builder of the (query, key) pairs a row may attend, dense and per block;
-* ``scores`` -- scaled scores, soft-capping, masking, dropout and the weighted values: the stages
-  of scaled dot-product attention, (A1)-(A16);
-* ``precision`` -- where a low-precision computation rounds (the baselines' policy);
-* ``primitives`` -- the few fused or in-place products the stages use for speed, each beside its
-  plain expression;
-* ``attention`` -- scaled dot-product attention, forward, backward and trace;
+* ``scores`` -- scaled scores, soft-capping, masking and the weighted values: the stages of
+  scaled dot-product attention, (A1)-(A16);
+* ``attention`` -- dropout, and scaled dot-product attention: forward, backward and trace;
 * ``mha`` -- multi-head attention, which composes the stages and adds no math.
 
 May import: numpy and the standard library only. Nothing here imports another layer

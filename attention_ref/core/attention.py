@@ -12,32 +12,25 @@ causal alignment, fully masked rows, GQA) are in ``docs/conventions.md``.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike
+from numpy.typing import ArrayLike
 
 from ._validate import (
-    ALIGNS,
-    EMPTY_ROW_POLICIES,
-    as_bool_mask,
     as_float,
-    check_broadcastable,
-    check_choice,
     check_ndim,
     check_nonempty,
     check_real_scalar,
-    check_window,
     fresh,
-    resolve_dtype,
 )
+from .masks import AllowedPairs
+from .options import AttentionOptions
 from .scores import (
     add_bias_backward,
     apply_mask,
     apply_mask_backward,
-    attention_mask,
     scaled_scores,
     scaled_scores_backward,
     softcap_backward,
@@ -46,9 +39,6 @@ from .scores import (
     weighted_values_backward,
 )
 from .softmax import softmax_grad, stable_shift
-
-SCORES_LAYOUT = "(..., H, T, S)"
-
 
 class AttentionTrace(NamedTuple):
     """Every intermediate of one :func:`sdpa_forward` call, by name.
@@ -159,7 +149,8 @@ def require_forward_keep_mask(dropout_mask: Any, trace_pair: str) -> None:
         )
 
 
-def _check_qkv(q, k, v, dt):
+def check_qkv(q: Any, k: Any, v: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k, v converted to ``dt`` and checked against each other (layouts, widths, GQA)."""
     q = as_float("q", q, dt)
     k = as_float("k", k, dt)
     v = as_float("v", v, dt)
@@ -188,93 +179,34 @@ def _check_qkv(q, k, v, dt):
     return q, k, v
 
 
-class _Options(NamedTuple):
-    mask: np.ndarray | None
-    bias: np.ndarray | None
-    causal: bool
-    align: str
-    window: tuple[int | None, int | None] | None
-    softcap: float | None
-    scale: float
-    dropout_p: float
-    dropout_mask: Any
-    empty_rows: str
-
-
-def _check_options(q, k, *, mask, bias, causal, align, window, softcap, scale, dropout_p,
-                   dropout_mask, empty_rows, dt) -> _Options:
-    scores_shape = q.shape[:-1] + (k.shape[-2],)  # (..., H, T, S)
-    if mask is not None:
-        mask = as_bool_mask("mask", mask, scores_shape, SCORES_LAYOUT)
-    if bias is not None:
-        bias = as_float("bias", bias, dt)
-        check_broadcastable("bias", bias, scores_shape, SCORES_LAYOUT)
-        bad = np.isnan(bias) | np.isposinf(bias.real)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"bias must be finite or -inf (-inf masks that entry); got {int(bad.sum())} NaN/+inf "
-                f"entries, the first bias[{first}] = {bias[first]}"
-            )
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool; got {causal!r}")
-    align = check_choice("align", align, ALIGNS)
-    window = check_window(window)
-    if softcap is not None:
-        softcap = check_real_scalar("softcap", softcap, positive=True)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    else:
-        scale = check_real_scalar("scale", scale, positive=False)
-    dropout_p = check_real_scalar("dropout_p", dropout_p, positive=False)
-    if dropout_p >= 1:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    if dropout_p == 0 and dropout_mask is not None:
-        raise ValueError("dropout_mask was given but dropout_p is 0; pass dropout_p > 0 or no mask")
-    if dropout_p > 0:
-        if dropout_mask is None:
-            raise ValueError(
-                "dropout_p > 0 needs dropout_mask: a boolean keep-mask of shape "
-                f"{SCORES_LAYOUT} = {scores_shape} or a numpy.random.Generator; got None"
-            )
-        if not isinstance(dropout_mask, np.random.Generator):
-            try:
-                dropout_mask = np.asarray(dropout_mask)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise TypeError(f"dropout_mask could not be converted to a numpy array: {exc}") from None
-            if dropout_mask.dtype != np.bool_:
-                raise TypeError(f"dropout_mask must be a boolean keep-mask (True = keep); got dtype {dropout_mask.dtype}")
-            if dropout_mask.shape != scores_shape:
-                raise ValueError(
-                    f"dropout_mask must have the attention weights' shape {SCORES_LAYOUT} = "
-                    f"{scores_shape}; got shape {dropout_mask.shape}"
-                )
-    empty_rows = check_choice("empty_rows", empty_rows, EMPTY_ROW_POLICIES)
-    return _Options(mask, bias, bool(causal), align, window, softcap, float(scale), dropout_p,
-                    dropout_mask, empty_rows)
-
-
 def sdpa_forward(
     q: ArrayLike,
     k: ArrayLike,
     v: ArrayLike,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | np.random.Generator | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> AttentionTrace:
     r"""Scaled dot-product attention, returning every intermediate in an :class:`AttentionTrace`.
 
     Takes the same arguments as :func:`scaled_dot_product_attention`; pass the trace to
     :func:`sdpa_backward` to get the gradients without recomputing anything.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., H, T, Dk)
+    k : array_like, shape (..., Hkv, S, Dk)
+    v : array_like, shape (..., Hkv, S, Dv)
+    options : AttentionOptions, optional
+        The attention options as one object.
+    **kwargs
+        Any field of :class:`~attention_ref.AttentionOptions` by name (``mask``, ``bias``,
+        ``causal``, ``align``, ``window``, ``softcap``, ``scale``, ``dropout_p``,
+        ``dropout_mask``, ``empty_rows``, ``dtype``); a keyword overrides ``options``.
+
+    Returns
+    -------
+    AttentionTrace
 
     Examples
     --------
@@ -286,20 +218,17 @@ def sdpa_forward(
     >>> tr.probs.shape, tr.logsumexp.shape, tr.out.shape
     ((2, 3, 5), (2, 3), (2, 3, 6))
     """
-    dt = resolve_dtype(dtype, q, k, v, bias)  # complex inputs: complex128, for the complex step (G4)
+    given = AttentionOptions.of(options, **kwargs)
+    dt = given.compute_dtype(q, k, v)  # complex inputs: complex128, for the complex step (G4)
     q_in, k_in, v_in = q, k, v
-    q, k, v = _check_qkv(q, k, v, dt)
-    opt = _check_options(q, k, mask=mask, bias=bias, causal=causal, align=align, window=window,
-                         softcap=softcap, scale=scale, dropout_p=dropout_p,
-                         dropout_mask=dropout_mask, empty_rows=empty_rows, dt=dt)
+    q, k, v = check_qkv(q, k, v, dt)
+    opt = given.check(q, k)
+    mask, bias, dropout_mask = given.mask, given.bias, given.dropout_mask  # the caller's arrays
     T, S = q.shape[-2], k.shape[-2]
     scores_shape = q.shape[:-1] + (S,)  # (..., H, T, S)
 
     # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias.
-    allowed = attention_mask(T, S, mask=opt.mask, causal=opt.causal, align=opt.align, window=opt.window)
-    if opt.bias is not None and np.isneginf(opt.bias.real).any():
-        finite_bias = ~np.isneginf(opt.bias.real)  # a -inf bias entry masks that pair
-        allowed = finite_bias if allowed is None else allowed & finite_bias
+    allowed = AllowedPairs.from_options(opt, T, S).dense()  # broadcastable to (..., H, T, S)
     if allowed is None:
         row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)  # (..., H, T)
     else:
@@ -312,7 +241,7 @@ def sdpa_forward(
             f"index {tuple(int(i) for i in where[0])} of (..., H, T)"
         )
 
-    scores = scaled_scores(q, k, opt.scale)  # (..., H, T, S)   (A1)
+    scores = scaled_scores(q, k, opt.score_scale)  # (..., H, T, S)   (A1)
     capped = softcap_forward(scores, opt.softcap) if opt.softcap is not None else scores  # (A2)
     logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
     masked = apply_mask(logits, allowed)  # (A4)
@@ -351,7 +280,7 @@ def sdpa_forward(
     out = weighted_values(dropped, v)  # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
 
     return AttentionTrace(
-        q=fresh(q, q_in), k=fresh(k, k_in), v=fresh(v, v_in), scale=opt.scale, softcap=opt.softcap,
+        q=fresh(q, q_in), k=fresh(k, k_in), v=fresh(v, v_in), scale=opt.score_scale, softcap=opt.softcap,
         bias=fresh(opt.bias, bias) if opt.bias is not None else None, allowed=allowed,
         row_is_empty=row_is_empty, empty_rows=opt.empty_rows, scores=scores, capped_scores=capped,
         logits=logits, masked_scores=masked, row_max=row_max, logsumexp=lse, probs=probs,
@@ -426,60 +355,15 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
 
 
-_OPTIONS_DOC = r"""
-    mask : array_like of bool, optional
-        True = may attend; broadcastable to (..., H, T, S). PyTorch SDPA and JAX polarity
-        (``nn.MultiheadAttention``'s masks use the opposite one).
-    bias : array_like, optional
-        Additive bias on the scores, broadcastable to (..., H, T, S); ``-inf`` entries mask
-        their pair; NaN and ``+inf`` are rejected. Its gradient is returned.
-    causal : bool, default False
-        Query ``i`` may attend key ``j`` only when ``j <= i'`` (see ``align``).
-    align : {"top_left", "bottom_right"}, default "top_left"
-        ``i' = i`` (PyTorch ``is_causal``, JAX) or ``i' = i + S - T`` (FlashAttention, PyTorch
-        ``causal_lower_right``, decoding with a cache). Applies to ``causal`` and ``window``.
-    window : (int or None, int or None), optional
-        Sliding window ``(left, right)``: keys ``i' - left <= j <= i' + right``; None on a side
-        leaves it unbounded.
-    softcap : float, optional
-        Soft-capping ``cap * tanh(s / cap)`` of the scaled scores, before the bias (Gemma 2).
-    scale : float, optional
-        Score scale, ``>= 0``; ``1 / sqrt(Dk)`` when omitted.
-    dropout_p : float, default 0.0
-        Dropout probability on the attention weights, in [0, 1).
-    dropout_mask : array_like of bool or numpy.random.Generator, optional
-        Required when ``dropout_p > 0``: a keep-mask of shape (..., H, T, S) (True = keep), or a
-        Generator to draw one. Kept weights are scaled by ``1 / (1 - dropout_p)``.
-    empty_rows : {"zero", "uniform", "nan", "raise"}, default "zero"
-        A query row with no key to attend: output and weights 0 (PyTorch SDPA, FlashAttention);
-        weights 1/S (JAX, the ``-1e9`` fill idiom); NaN (a naive softmax); or ``ValueError``.
-    dtype : dtype, optional
-        Compute dtype; float64 when omitted (lower precision only for baselines)."""
-
-
 def scaled_dot_product_attention(
     q: ArrayLike,
     k: ArrayLike,
     v: ArrayLike,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | np.random.Generator | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> np.ndarray:
-    return sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
-                        softcap=softcap, scale=scale, dropout_p=dropout_p,
-                        dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype).out
-
-
-scaled_dot_product_attention.__doc__ = r"""Scaled dot-product attention ``softmax(q k^T * scale) v``.
+    r"""Scaled dot-product attention ``softmax(q k^T * scale) v``.
 
     Parameters
     ----------
@@ -489,7 +373,16 @@ scaled_dot_product_attention.__doc__ = r"""Scaled dot-product attention ``softma
         Keys. ``Hkv`` must divide ``H``; query head ``h`` uses key/value head ``h // (H // Hkv)``
         (grouped-query attention; ``Hkv = 1`` is multi-query attention).
     v : array_like, shape (..., Hkv, S, Dv)
-        Values.""" + _OPTIONS_DOC + r"""
+        Values.
+    options : AttentionOptions, optional
+        The attention options as one object (reusable for the backward).
+    **kwargs
+        Any field of :class:`~attention_ref.AttentionOptions` by name, where each is documented:
+        ``mask`` (bool, True = may attend), ``bias`` (additive, ``-inf`` masks), ``causal``,
+        ``align`` (``"top_left"`` or ``"bottom_right"``), ``window`` (``(left, right)``),
+        ``softcap``, ``scale`` (``1 / sqrt(Dk)`` by default), ``dropout_p``, ``dropout_mask``
+        (a keep-mask or a Generator), ``empty_rows`` (``"zero"``, ``"uniform"``, ``"nan"``,
+        ``"raise"``) and ``dtype``. A keyword overrides the same field of ``options``.
 
     Returns
     -------
@@ -524,6 +417,7 @@ scaled_dot_product_attention.__doc__ = r"""Scaled dot-product attention ``softma
     >>> scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right").shape
     (2, 4, 3, 6)
     """
+    return sdpa_forward(q, k, v, options=options, **kwargs).out
 
 
 def scaled_dot_product_attention_backward(
@@ -532,26 +426,10 @@ def scaled_dot_product_attention_backward(
     k: ArrayLike,
     v: ArrayLike,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> AttentionGrads:
-    require_forward_keep_mask(dropout_mask, "sdpa_forward/sdpa_backward")
-    trace = sdpa_forward(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
-                         softcap=softcap, scale=scale, dropout_p=dropout_p,
-                         dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype)
-    return sdpa_backward(dout, trace)
-
-
-scaled_dot_product_attention_backward.__doc__ = r"""Gradients of :func:`scaled_dot_product_attention`.
+    r"""Gradients of :func:`scaled_dot_product_attention`.
 
     Recomputes the forward from the same inputs and options, then applies (A8)-(A16) of
     ``docs/derivations/attention.md`` (see :func:`sdpa_backward`, which skips the recompute).
@@ -561,10 +439,13 @@ scaled_dot_product_attention_backward.__doc__ = r"""Gradients of :func:`scaled_d
     dout : array_like, shape (..., H, T, Dv)
         Gradient of the loss with respect to the output.
     q, k, v
-        The forward's inputs.""" + _OPTIONS_DOC.replace(
-    "a keep-mask of shape (..., H, T, S) (True = keep), or a\n        Generator to draw one.",
-    "the keep-mask of shape (..., H, T, S) the forward used\n        (a Generator is refused: it would draw a different mask).",
-) + r"""
+        The forward's inputs.
+    options : AttentionOptions, optional
+        The forward's options as one object.
+    **kwargs
+        The forward's options by name, as for :func:`scaled_dot_product_attention`. A dropout
+        ``dropout_mask`` must be the keep-mask the forward used: a Generator is refused here (it
+        would draw a different mask).
 
     Returns
     -------
@@ -584,3 +465,6 @@ scaled_dot_product_attention_backward.__doc__ = r"""Gradients of :func:`scaled_d
     >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias.shape
     ((4, 3, 8), (2, 5, 8), (2, 5, 6), (3, 5))
     """
+    given = AttentionOptions.of(options, **kwargs)
+    require_forward_keep_mask(given.dropout_mask, "sdpa_forward/sdpa_backward")
+    return sdpa_backward(dout, sdpa_forward(q, k, v, options=given))

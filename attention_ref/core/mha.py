@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike
+from numpy.typing import ArrayLike
 
-from ._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
+from ._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh
 from .attention import (
-    _OPTIONS_DOC,
     AttentionTrace,
     require_forward_keep_mask,
     sdpa_backward,
@@ -31,6 +30,7 @@ from .attention import (
 )
 from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
 from .linear import linear, linear_backward
+from .options import AttentionOptions
 
 
 @dataclass(frozen=True)
@@ -267,8 +267,8 @@ def mha_forward(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    dtype: DTypeLike | None = None,
-    **options,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> MultiHeadTrace:
     r"""Multi-head attention, returning every intermediate in a :class:`MultiHeadTrace`.
 
@@ -286,15 +286,13 @@ def mha_forward(
     >>> tr.q.shape, tr.attention.probs.shape, tr.concat.shape, tr.out.shape
     ((3, 2, 5, 4), (3, 2, 5, 5), (3, 5, 8), (3, 5, 8))
     """
-    dt = resolve_dtype(dtype, query, key, value, options.get("bias"),
-                       *(a for a in (params.as_dict().values() if isinstance(params, MultiHeadParams) else ())))
+    given = AttentionOptions.of(options, **kwargs)
+    weights = params.as_dict().values() if isinstance(params, MultiHeadParams) else ()
+    dt = given.compute_dtype(query, key, value, *weights)
     H = check_positive_int("num_heads", num_heads)
     Hkv = H if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
     if H % Hkv:
         raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hkv}")
-    unknown = set(options) - set(_ATTENTION_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown attention option(s) {sorted(unknown)}; expected some of {_ATTENTION_OPTIONS}")
     p = _check_params(params, dt)
     query_in, key_in, value_in = query, key, value
     query = as_float("query", query, dt)
@@ -305,7 +303,7 @@ def mha_forward(
     q = split_heads(linear(query, p.w_q, p.b_q, dtype=dt), H, dtype=dt)  # (..., T, Dq_in) -> (..., H, T, Dk)   (M1)
     k = split_heads(linear(key, p.w_k, p.b_k, dtype=dt), Hkv, dtype=dt)  # (..., S, Dk_in) -> (..., Hkv, S, Dk)  (M2)
     v = split_heads(linear(value, p.w_v, p.b_v, dtype=dt), Hkv, dtype=dt)  # (..., S, Dv_in) -> (..., Hkv, S, Dv)  (M3)
-    attn = sdpa_forward(q, k, v, dtype=dt, **options)  # (..., H, T, Dv)   (M4)
+    attn = sdpa_forward(q, k, v, options=given.replace(dtype=dt))  # (..., H, T, Dv)   (M4)
     concat = merge_heads(attn.out, dtype=dt)  # (..., H, T, Dv) -> (..., T, H*Dv)   (M5)
     out = linear(concat, p.w_o, p.b_o, dtype=dt)  # (..., T, H*Dv) @ (H*Dv, D_out) -> (..., T, D_out)   (M6)
     return MultiHeadTrace(
@@ -369,10 +367,6 @@ def mha_backward(dout: ArrayLike, trace: MultiHeadTrace) -> MultiHeadGrads:
     return MultiHeadGrads(dquery=g_q.dx, dkey=g_k.dx, dvalue=g_v.dx, dparams=dparams, dbias=g_attn.dbias)
 
 
-_ATTENTION_OPTIONS = ("mask", "bias", "causal", "align", "window", "softcap", "scale",
-                      "dropout_p", "dropout_mask", "empty_rows")
-
-
 def multi_head_attention(
     query: ArrayLike,
     key: ArrayLike,
@@ -381,25 +375,11 @@ def multi_head_attention(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | np.random.Generator | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> np.ndarray:
-    return mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                       mask=mask, bias=bias, causal=causal, align=align, window=window,
-                       softcap=softcap, scale=scale, dropout_p=dropout_p,
-                       dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype).out
+    r"""Multi-head attention: project, split heads, attend, merge, project.
 
-
-_MHA_PARAMS_DOC = r"""
     Parameters
     ----------
     query : array_like, shape (..., T, Dq_in)
@@ -411,11 +391,14 @@ _MHA_PARAMS_DOC = r"""
     num_heads : int
         H; divides ``params.w_q``'s columns into heads of width Dk.
     num_kv_heads : int, optional
-        Hkv (grouped-query attention); H when omitted."""
-
-
-multi_head_attention.__doc__ = r"""Multi-head attention: project, split heads, attend, merge, project.
-""" + _MHA_PARAMS_DOC + _OPTIONS_DOC + r"""
+        Hkv (grouped-query attention); H when omitted.
+    options : AttentionOptions, optional
+        The attention options of the per-head attention (M4), as one object.
+    **kwargs
+        Any field of :class:`~attention_ref.AttentionOptions` by name (``mask``, ``bias``,
+        ``causal``, ``align``, ``window``, ``softcap``, ``scale``, ``dropout_p``,
+        ``dropout_mask``, ``empty_rows``; ``dtype`` also sets the projections' compute dtype).
+        Masks, biases and keep-masks are over the per-head scores, (..., H, T, S).
 
     Returns
     -------
@@ -444,6 +427,8 @@ multi_head_attention.__doc__ = r"""Multi-head attention: project, split heads, a
     >>> multi_head_attention(x, mem_k, mem_v, p, num_heads=4, num_kv_heads=2).shape
     (2, 3, 8)
     """
+    return mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       options=options, **kwargs).out
 
 
 def multi_head_attention_backward(
@@ -455,27 +440,10 @@ def multi_head_attention_backward(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> MultiHeadGrads:
-    require_forward_keep_mask(dropout_mask, "mha_forward/mha_backward")
-    trace = mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                        mask=mask, bias=bias, causal=causal, align=align, window=window,
-                        softcap=softcap, scale=scale, dropout_p=dropout_p,
-                        dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dtype)
-    return mha_backward(dout, trace)
-
-
-multi_head_attention_backward.__doc__ = r"""Gradients of :func:`multi_head_attention`.
+    r"""Gradients of :func:`multi_head_attention`.
 
     Recomputes the forward, then applies (M7)-(M10) of ``docs/derivations/mha.md`` (see
     :func:`mha_backward`, which takes a trace and skips the recompute).
@@ -483,7 +451,14 @@ multi_head_attention_backward.__doc__ = r"""Gradients of :func:`multi_head_atten
     Parameters
     ----------
     dout : array_like, shape (..., T, D_out)
-        Gradient of the loss with respect to the output.""" + _MHA_PARAMS_DOC.split("----------", 1)[1] + _OPTIONS_DOC + r"""
+        Gradient of the loss with respect to the output.
+    query, key, value, params, num_heads, num_kv_heads
+        The forward's inputs, as for :func:`multi_head_attention`.
+    options : AttentionOptions, optional
+        The forward's attention options as one object.
+    **kwargs
+        The forward's options by name. A dropout ``dropout_mask`` must be the keep-mask the
+        forward used: a Generator is refused here (it would draw a different mask).
 
     Returns
     -------
@@ -505,3 +480,8 @@ multi_head_attention_backward.__doc__ = r"""Gradients of :func:`multi_head_atten
     >>> dx.shape, g.dparams.w_o.shape
     ((2, 5, 8), (8, 8))
     """
+    given = AttentionOptions.of(options, **kwargs)
+    require_forward_keep_mask(given.dropout_mask, "mha_forward/mha_backward")
+    trace = mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        options=given)
+    return mha_backward(dout, trace)

@@ -1,6 +1,6 @@
 r"""Scaled scores, soft-capping and masking: the stage between q, k and the softmax.
 
-Order of operations on the scores (CONVENTIONS.md)::
+Order of operations on the scores (``docs/conventions.md``)::
 
     q @ k^T * scale  ->  softcap  ->  + bias  ->  mask (boolean, causal, window)  ->  softmax
 
@@ -9,164 +9,17 @@ Grouped-query attention (GQA): query head ``h`` reads key/value head ``h // G`` 
 k and v, so nothing is copied; the backward sums over the ``G`` axis, (A9) and (A16).
 Derivation: ``docs/derivations/attention.md``.
 
-The functions in this module other than the mask builders are the internal stages of
-:func:`~attention_ref.scaled_dot_product_attention`: they expect float arrays already checked by it.
+The functions in this module are the internal stages of
+:func:`~attention_ref.scaled_dot_product_attention`: they expect float arrays already checked by
+it. Which pairs may attend is built in :mod:`attention_ref.core.masks`.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
-from ._validate import (
-    ALIGNS,
-    as_bool_mask,
-    check_choice,
-    check_positive_int,
-    check_window,
-    fresh,
-    sum_to_shape,
-)
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def _query_positions(T: int, S: int, align: str) -> np.ndarray:
-    """Each query's position on the key axis, i': i under top_left, i + S - T under bottom_right."""
-    offset = 0 if align == "top_left" else S - T
-    return np.arange(T)[:, None] + offset  # (T, 1)
-
-
-def causal_mask(T: int, S: int, *, align: str = "top_left") -> np.ndarray:
-    r"""Boolean ``(T, S)`` mask, True where query ``i`` may attend key ``j``: ``j <= i'``.
-
-    Parameters
-    ----------
-    T, S : int
-        Query and key lengths.
-    align : {"top_left", "bottom_right"}
-        ``i' = i`` (PyTorch ``is_causal``, JAX) or ``i' = i + S - T`` (FlashAttention, PyTorch
-        ``causal_lower_right``). The two differ only when T != S.
-
-    Returns
-    -------
-    ndarray of bool, shape (T, S)
-
-    Examples
-    --------
-    >>> from attention_ref import causal_mask
-    >>> causal_mask(2, 3).astype(int)
-    array([[1, 0, 0],
-           [1, 1, 0]])
-    >>> causal_mask(2, 3, align="bottom_right").astype(int)
-    array([[1, 1, 0],
-           [1, 1, 1]])
-    """
-    T = check_positive_int("T", T)
-    S = check_positive_int("S", S)
-    align = check_choice("align", align, ALIGNS)
-    return np.arange(S)[None, :] <= _query_positions(T, S, align)  # (T, S)
-
-
-def window_mask(
-    T: int, S: int, window: tuple[int | None, int | None], *, align: str = "top_left"
-) -> np.ndarray:
-    r"""Boolean ``(T, S)`` sliding-window mask: True where ``i' - left <= j <= i' + right``.
-
-    Parameters
-    ----------
-    T, S : int
-        Query and key lengths.
-    window : (int or None, int or None)
-        ``(left, right)``: how many keys before and after the query's own position it may see;
-        None leaves that side unbounded.
-    align : {"top_left", "bottom_right"}
-        Where query ``i`` sits on the key axis, as in :func:`causal_mask`.
-
-    Returns
-    -------
-    ndarray of bool, shape (T, S)
-
-    Examples
-    --------
-    >>> from attention_ref import window_mask
-    >>> window_mask(3, 3, (1, 0)).astype(int)
-    array([[1, 0, 0],
-           [1, 1, 0],
-           [0, 1, 1]])
-    """
-    T = check_positive_int("T", T)
-    S = check_positive_int("S", S)
-    align = check_choice("align", align, ALIGNS)
-    left, right = check_window(window) or (None, None)
-    i = _query_positions(T, S, align)  # (T, 1)
-    j = np.arange(S)[None, :]  # (1, S)
-    allowed = np.ones((T, S), dtype=bool)
-    if left is not None:
-        allowed &= j >= i - left
-    if right is not None:
-        allowed &= j <= i + right
-    return allowed
-
-
-def attention_mask(
-    T: int,
-    S: int,
-    *,
-    mask: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-) -> np.ndarray | None:
-    r"""Combine a boolean ``mask``, ``causal`` and ``window`` into one "may attend" mask.
-
-    Parameters
-    ----------
-    T, S : int
-        Query and key lengths.
-    mask : array_like of bool, optional
-        True = may attend; broadcastable to ``(..., T, S)``.
-    causal : bool, default False
-        Intersect with :func:`causal_mask`.
-    align : {"top_left", "bottom_right"}
-        Alignment of ``causal`` and ``window`` when T != S.
-    window : (int or None, int or None), optional
-        Intersect with :func:`window_mask`.
-
-    Returns
-    -------
-    ndarray of bool or None
-        Broadcastable to ``(..., T, S)``; None when nothing is masked.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from attention_ref import attention_mask
-    >>> keep = np.array([True, True, False])          # key padding: the last key is padding
-    >>> attention_mask(2, 3, mask=keep, causal=True, align="bottom_right").astype(int)
-    array([[1, 1, 0],
-           [1, 1, 0]])
-    """
-    T = check_positive_int("T", T)
-    S = check_positive_int("S", S)
-    align = check_choice("align", align, ALIGNS)
-    window = check_window(window)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool; got {causal!r}")
-    allowed = None
-    if mask is not None:
-        mask = np.asarray(mask)
-        lead = mask.shape[:-2] if mask.ndim > 2 else ()
-        allowed = as_bool_mask("mask", mask, lead + (T, S), "(..., T, S)")
-    if causal:
-        c = causal_mask(T, S, align=align)
-        allowed = c if allowed is None else allowed & c
-    if window is not None:
-        w = window_mask(T, S, window, align=align)
-        allowed = w if allowed is None else allowed & w
-    return None if allowed is None else fresh(allowed, mask)  # never the caller's own array
+from ._validate import sum_to_shape
 
 
 # ----------------------------------------------------------------------------- GQA grouping

@@ -27,9 +27,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..core._validate import _is_complex, as_float, check_positive_int
-from ..core.attention import _check_options, _check_qkv
+from ..core.attention import check_qkv
 from ..core.mha import MultiHeadParams, _check_params, _check_widths
-from ..core.scores import attention_mask
+from ..core.masks import AllowedPairs
+from ..core.options import AttentionOptions
 
 #: The most multiply-adds a call may need in its forward pass: the score and value products
 #: ``B*H*T*S*(Dk+Dv)``, plus the four projections for :func:`exact_mha`. Pure-Python mpmath at
@@ -295,11 +296,10 @@ def _attention_args(
     S = k.shape[2]
     scores_shape = lead + (H, T, S)  # (..., H, T, S)
     N = int(np.prod(lead, dtype=np.int64))
-    allowed = attention_mask(T, S, mask=opt.mask, causal=opt.causal, align=opt.align, window=opt.window)
+    allowed = AllowedPairs.from_options(opt, T, S).dense()  # mask, causal, window, -inf bias
     full = np.ones(scores_shape, dtype=bool) if allowed is None else np.broadcast_to(allowed, scores_shape).copy()
     bias = bias_index = None
     if opt.bias is not None:
-        full &= ~np.isneginf(np.broadcast_to(opt.bias, scores_shape))  # a -inf bias entry masks its pair
         bias = _to_mp(ctx, opt.bias)
         bias_index = np.broadcast_to(np.arange(opt.bias.size).reshape(opt.bias.shape), scores_shape)
         bias_index = bias_index.reshape(N, H, T, S)
@@ -324,20 +324,6 @@ def _attention_args(
     )
 
 
-#: The attention options and their defaults, as in scaled_dot_product_attention.
-_ATTENTION_DEFAULTS: dict[str, Any] = {
-    "mask": None, "bias": None, "causal": False, "align": "top_left", "window": None, "softcap": None,
-    "scale": None, "dropout_p": 0.0, "dropout_mask": None, "empty_rows": "zero",
-}
-
-
-def _with_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(_ATTENTION_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown attention option(s) {sorted(unknown)}; expected some of {sorted(_ATTENTION_DEFAULTS)}")
-    return {**_ATTENTION_DEFAULTS, **options}
-
-
 def _refuse_complex(arrays: dict[str, Any]) -> None:
     """The complex step is the library's business: the exact reference is real-valued."""
     for name, x in arrays.items():
@@ -346,6 +332,11 @@ def _refuse_complex(arrays: dict[str, Any]) -> None:
                 f"{name} must be real (bool, int or float): the exact reference computes in real "
                 f"mpmath arithmetic; got dtype {np.asarray(x).dtype}"
             )
+
+
+def _refuse_dtype(given: AttentionOptions) -> None:
+    given.refuse(("dtype",), "the exact reference",
+                 "it computes in mpmath at dps significant digits and returns float64")
 
 
 def _refuse_generator(dropout_mask: Any) -> None:
@@ -357,15 +348,16 @@ def _refuse_generator(dropout_mask: Any) -> None:
         )
 
 
-def _prepare_sdpa(q, k, v, dout, *, dps, **options) -> tuple[Any, _AttentionArgs, np.ndarray | None, tuple[int, ...]]:
+def _prepare_sdpa(q, k, v, dout, *, dps, given: AttentionOptions
+                  ) -> tuple[Any, _AttentionArgs, np.ndarray | None, tuple[int, ...]]:
     """Validate and convert; returns ``(ctx, args, dout as mp (N, H, T, Dv) or None, lead)``."""
-    options = _with_defaults(options)
+    _refuse_dtype(given)
     ctx = _context(dps)
-    _refuse_generator(options.get("dropout_mask"))
-    _refuse_complex({"q": q, "k": k, "v": v, "dout": dout, "bias": options.get("bias")})
+    _refuse_generator(given.dropout_mask)
+    _refuse_complex({"q": q, "k": k, "v": v, "dout": dout, "bias": given.bias})
     f64 = np.dtype(np.float64)
-    q, k, v = _check_qkv(q, k, v, f64)
-    opt = _check_options(q, k, dt=f64, **options)
+    q, k, v = check_qkv(q, k, v, f64)
+    opt = given.check(q, k)
     lead, (H, T, Dk), (Hkv, S, Dv) = q.shape[:-3], q.shape[-3:], v.shape[-3:]
     N = int(np.prod(lead, dtype=np.int64))
     _check_size("exact_sdpa", N * H * T * S, N * H * T * S * (Dk + Dv),
@@ -376,7 +368,7 @@ def _prepare_sdpa(q, k, v, dout, *, dps, **options) -> tuple[Any, _AttentionArgs
         if dout.shape != lead + (H, T, Dv):
             raise ValueError(f"dout must have the output's shape (..., H, T, Dv) = {lead + (H, T, Dv)}; got {dout.shape}")
         dout_mp = _to_mp(ctx, dout).reshape(N, H, T, Dv)
-    args = _attention_args(ctx, lead, opt, options.get("scale") is not None, _to_mp(ctx, q).reshape(N, H, T, Dk),
+    args = _attention_args(ctx, lead, opt, given.scale is not None, _to_mp(ctx, q).reshape(N, H, T, Dk),
                            _to_mp(ctx, k).reshape(N, Hkv, S, Dk), _to_mp(ctx, v).reshape(N, Hkv, S, Dv))
     return ctx, args, dout_mp, lead
 
@@ -396,17 +388,9 @@ def exact_sdpa(
     v: ArrayLike,
     dout: ArrayLike | None = None,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
+    options: AttentionOptions | None = None,
     dps: int = DEFAULT_DPS,
+    **kwargs: Any,
 ) -> ExactAttention:
     r"""Scaled dot-product attention and its gradients in exact (mpmath) arithmetic, for small shapes.
 
@@ -425,8 +409,10 @@ def exact_sdpa(
         Values.
     dout : array_like, shape (..., H, T, Dv), optional
         Gradient of the loss with respect to the output; the gradients are computed only when given.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, empty_rows
-        As in :func:`~attention_ref.scaled_dot_product_attention`. Without ``scale`` the scale is
+    options, **kwargs
+        The attention options (an AttentionOptions and/or its fields by name; ``dtype`` is
+        refused),
+        as in :func:`~attention_ref.scaled_dot_product_attention`. Without ``scale`` the scale is
         the exact :math:`1/\sqrt{\text{Dk}}`, not its float64 rounding; a given ``scale``,
         ``softcap`` and ``dropout_p`` are taken exactly, and :math:`1/(1-p)` is computed in mpmath.
     dropout_mask : array_like of bool, shape (..., H, T, S), optional
@@ -480,11 +466,8 @@ def exact_sdpa(
     >>> bool(np.abs(ours - ex.out).max() / (eps * np.abs(ex.out).max()) < 8)
     True
     """
-    ctx, a, dout_mp, lead = _prepare_sdpa(
-        q, k, v, dout, dps=dps, mask=mask, bias=bias, causal=causal, align=align, window=window,
-        softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
-        empty_rows=empty_rows,
-    )
+    ctx, a, dout_mp, lead = _prepare_sdpa(q, k, v, dout, dps=dps,
+                                          given=AttentionOptions.of(options, **kwargs))
     f, grads = _sdpa_mp(ctx, a, dout_mp)
     H, T, Dk = a.q.shape[1:]
     Hkv, S, Dv = a.v.shape[1:]
@@ -613,13 +596,14 @@ def _mha_mp(ctx: Any, m: _MultiHeadArgs, dout: np.ndarray | None) -> _MultiHeadM
                         dbias=dbias)
 
 
-def _prepare_mha(query, key, value, params, dout, *, num_heads, num_kv_heads, dps, **options):
+def _prepare_mha(query, key, value, params, dout, *, num_heads, num_kv_heads, dps,
+                 given: AttentionOptions):
     """Validate and convert; returns ``(ctx, args, dout as mp (N, T, D_out) or None, lead)``."""
-    options = _with_defaults(options)
+    _refuse_dtype(given)
     ctx = _context(dps)
-    _refuse_generator(options.get("dropout_mask"))
+    _refuse_generator(given.dropout_mask)
     weights = {f"params.{n}": w for n, w in params.as_dict().items()} if isinstance(params, MultiHeadParams) else {}
-    _refuse_complex({"query": query, "key": key, "value": value, "dout": dout, "bias": options.get("bias"), **weights})
+    _refuse_complex({"query": query, "key": key, "value": value, "dout": dout, "bias": given.bias, **weights})
     f64 = np.dtype(np.float64)
     H = check_positive_int("num_heads", num_heads)
     Hkv = H if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
@@ -633,10 +617,8 @@ def _prepare_mha(query, key, value, params, dout, *, num_heads, num_kv_heads, dp
     N = int(np.prod(lead, dtype=np.int64))
     work = N * (T * p.w_q.size + S * (p.w_k.size + p.w_v.size) + H * T * S * (Dk + Dv) + T * p.w_o.size)
     _check_size("exact_mha", N * H * T * S, work, "B*(T*|w_q| + S*(|w_k| + |w_v|) + H*T*S*(Dk+Dv) + T*|w_o|)")
-    # The attention options are checked against the per-head shapes (shape-only stand-ins).
-    q_like = np.broadcast_to(0.0, lead + (H, T, Dk))
-    k_like = np.broadcast_to(0.0, lead + (Hkv, S, Dk))
-    opt = _check_options(q_like, k_like, dt=f64, **options)
+    # The attention options are checked against the per-head scores (..., H, T, S).
+    opt = given.validate(lead + (H, T, S), f64, head_dim=Dk)
     dout_mp = None
     if dout is not None:
         dout = as_float("dout", dout, f64)
@@ -645,7 +627,7 @@ def _prepare_mha(query, key, value, params, dout, *, num_heads, num_kv_heads, dp
         dout_mp = _to_mp(ctx, dout).reshape(N, T, D_out)
     # q, k and v are placeholders of the per-head shapes: _mha_mp fills them in, (M1)-(M3)
     attention = _attention_args(
-        ctx, lead, opt, options.get("scale") is not None, np.empty((N, H, T, Dk), dtype=object),
+        ctx, lead, opt, given.scale is not None, np.empty((N, H, T, Dk), dtype=object),
         np.empty((N, Hkv, S, Dk), dtype=object), np.empty((N, Hkv, S, Dv), dtype=object),
     )
     m = _MultiHeadArgs(
@@ -670,17 +652,9 @@ def exact_mha(
     *,
     num_heads: int,
     num_kv_heads: int | None = None,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
+    options: AttentionOptions | None = None,
     dps: int = DEFAULT_DPS,
+    **kwargs: Any,
 ) -> ExactMultiHead:
     r"""Multi-head attention and its gradients in exact (mpmath) arithmetic, for small shapes.
 
@@ -753,8 +727,7 @@ def exact_mha(
     """
     ctx, m, dout_mp, lead = _prepare_mha(
         query, key, value, params, dout, num_heads=num_heads, num_kv_heads=num_kv_heads, dps=dps,
-        mask=mask, bias=bias, causal=causal, align=align, window=window, softcap=softcap,
-        scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows,
+        given=AttentionOptions.of(options, **kwargs),
     )
     r = _mha_mp(ctx, m, dout_mp)
     H, T, S = m.H, m.query.shape[1], m.key.shape[1]

@@ -15,13 +15,14 @@ Decoding is inference, so there is no backward here; the forward is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ..core._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
 from ..core.attention import sdpa_forward
+from ..core.options import AttentionOptions
 
 __all__ = ["DecodeResult", "KVCache", "decode_step"]
 
@@ -212,9 +213,8 @@ def decode_step(
     k_new: ArrayLike,
     v_new: ArrayLike,
     *,
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> DecodeResult:
     r"""One decoding step: append ``k_new``, ``v_new`` to the cache and attend ``q_new`` to all of it.
 
@@ -230,14 +230,15 @@ def decode_step(
         Keys of the new positions.
     v_new : array_like, shape (..., Hkv, T_new, Dv)
         Values of the new positions.
-    window : (int or None, int or None), optional
-        Sliding window ``(left, right)`` on the key axis, aligned like the causal mask: query ``i``
-        sees keys ``S_old + i - left <= j <= S_old + i + right`` (None = unbounded on that side;
-        causality already hides the keys after ``S_old + i``).
-    softcap : float, optional
-        Soft-capping ``cap * tanh(s / cap)`` of the scaled scores (Gemma 2).
-    scale : float, optional
-        Score scale, ``>= 0``; ``1 / sqrt(Dk)`` when omitted.
+    options : AttentionOptions, optional
+        The attention options as one object.
+    **kwargs
+        Fields of :class:`~attention_ref.AttentionOptions` by name: ``window`` (a sliding window
+        ``(left, right)`` on the key axis, aligned like the causal mask: query ``i`` sees keys
+        ``S_old + i - left <= j <= S_old + i + right``; causality already hides the keys after
+        ``S_old + i``), ``softcap`` and ``scale``. The step is always causal with
+        ``align="bottom_right"`` in the cache's dtype; the other options (``mask``, ``bias``,
+        ``causal``, ``align``, dropout, ``empty_rows``, ``dtype``) raise ``ValueError``.
 
     Returns
     -------
@@ -273,6 +274,10 @@ def decode_step(
     >>> bool(np.allclose(np.concatenate(outs, axis=-2), full, rtol=1e-12, atol=0))
     True
     """
+    given = AttentionOptions.of(options, **kwargs)
+    given.refuse(("mask", "bias", "causal", "align", "dropout_p", "dropout_mask", "empty_rows",
+                  "dtype"), "decode_step",
+                 "a step is causal, bottom_right aligned, in the cache's dtype, and no row is empty")
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (KVCache.empty(...) to start); got {type(cache).__name__}")
     dt = cache.k.dtype
@@ -298,6 +303,6 @@ def decode_step(
             f"k_new and v_new must hold one position per new query, T_new={q_new.shape[-2]} "
             f"(q_new.shape={q_new.shape}); got {t_new} new positions"
         )
-    trace = sdpa_forward(q_new, new_cache.k, new_cache.v, causal=True, align="bottom_right",
-                         window=window, softcap=softcap, scale=scale, dtype=dt)
+    step = given.replace(causal=True, align="bottom_right", dtype=dt)
+    trace = sdpa_forward(q_new, new_cache.k, new_cache.v, options=step)
     return DecodeResult(out=fresh(trace.out, q_in), cache=new_cache)

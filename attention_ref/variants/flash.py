@@ -17,13 +17,15 @@ cite (A1)-(A16) of ``docs/derivations/attention.md``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ..core._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
-from ..core.attention import AttentionGrads, _check_options, _check_qkv
+from ..core.attention import AttentionGrads, check_qkv
+from ..core.masks import AllowedPairs, _tile
+from ..core.options import AttentionOptions
 from ..core.scores import group_heads, masked_fill_value, ungroup_heads
 
 #: Default query rows per block. Large blocks amortise NumPy's per-call overhead; at 256 x 256 the
@@ -205,11 +207,7 @@ class _Tiled(NamedTuple):
     softcap: float | None
     bias: np.ndarray | None  # (..., Hkv|1, G|1, T|1, S|1): the bias in a GQA view
     bias_shape: tuple[int, ...]  # the bias's own shape, for dbias
-    bias_has_neginf: bool
-    mask: np.ndarray | None  # (..., Hkv|1, G|1, T|1, S|1) bool, True = may attend
-    causal: bool
-    window: tuple[int | None, int | None] | None
-    offset: int  # the query's position on the key axis is i + offset: 0 top_left, S - T bottom_right
+    pairs: AllowedPairs  # which pairs may attend, in the same GQA view, tile by tile (A4)
     empty_rows: str
     scale: float
     block_q: int
@@ -224,73 +222,34 @@ def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
     return x.reshape(shape[:-3] + split + shape[-2:])
 
 
-def _block_of(x: np.ndarray, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
-    """Rows i0:i1 and columns j0:j1 of an array broadcast along its size-1 last two axes."""
-    rows = slice(i0, i1) if x.shape[-2] != 1 else slice(None)
-    cols = slice(j0, j1) if x.shape[-1] != 1 else slice(None)
-    return x[..., rows, cols]
-
-
-def _prepare(q, k, v, *, mask, bias, causal, align, window, softcap, scale, dropout_p,
-             dropout_mask, empty_rows, block_q, block_k, dt) -> _Tiled:
-    if dropout_p != 0 or dropout_mask is not None:
-        raise ValueError(
-            "the tiled path does not support dropout: its keep-mask would be a (..., H, T, S) "
-            "array, the one thing tiling avoids; use sdpa_forward/sdpa_backward for dropout; got "
-            f"dropout_p={dropout_p!r}, dropout_mask {'given' if dropout_mask is not None else 'None'}"
-        )
-    q, k, v = _check_qkv(q, k, v, dt)
-    opt = _check_options(q, k, mask=mask, bias=bias, causal=causal, align=align, window=window,
-                         softcap=softcap, scale=scale, dropout_p=0.0, dropout_mask=None,
-                         empty_rows=empty_rows, dt=dt)
+def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
+    given = AttentionOptions.of(options, **kwargs)
+    given.refuse(
+        ("dropout_p", "dropout_mask"), "the tiled path",
+        "its keep-mask would be a (..., H, T, S) array, the one thing tiling avoids; use "
+        "sdpa_forward/sdpa_backward for dropout", what="dropout",
+    )
+    dt = resolve_dtype(given.dtype)
+    q, k, v = check_qkv(q, k, v, dt)
+    opt = given.check(q, k)
     block_q = check_positive_int("block_q", block_q)
     block_k = check_positive_int("block_k", block_k)
     T, S, Hkv, ndim = q.shape[-2], k.shape[-2], k.shape[-3], q.ndim
+    bias = None if opt.bias is None else _grouped_view(opt.bias, ndim, Hkv)
+    mask = None if opt.mask is None else _grouped_view(opt.mask, ndim, Hkv)
     return _Tiled(
-        qs=group_heads(q * opt.scale, Hkv),  # (..., Hkv, G, T, Dk)   (A1): scale folded into q
+        qs=group_heads(q * opt.score_scale, Hkv),  # (..., Hkv, G, T, Dk)   (A1): scale folded into q
         k=k[..., :, None, :, :],  # (..., Hkv, 1, S, Dk)
         v=v[..., :, None, :, :],  # (..., Hkv, 1, S, Dv)
         softcap=opt.softcap,
-        bias=None if opt.bias is None else _grouped_view(opt.bias, ndim, Hkv),
+        bias=bias,
         bias_shape=() if opt.bias is None else opt.bias.shape,
-        bias_has_neginf=opt.bias is not None and bool(np.isneginf(opt.bias).any()),
-        mask=None if opt.mask is None else _grouped_view(opt.mask, ndim, Hkv),
-        causal=opt.causal,
-        window=opt.window,
-        offset=0 if opt.align == "top_left" else S - T,
+        pairs=AllowedPairs.from_options(opt, T, S, mask=mask, bias=bias),
         empty_rows=opt.empty_rows,
-        scale=opt.scale,
+        scale=opt.score_scale,
         block_q=block_q,
         block_k=block_k,
     )
-
-
-def _block_allowed(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[bool, np.ndarray | None]:
-    """``(any_allowed, allowed)`` of one block: (A4)'s "may attend" pattern A, as a bool array
-    broadcastable to (..., Hkv, G, i1 - i0, j1 - j0), or None when the whole block is allowed.
-    Causal and window are built from positions, for this block only."""
-    allowed = None
-    if tp.causal or tp.window is not None:
-        i = np.arange(i0, i1)[:, None] + tp.offset  # (Tb, 1) i', the query's position on the key axis
-        j = np.arange(j0, j1)[None, :]  # (1, Sb)
-        allowed = np.ones((i1 - i0, j1 - j0), dtype=bool)  # (Tb, Sb)
-        if tp.causal:
-            allowed &= j <= i
-        if tp.window is not None:
-            left, right = tp.window
-            if left is not None:
-                allowed &= j >= i - left
-            if right is not None:
-                allowed &= j <= i + right
-    if tp.mask is not None:
-        m = _block_of(tp.mask, i0, i1, j0, j1)
-        allowed = m if allowed is None else allowed & m
-    if tp.bias is not None and tp.bias_has_neginf:
-        finite = ~np.isneginf(_block_of(tp.bias, i0, i1, j0, j1))  # a -inf bias entry masks its pair
-        allowed = finite if allowed is None else allowed & finite
-    if allowed is None or allowed.all():
-        return True, None
-    return bool(allowed.any()), allowed
 
 
 def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +261,7 @@ def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.nd
         capped /= tp.softcap
         np.tanh(capped, out=capped)
         capped *= tp.softcap  # (A2) cap * tanh(s / cap), in place
-    logits = capped if tp.bias is None else capped + _block_of(tp.bias, i0, i1, j0, j1)  # (A3)
+    logits = capped if tp.bias is None else capped + _tile(tp.bias, i0, i1, j0, j1)  # (A3)
     return capped, logits
 
 
@@ -322,19 +281,10 @@ def flash_attention_forward(
     k: ArrayLike,
     v: ArrayLike,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
+    options: AttentionOptions | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
-    dtype: DTypeLike | None = None,
+    **kwargs: Any,
 ) -> FlashOutput:
     r"""Scaled dot-product attention computed block by block with the online softmax.
 
@@ -350,30 +300,17 @@ def flash_attention_forward(
         Keys; query head ``h`` uses key/value head ``h // (H // Hkv)``.
     v : array_like, shape (..., Hkv, S, Dv)
         Values.
-    mask : array_like of bool, optional
-        True = may attend; broadcastable to (..., H, T, S). Sliced per block, never broadcast whole.
-    bias : array_like, optional
-        Additive bias, broadcastable to (..., H, T, S); ``-inf`` entries mask their pair.
-    causal : bool, default False
-        Query ``i`` may attend key ``j`` only when ``j <= i'``; built per block from positions.
-    align : {"top_left", "bottom_right"}, default "top_left"
-        ``i' = i`` or ``i' = i + S - T``, for ``causal`` and ``window``.
-    window : (int or None, int or None), optional
-        Keys ``i' - left <= j <= i' + right``; None leaves a side unbounded.
-    softcap : float, optional
-        ``cap * tanh(s / cap)`` on the scaled scores, before the bias.
-    scale : float, optional
-        Score scale; ``1 / sqrt(Dk)`` when omitted.
-    dropout_p, dropout_mask
-        Accepted so that the plain path's options can be passed unchanged, but only as
-        ``0.0`` and None: dropout raises ``ValueError`` (use :func:`~attention_ref.sdpa_forward`).
-    empty_rows : {"zero", "uniform", "nan", "raise"}, default "zero"
-        A query row with no key to attend: output 0, the mean of v, NaN, or ``ValueError``
-        (raised after the pass that finds it). Its logsumexp is ``-inf`` in every case.
+    options : AttentionOptions, optional
+        The attention options as one object.
     block_q, block_k : int, default 256
         Query rows and keys per block; any positive size (a block may overhang the sequence end).
-    dtype : dtype, optional
-        Compute dtype; float64 when omitted.
+    **kwargs
+        Any field of :class:`~attention_ref.AttentionOptions` by name, with the plain path's
+        meaning, except dropout (``dropout_p`` and ``dropout_mask`` raise ``ValueError``: the
+        keep-mask would be a (..., H, T, S) array; use :func:`~attention_ref.sdpa_forward`). The
+        mask and bias are sliced per block, never broadcast whole; causal and window are built
+        per block from positions. Under ``empty_rows="raise"`` the error comes after the pass
+        that finds the empty row; an empty row's logsumexp is ``-inf`` under every policy.
 
     Returns
     -------
@@ -413,10 +350,8 @@ def flash_attention_forward(
     >>> bool(np.abs(res.out - plain).max() <= 1e-12 * np.abs(plain).max())
     True
     """
-    dt = resolve_dtype(dtype)
-    tp = _prepare(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
-                  softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
-                  empty_rows=empty_rows, block_q=block_q, block_k=block_k, dt=dt)
+    tp = _prepare(q, k, v, options, kwargs, block_q, block_k)
+    dt = tp.qs.dtype
     rows, T, S, Dv = tp.qs.shape[:-2], tp.qs.shape[-2], tp.k.shape[-2], tp.v.shape[-1]
     out = np.empty(rows + (T, Dv), dtype=dt)  # (..., Hkv, G, T, Dv)
     lse = np.empty(rows + (T,), dtype=dt)  # (..., Hkv, G, T)
@@ -427,8 +362,8 @@ def flash_attention_forward(
         state = online_softmax_init(rows + (i1 - i0,), Dv, dt)  # (F1) before any key
         for j0 in range(0, S, tp.block_k):
             j1 = min(j0 + tp.block_k, S)
-            any_allowed, allowed = _block_allowed(tp, i0, i1, j0, j1)
-            if not any_allowed:
+            kind, allowed = tp.pairs.block(i0, i1, j0, j1)  # (A4) for this tile
+            if kind == "empty":
                 continue  # skipped, exactly: its max is the fill, so (F2)-(F4) would change nothing
             _, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
             state = online_softmax_update(state, logits, tp.v[..., j0:j1, :], allowed)  # (A4), (F2)-(F4)
@@ -478,19 +413,10 @@ def flash_attention_backward(
     out: ArrayLike,
     logsumexp: ArrayLike,
     *,
-    mask: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: ArrayLike | None = None,
-    empty_rows: str = "zero",
+    options: AttentionOptions | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
-    dtype: DTypeLike | None = None,
+    **kwargs: Any,
 ) -> AttentionGrads:
     r"""Gradients of scaled dot-product attention, block by block, from the output and logsumexp.
 
@@ -512,7 +438,7 @@ def flash_attention_backward(
     logsumexp : array_like, shape (..., H, T)
         The forward's logsumexp, ``-inf`` on empty rows (``FlashOutput.logsumexp``, or
         ``AttentionTrace.logsumexp``): it marks the empty rows for the ``empty_rows`` policy.
-    mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, block_q, block_k, dtype
+    options, block_q, block_k, **kwargs
         As in :func:`flash_attention_forward`; the options must be the forward's (the block
         sizes need not be).
 
@@ -555,10 +481,8 @@ def flash_attention_backward(
     >>> bool(np.abs(g.dk - ref.dk).max() <= 1e-12 * np.abs(ref.dk).max())
     True
     """
-    dt = resolve_dtype(dtype)
-    tp = _prepare(q, k, v, mask=mask, bias=bias, causal=causal, align=align, window=window,
-                  softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
-                  empty_rows=empty_rows, block_q=block_q, block_k=block_k, dt=dt)
+    tp = _prepare(q, k, v, options, kwargs, block_q, block_k)
+    dt = tp.qs.dtype
     Hkv, T, S = tp.k.shape[-4], tp.qs.shape[-2], tp.k.shape[-2]
     dout, out, lse = _check_saved(dout, out, logsumexp, ungroup_heads(tp.qs).shape, tp.v.shape, dt)
     dout = group_heads(dout, Hkv)  # (..., Hkv, G, T, Dv)
@@ -582,8 +506,8 @@ def flash_attention_backward(
         k_j, v_j = tp.k[..., j0:j1, :], tp.v[..., j0:j1, :]  # (..., Hkv, 1, Sb, Dk), (..., Hkv, 1, Sb, Dv)
         for i0 in range(0, T, tp.block_q):
             i1 = min(i0 + tp.block_q, T)
-            any_allowed, allowed = _block_allowed(tp, i0, i1, j0, j1)
-            if not any_allowed:
+            kind, allowed = tp.pairs.block(i0, i1, j0, j1)  # (A4) for this tile
+            if kind == "empty":
                 continue  # skipped: P = 0 on the whole block, (F6), so no gradient comes from it
             capped, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
             if allowed is not None:
@@ -600,7 +524,7 @@ def flash_attention_backward(
             ds *= p
             if dbias is not None:
                 # (A13) dbias: dl summed over the axes the bias was broadcast along
-                block = _block_of(dbias, i0, i1, j0, j1)
+                block = _tile(dbias, i0, i1, j0, j1)
                 block += sum_to_shape(ds, block.shape)
             if tp.softcap is not None:
                 # (A14) ds = dl (1 - (c / cap)^2), with the block's capped scores c

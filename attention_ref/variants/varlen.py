@@ -24,20 +24,18 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike
+from numpy.typing import ArrayLike
 
 from ..core._validate import (
     ALIGNS,
-    EMPTY_ROW_POLICIES,
     as_float,
     check_choice,
-    check_real_scalar,
     check_window,
     fresh,
-    resolve_dtype,
 )
 from ..core.attention import AttentionTrace, sdpa_backward, sdpa_forward
-from ..core.scores import attention_mask
+from ..core.masks import AllowedPairs, query_offset
+from ..core.options import AttentionOptions
 
 __all__ = [
     "VarlenGrads", "VarlenTrace", "block_diagonal_mask", "cu_seqlens_from_lengths",
@@ -199,7 +197,9 @@ def block_diagonal_mask(
         q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
         if q1 == q0 or k1 == k0:
             continue  # an empty block: nothing to allow
-        block = attention_mask(q1 - q0, k1 - k0, causal=causal, align=align, window=window)  # (T_b, S_b) or None
+        T_b, S_b = q1 - q0, k1 - k0
+        pairs = AllowedPairs(T_b, S_b, causal=causal, window=window, offset=query_offset(T_b, S_b, align))
+        block = pairs.dense()  # (T_b, S_b), or None when the whole block may attend
         allowed[q0:q1, k0:k1] = True if block is None else block  # (V3)
     return allowed
 
@@ -256,17 +256,16 @@ def varlen_forward(
     cu_seqlens_q: ArrayLike,
     cu_seqlens_k: ArrayLike,
     *,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> VarlenTrace:
     r"""Varlen attention, returning a :class:`VarlenTrace` for :func:`varlen_backward`.
 
     Takes the same arguments as :func:`varlen_attention`.
+
+    Returns
+    -------
+    VarlenTrace
 
     Examples
     --------
@@ -278,21 +277,21 @@ def varlen_forward(
     >>> tr.out.shape, tr.logsumexp.shape, [t.probs.shape for t in tr.traces]
     ((5, 2, 3), (2, 5), [(2, 2, 4), (2, 3, 3)])
     """
-    dt = resolve_dtype(dtype, q, k, v)
+    given = AttentionOptions.of(options, **kwargs)
+    given.refuse(("mask", "bias", "dropout_p", "dropout_mask"), "varlen attention",
+                 "the packed layout has no (..., H, T, S) axes for them; use block_diagonal_mask "
+                 "with scaled_dot_product_attention")
+    dt = given.compute_dtype(q, k, v)
     q_in, k_in, v_in = q, k, v
     q, k, v = _check_packed(q, k, v, dt)
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q.shape[0] (T_total)")
     cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k.shape[0] (S_total)")
     _check_same_count(cu_q, cu_k)
-    # Options are checked here too: a batch whose sequences are all empty never reaches sdpa_forward.
-    causal = _check_causal(causal)
-    align = check_choice("align", align, ALIGNS)
-    window = check_window(window)
-    if softcap is not None:
-        check_real_scalar("softcap", softcap, positive=True)
-    if scale is not None:
-        check_real_scalar("scale", scale, positive=False)
-    empty_rows = check_choice("empty_rows", empty_rows, EMPTY_ROW_POLICIES)
+    # Checked here once on the packed arrays: a batch whose sequences are all empty never
+    # reaches sdpa_forward, which checks them again per sequence.
+    opt = given.check(q.swapaxes(0, 1), k.swapaxes(0, 1))
+    empty_rows = opt.empty_rows
+    per_sequence = given.replace(dtype=dt)
 
     H, Dv = q.shape[1], v.shape[2]
     out = np.zeros((q.shape[0], H, Dv), dtype=dt)  # (T_total, H, Dv)
@@ -319,9 +318,8 @@ def varlen_forward(
             continue
         # (V1) the sequence's own rows, heads first: (T_b, H, Dk) -> (H, T_b, Dk), a view.
         try:
-            tr = sdpa_forward(q[q0:q1].swapaxes(0, 1), k[k0:k1].swapaxes(0, 1), v[k0:k1].swapaxes(0, 1),
-                              causal=causal, align=align, window=window, softcap=softcap, scale=scale,
-                              empty_rows=empty_rows, dtype=dt)
+            tr = sdpa_forward(q[q0:q1].swapaxes(0, 1), k[k0:k1].swapaxes(0, 1),
+                              v[k0:k1].swapaxes(0, 1), options=per_sequence)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         out[q0:q1] = tr.out.swapaxes(0, 1)  # (H, T_b, Dv) -> (T_b, H, Dv)   (V2)
@@ -385,7 +383,18 @@ def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
     return VarlenGrads(dq=dq, dk=dk, dv=dv)
 
 
-_VARLEN_DOC = r"""
+def varlen_attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike,
+    *,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
+) -> np.ndarray:
+    r"""Attention over a packed batch of variable-length sequences, each attending only to itself.
+
     Parameters
     ----------
     q : array_like, shape (T_total, H, Dk)
@@ -403,47 +412,18 @@ _VARLEN_DOC = r"""
         Key/value offsets, the same for ``k`` and ``v``, last entry S_total; as many sequences as
         ``cu_seqlens_q``. (FlashAttention's ``max_seqlen_q``/``max_seqlen_k`` are not needed:
         the lengths are read from the offsets.)
-    causal : bool, default False
-        Inside each sequence, query ``i`` may attend key ``j`` only when ``j <= i'``.
-    align : {"top_left", "bottom_right"}, default "top_left"
-        ``i' = i`` or ``i' = i + S_b - T_b``, counted inside the sequence. FlashAttention's
-        varlen functions use ``"bottom_right"``; the default here is the library's.
-    window : (int or None, int or None), optional
-        Sliding window ``(left, right)`` inside each sequence: keys ``i' - left <= j <= i' + right``.
-    softcap : float, optional
-        Soft-capping ``cap * tanh(s / cap)`` of the scaled scores.
-    scale : float, optional
-        Score scale, ``>= 0``; ``1 / sqrt(Dk)`` when omitted.
-    empty_rows : {"zero", "uniform", "nan", "raise"}, default "zero"
-        A query row with no key to attend, as in :func:`~attention_ref.scaled_dot_product_attention`
-        (``"uniform"`` averages the values of the row's own sequence). A sequence with queries
-        but no key (S_b = 0) has only empty rows: 0 under ``"zero"``, NaN under ``"nan"``, and a
-        ``ValueError`` under ``"raise"`` and ``"uniform"`` (there is nothing to average).
-    dtype : dtype, optional
-        Compute dtype; float64 when omitted."""
-
-
-def varlen_attention(
-    q: ArrayLike,
-    k: ArrayLike,
-    v: ArrayLike,
-    cu_seqlens_q: ArrayLike,
-    cu_seqlens_k: ArrayLike,
-    *,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
-) -> np.ndarray:
-    return varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, window=window,
-                          softcap=softcap, scale=scale, empty_rows=empty_rows, dtype=dtype).out
-
-
-varlen_attention.__doc__ = r"""Attention over a packed batch of variable-length sequences, each attending only to itself.
-""" + _VARLEN_DOC + r"""
+    options : AttentionOptions, optional
+        The attention options as one object.
+    **kwargs
+        Fields of :class:`~attention_ref.AttentionOptions` by name, applied inside each
+        sequence: ``causal`` and ``window`` (with ``align``: ``i' = i`` or ``i' = i + S_b - T_b``,
+        counted inside the sequence; FlashAttention's varlen functions use ``"bottom_right"``,
+        the default here is the library's ``"top_left"``), ``softcap``, ``scale``, ``dtype`` and
+        ``empty_rows`` (``"uniform"`` averages the values of the row's own sequence; a sequence
+        with queries but no key, S_b = 0, has only empty rows: 0 under ``"zero"``, NaN under
+        ``"nan"``, a ``ValueError`` under ``"raise"`` and ``"uniform"``). ``mask``, ``bias`` and
+        dropout are refused (``ValueError``): the packed layout has no (..., H, T, S) axes for
+        them; use :func:`block_diagonal_mask` with the plain path.
 
     Returns
     -------
@@ -479,6 +459,7 @@ varlen_attention.__doc__ = r"""Attention over a packed batch of variable-length 
     >>> bool(np.allclose(out[3:], second.swapaxes(0, 1), rtol=1e-12, atol=0))
     True
     """
+    return varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, options=options, **kwargs).out
 
 
 def varlen_attention_backward(
@@ -489,20 +470,10 @@ def varlen_attention_backward(
     cu_seqlens_q: ArrayLike,
     cu_seqlens_k: ArrayLike,
     *,
-    causal: bool = False,
-    align: str = "top_left",
-    window: tuple[int | None, int | None] | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    empty_rows: str = "zero",
-    dtype: DTypeLike | None = None,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
 ) -> VarlenGrads:
-    trace = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, window=window,
-                           softcap=softcap, scale=scale, empty_rows=empty_rows, dtype=dtype)
-    return varlen_backward(dout, trace)
-
-
-varlen_attention_backward.__doc__ = r"""Gradients of :func:`varlen_attention`, in the packed layout.
+    r"""Gradients of :func:`varlen_attention`, in the packed layout.
 
     Recomputes the forward, then applies (V4) of ``docs/derivations/varlen.md``: per sequence,
     (A8)-(A16) of ``docs/derivations/attention.md`` (see :func:`varlen_backward`, which skips
@@ -511,8 +482,9 @@ varlen_attention_backward.__doc__ = r"""Gradients of :func:`varlen_attention`, i
     Parameters
     ----------
     dout : array_like, shape (T_total, H, Dv)
-        Gradient of the loss with respect to the packed output.""" + _VARLEN_DOC.replace(
-    "\n    Parameters\n    ----------", "", 1) + r"""
+        Gradient of the loss with respect to the packed output.
+    q, k, v, cu_seqlens_q, cu_seqlens_k, options, **kwargs
+        The forward's inputs and options, as for :func:`varlen_attention`.
 
     Returns
     -------
@@ -531,3 +503,5 @@ varlen_attention_backward.__doc__ = r"""Gradients of :func:`varlen_attention`, i
     >>> g.dq.shape, g.dk.shape, bool((g.dk[2] == 0).all())    # key row 2: a sequence with no query
     ((4, 2, 3), (6, 2, 3), True)
     """
+    trace = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, options=options, **kwargs)
+    return varlen_backward(dout, trace)
