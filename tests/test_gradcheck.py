@@ -109,10 +109,23 @@ def test_error_report_locates_the_worst_element_and_counts_nonfinite_mismatches(
     assert both_nan.nonfinite_mismatch == 0 and both_nan.passed(0.0, 0.0)
 
 
-def test_noise_floor_scales_with_f_and_c():
-    f, c = np.ones(100), np.ones(100)
-    # 10 * u * ||f|| * ||c|| / eps with ||f|| = ||c|| = 10
-    assert fd_noise_floor(f, c, 1e-6) == pytest.approx(10 * np.finfo(float).eps * 100 / 1e-6)
+def test_noise_floor_scales_with_f_and_c(rng):
+    """fd_noise_floor bounds the round-off of a central difference, measured: on f(x) = A x + b
+    the central difference has no truncation error (f is linear), so its whole error against the
+    exact J^T c = A^T c is round-off, which grows with |f| (the offset b), |c| and 1/eps. Over
+    12 decades of floor the measured error stays below it, and above 1e-4 of it (measured: 2e-3
+    to 1e-2 of it): a bound that tracks the error, neither too tight nor absurdly loose."""
+    A = rng.normal(size=(40, 12))  # f: R^12 -> R^40
+    for offset in (0.0, 1.0, 1e3, 1e6):  # |f(x)| ~ offset: the round-off of f grows with it
+        for c_size in (1e-3, 1.0, 1e4):
+            for eps in (1e-6, 1e-4):
+                x, b = rng.normal(size=12), offset * rng.normal(size=40)
+                c = c_size * rng.normal(size=40)
+                fd = np.array([(A @ (x + eps * e) + b - (A @ (x - eps * e) + b)) @ c / (2 * eps)
+                               for e in np.eye(12)])  # (G1), by hand
+                error = float(np.max(np.abs(fd - A.T @ c)))  # A^T c: exact to ~1e-16 of it
+                floor = fd_noise_floor(A @ x + b, c, eps)
+                assert 1e-4 * floor < error <= floor, (offset, c_size, eps, error, floor)
 
 
 def test_checker_reports_name_and_location_in_its_table(rng):

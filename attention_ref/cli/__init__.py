@@ -2,8 +2,9 @@
 
 Layer 5 of attention_ref, the top: it may import every other layer. Also run as
 ``python -m attention_ref``. With no subcommand it runs ``check``, the main job. Every subcommand
-has ``--help``; ``--json`` prints machine-readable output on stdout, and progress lines go to
-stderr (``--quiet`` silences them).
+has ``--help``; ``--json`` prints machine-readable output on stdout, ``--markdown`` (``check``,
+``compare``, ``verify``) prints the table as Markdown, and progress lines go to stderr
+(``--quiet`` silences them).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0,
                        help="0 (default): the canonical inputs; another value draws other inputs for the same cases")
     check.add_argument("--quick", action="store_true", help="leave out the long cases and the realistic-size run")
-    _common(check)
+    _common(check, markdown=True)
 
     lister = sub.add_parser(
         "cases", help="list the canonical cases",
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--atol", type=float, help="absolute tolerance (default 1e-14 for float64)")
     verify.add_argument("--precision", choices=("float32", "float16", "bfloat16"),
                         help="the candidate's precision: judge output and gradients by the error-budget rule")
-    _common(verify)
+    _common(verify, markdown=True)
 
     compare = sub.add_parser(
         "compare", help="run an installed framework's attention on every canonical case and judge it",
@@ -88,13 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("framework", choices=("torch", "jax"), help="the framework to run (must be installed)")
     compare.add_argument("--cases", nargs="+", metavar="NAME", help="only these canonical cases (default: all)")
-    _common(compare)
+    _common(compare, markdown=True)
     return parser
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, markdown: bool = False) -> None:
+    """Add ``--quiet`` and ``--json``, and with ``markdown`` also ``--markdown`` (not with both)."""
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout instead of a table")
+    output = p.add_mutually_exclusive_group() if markdown else p
+    output.add_argument("--json", action="store_true",
+                        help="machine-readable JSON on stdout instead of a table")
+    if markdown:
+        output.add_argument("--markdown", action="store_true",
+                            help="print the table as a Markdown table (GitHub-flavoured: to paste "
+                            "into an issue or a pull request) instead of aligned text; the lines "
+                            "around it are unchanged")
 
 
 def _list_cases(as_json: bool) -> int:
@@ -142,7 +151,8 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "compare":
         from ..oracle.conformance import main_compare
 
-        return main_compare(args.framework, args.cases, quiet=args.quiet, as_json=args.json)
+        return main_compare(args.framework, args.cases, quiet=args.quiet, as_json=args.json,
+                            markdown=args.markdown)
     if args.command in ("golden", "verify"):
         from ..oracle import golden
 
@@ -150,10 +160,12 @@ def _run(argv: list[str] | None) -> int:
             return golden.main_golden(args.directory, args.cases, overwrite=args.overwrite, quiet=args.quiet,
                                       as_json=args.json)
         return golden.main_verify(args.directory, args.candidate, args.cases, rtol=args.rtol, atol=args.atol,
-                                  precision=args.precision, quiet=args.quiet, as_json=args.json)
+                                  precision=args.precision, quiet=args.quiet, as_json=args.json,
+                                  markdown=args.markdown)
     from ..oracle.check import main_check
 
-    return main_check(seed=args.seed, quiet=args.quiet, as_json=args.json, quick=args.quick)
+    return main_check(seed=args.seed, quiet=args.quiet, as_json=args.json, quick=args.quick,
+                      markdown=args.markdown)
 
 
 if __name__ == "__main__":

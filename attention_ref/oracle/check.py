@@ -22,16 +22,17 @@ import numpy as np
 
 from ..core import heads, linear as projection, mha, softmax as stable_softmax
 from .cases import cases
+from .compare import Comparison
 from .gradcheck import (
     CS_RTOL,
     FD_NOISE_FACTOR,
     FD_RTOL,
-    ErrorReport,
     GradCheckResult,
     check_complex_step,
     check_directional,
     check_vjp,
 )
+from .tables import Column, json_float, render_table
 
 
 class Row(NamedTuple):
@@ -40,9 +41,9 @@ class Row(NamedTuple):
     function: str
     case: str
     gradient: str
-    fd: ErrorReport  #: analytic vs central difference
+    fd: Comparison  #: analytic vs central difference
     fd_atol: float  #: round-off floor of the finite difference, (G3)
-    cs: ErrorReport  #: analytic vs complex step
+    cs: Comparison  #: analytic vs complex step
     cs_atol: float  #: round-off floor of the complex step, (G6)
     fd_passed: bool
     cs_passed: bool
@@ -63,11 +64,6 @@ class Row(NamedTuple):
                 "fd_atol": self.fd_atol, "cs_rel_error": json_float(self.cs.rel_error),
                 "cs_abs_error": self.cs.max_abs_error, "cs_atol": self.cs_atol,
                 "exact_zero": self.exact_zero, "passed": self.passed}
-
-
-def json_float(x: float) -> float | None:
-    """``x``, or None when it is not finite (JSON has no inf or NaN)."""
-    return float(x) if np.isfinite(x) else None
 
 
 def _rows(function: str, case: str, fd: GradCheckResult, cs: GradCheckResult) -> Iterator[Row]:
@@ -143,45 +139,73 @@ def run_checks(seed: int = 0, progress: Callable[[str], None] | None = None, *, 
     return rows
 
 
-def _cell(rep: ErrorReport, exact_zero: bool) -> str:
+def _cell(rep: Comparison, exact_zero: bool) -> str:
     return f"abs {rep.max_abs_error:.1e}" if exact_zero else f"{rep.rel_error:.1e}"
 
 
-def format_table(rows: list[Row]) -> str:
-    """The rows as an aligned text table with the pass rules and a closing count line."""
-    cols = ("function", "case", "gradient")
-    widths = [max(len(h), *(len(getattr(r, h)) for r in rows)) for h in cols]
-    head = (f"{'function':<{widths[0]}}  {'case':<{widths[1]}}  {'gradient':<{widths[2]}}  "
-            f"{'finite diff':>12}  {'complex step':>12}  result")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.function:<{widths[0]}}  {r.case:<{widths[1]}}  {r.gradient:<{widths[2]}}  "
-                     f"{_cell(r.fd, r.exact_zero):>12}  {_cell(r.cs, r.exact_zero):>12}  "
-                     f"{'pass' if r.passed else 'FAIL'}")
+#: The columns of :func:`format_table`; the two errors are right-aligned, 12 wide.
+COLUMNS = (Column("function"), Column("case"), Column("gradient"),
+           Column("finite diff", "right", 12), Column("complex step", "right", 12),
+           Column("result"))
+
+
+def format_table(rows: list[Row], *, fmt: str = "text") -> str:
+    """The rows as a table with the pass rules and a closing count line.
+
+    Parameters
+    ----------
+    rows : list of Row
+        From :func:`run_checks`.
+    fmt : {"text", "markdown"}
+        Aligned text (the default), or a Markdown table (``attention-ref check --markdown``);
+        the lines below the table are the same in both.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> from attention_ref.gradcheck import error_report
+    >>> from attention_ref.oracle.check import Row, format_table
+    >>> rep = error_report([1.0, 2.0], [1.0, 2.0 + 1e-13])
+    >>> row = Row("softmax", "axis=-1", "dx", rep, 1e-8, rep, 1e-12, True, True)
+    >>> print(format_table([row], fmt="markdown").splitlines()[2])
+    | softmax  | axis=-1 | dx       |     5.0e-14 |      5.0e-14 | pass   |
+    """
+    cells = [(r.function, r.case, r.gradient, _cell(r.fd, r.exact_zero), _cell(r.cs, r.exact_zero),
+              "pass" if r.passed else "FAIL") for r in rows]
     failed = sum(not r.passed for r in rows)
     nonzero = [r for r in rows if not r.exact_zero]
-    lines += [
-        "",
+    worst_fd = max((r.fd.rel_error for r in nonzero), default=0)
+    worst_cs = max((r.cs.rel_error for r in nonzero), default=0)
+    footer = [
         "errors: max|analytic - numerical| / max|numerical|; 'abs': the true gradient is exactly 0",
-        "  (e.g. the key projection's bias b_k, or a softmax over one key), so the error is absolute.",
-        f"finite diff (G1) passes when max|diff| <= {FD_RTOL:g} max|numerical| + atol, atol = {FD_NOISE_FACTOR:g} u ||f|| ||c|| / eps (G3)",
-        f"complex step (G4) passes when max|diff| <= {CS_RTOL:g} max|numerical| + atol, atol = {CS_RTOL:g} x the check's largest gradient (G6)",
-        f"worst relative error, nonzero gradients: finite diff {max((r.fd.rel_error for r in nonzero), default=0):.1e}, "
-        f"complex step {max((r.cs.rel_error for r in nonzero), default=0):.1e}",
+        "  (e.g. the key projection's bias b_k, or a softmax over one key), so the error is "
+        "absolute.",
+        f"finite diff (G1) passes when max|diff| <= {FD_RTOL:g} max|numerical| + atol, "
+        f"atol = {FD_NOISE_FACTOR:g} u ||f|| ||c|| / eps (G3)",
+        f"complex step (G4) passes when max|diff| <= {CS_RTOL:g} max|numerical| + atol, "
+        f"atol = {CS_RTOL:g} x the check's largest gradient (G6)",
+        f"worst relative error, nonzero gradients: finite diff {worst_fd:.1e}, "
+        f"complex step {worst_cs:.1e}",
         f"gradcheck: {len(rows) - failed} passed, {failed} failed",
     ]
-    return "\n".join(lines)
+    return render_table(COLUMNS, cells, fmt=fmt, footer=footer)
 
 
-def main_check(seed: int = 0, quiet: bool = False, as_json: bool = False, quick: bool = False) -> int:
+def main_check(seed: int = 0, quiet: bool = False, as_json: bool = False, quick: bool = False,
+               markdown: bool = False) -> int:
+    """``attention-ref check``: run the checks and print the table; returns the exit status."""
     start = time.perf_counter()
-    progress = None if quiet else (lambda msg: print(f"  checking {msg} ...", file=sys.stderr, flush=True))
+    progress = None if quiet else (
+        lambda msg: print(f"  checking {msg} ...", file=sys.stderr, flush=True))
     rows = run_checks(seed, progress, quick=quick)
     ok = all(r.passed for r in rows)
     if as_json:
         print(json.dumps({"command": "check", "seed": seed, "passed": ok,
                           "rows": [r.as_dict() for r in rows]}, indent=1))
     else:
-        print(format_table(rows))
+        print(format_table(rows, fmt="markdown" if markdown else "text"))
         print(f"({time.perf_counter() - start:.1f} s)")
     return 0 if ok else 1

@@ -34,6 +34,7 @@ import numpy as np
 
 from .cases import CaseData, cases
 from ..core.mha import MultiHeadParams
+from .tables import Column, json_float, render_table
 from .testing import (
     OUTPUT_BUDGET,
     check_budget,
@@ -79,9 +80,9 @@ class ConformanceRow(NamedTuple):
     empty_rows: str  #: the policy the reference used for this case
 
     def as_dict(self) -> dict[str, Any]:
-        err = self.error if self.error is None or np.isfinite(self.error) else None
-        return {"case": self.case, "function": self.function, "quantity": self.quantity, "status": self.status,
-                "rel_error": err, "verdict": self.verdict, "empty_rows": self.empty_rows}
+        return {"case": self.case, "function": self.function, "quantity": self.quantity,
+                "status": self.status, "rel_error": json_float(self.error), "verdict": self.verdict,
+                "empty_rows": self.empty_rows}
 
 
 def _framework(name: str) -> tuple[Any, ...]:
@@ -202,24 +203,59 @@ def run_conformance(framework: str, selected: list[Any] | None = None,
     return rows
 
 
-def format_rows(framework: str, rows: list[ConformanceRow]) -> str:
-    """The conformance table with a closing count line."""
-    w_case = max(len("case"), *(len(r.case) for r in rows))
-    w_q = max(len("quantity"), *(len(r.quantity) for r in rows))
-    head = f"{'case':<{w_case}}  {'quantity':<{w_q}}  {'rel error':>9}  {'result':<6}  rule / reason"
-    lines = [f"conformance of {framework} with attention_ref", head, "-" * len(head)]
+#: The columns of :func:`format_rows`.
+COLUMNS = (Column("case"), Column("quantity"), Column("rel error", "right"),
+           Column("result", min_width=6), Column("rule / reason"))
+
+
+def format_rows(framework: str, rows: list[ConformanceRow], *, fmt: str = "text") -> str:
+    """The conformance table with a title and a closing count line.
+
+    Parameters
+    ----------
+    framework : {"torch", "jax"}
+        Named in the title and the count line.
+    rows : list of ConformanceRow
+        From :func:`run_conformance`.
+    fmt : {"text", "markdown"}
+        Aligned text (the default), or a Markdown table (``attention-ref compare --markdown``).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> from attention_ref.oracle.conformance import ConformanceRow, format_rows
+    >>> row = ConformanceRow("plain", "sdpa", "out", "pass", 2.7e-16,
+    ...                      "float64: rel 2.7e-16 <= 1e-12", "zero")
+    >>> print(format_rows("torch", [row]))
+    conformance of torch with attention_ref
+    case   quantity  rel error  result  rule / reason
+    -------------------------------------------------
+    plain  out         2.7e-16  pass    float64: rel 2.7e-16 <= 1e-12
+    <BLANKLINE>
+    compare torch: 1 passed, 0 failed, 0 skipped (cases the framework cannot express)
+    """
+    cells = []
     for r in rows:
-        err = "" if r.error is None else ("grad = 0" if "gradient is 0" in r.verdict else f"{r.error:.1e}")
-        note = r.verdict if r.status != "pass" or r.empty_rows == "zero" else f"{r.verdict}; empty rows: {r.empty_rows}"
-        lines.append(f"{r.case:<{w_case}}  {r.quantity:<{w_q}}  {err:>9}  {r.status:<6}  {note}")
+        zero = "gradient is 0" in r.verdict
+        err = "" if r.error is None else ("grad = 0" if zero else f"{r.error:.1e}")
+        note = r.verdict
+        if r.status == "pass" and r.empty_rows != "zero":
+            note += f"; empty rows: {r.empty_rows}"
+        cells.append((r.case, r.quantity, err, r.status, note))
     n_pass = sum(r.status == "pass" for r in rows)
     n_fail = sum(r.status == "FAIL" for r in rows)
     n_skip = sum(r.status == "skip" for r in rows)
-    lines += ["", f"compare {framework}: {n_pass} passed, {n_fail} failed, {n_skip} skipped (cases the framework cannot express)"]
-    return "\n".join(lines)
+    count = (f"compare {framework}: {n_pass} passed, {n_fail} failed, {n_skip} skipped "
+             "(cases the framework cannot express)")
+    return render_table(COLUMNS, cells, fmt=fmt,
+                        title=f"conformance of {framework} with attention_ref", footer=count)
 
 
-def main_compare(framework: str, names: list[str] | None = None, quiet: bool = False, as_json: bool = False) -> int:
+def main_compare(framework: str, names: list[str] | None = None, quiet: bool = False,
+                 as_json: bool = False, markdown: bool = False) -> int:
     from .cases import get_case
 
     start = time.perf_counter()
@@ -235,6 +271,6 @@ def main_compare(framework: str, names: list[str] | None = None, quiet: bool = F
         print(json.dumps({"command": "compare", "framework": framework, "passed": ok,
                           "rows": [r.as_dict() for r in rows]}, indent=1))
     else:
-        print(format_rows(framework, rows))
+        print(format_rows(framework, rows, fmt="markdown" if markdown else "text"))
         print(f"({time.perf_counter() - start:.1f} s)")
     return 0 if ok else 1

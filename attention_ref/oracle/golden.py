@@ -20,7 +20,6 @@ Command line: ``attention-ref golden DIR`` and ``attention-ref verify DIR [--can
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -39,8 +38,11 @@ from .._version import __version__
 from ..core.attention import AttentionTrace, scaled_dot_product_attention
 from .cases import KINDS, Case, CaseData, Reference, cases as canonical_cases, get_case
 from ..core.mha import multi_head_attention
+from ..core.options import AttentionOptions
 from ..core.scores import masked_fill_value
-from .testing import DEFAULT_TOLERANCES, PRECISIONS, Comparison, assert_close, budget_reports, compare
+from .compare import DEFAULT_TOLERANCES, PRECISIONS, Comparison, assert_close, compare
+from .tables import Column, json_float, render_table
+from .testing import budget_reports
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "MANIFEST_NAME", "CONVENTIONS", "GoldenError",
@@ -81,9 +83,8 @@ _NOT_OPTIONS = ("dtype", "bias", "params") + _ARRAY_OPTIONS
 
 def _scalar_defaults(kind: str) -> dict[str, Any]:
     """The scalar keyword options of the reference function of ``kind``, with their defaults."""
-    sig = inspect.signature(_FUNCTIONS[kind])
-    return {n: (None if p.default is inspect.Parameter.empty else p.default)
-            for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _NOT_OPTIONS}
+    heads = {"num_heads": None, "num_kv_heads": None} if kind == "mha" else {}
+    return {**heads, **{n: d for n, d in AttentionOptions.defaults().items() if n not in _NOT_OPTIONS}}
 
 
 #: What a golden set assumes, written into every manifest (``conventions``) so that a reader in
@@ -853,12 +854,10 @@ class ArrayResult(NamedTuple):
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: non-finite numbers become null."""
-        def num(x: float) -> float | None:
-            return float(x) if np.isfinite(x) else None
-
         c = self.comparison
         return {"case": self.case, "key": self.key, "passed": self.passed, "rule": self.rule,
-                "max_abs_error": num(self.max_abs_error), "rel_error": num(self.rel_error),
+                "max_abs_error": json_float(self.max_abs_error),
+                "rel_error": json_float(self.rel_error),
                 "location": list(c.location) if c is not None else None,
                 "nan_mismatch": c.nan_mismatch if c is not None else None,
                 "inf_mismatch": c.inf_mismatch if c is not None else None, "message": self.message}
@@ -1071,13 +1070,26 @@ def _judge_candidate(gc: GoldenCase, stored: Mapping[str, np.ndarray], got: Mapp
 # ----------------------------------------------------------------------------- output
 
 
-def format_results(results: Sequence[ArrayResult]) -> str:
+def format_results(results: Sequence[ArrayResult], *, fmt: str = "text") -> str:
     """The results as a table with one row per case, the failures in full, and a count line.
+
+    Parameters
+    ----------
+    results : sequence of ArrayResult
+        From :func:`verify_golden`.
+    fmt : {"text", "markdown"}
+        Aligned text (the default), or a Markdown table (``attention-ref verify --markdown``);
+        the failures and the count line below the table are the same in both.
+
+    Returns
+    -------
+    str
 
     Examples
     --------
     >>> from attention_ref.golden import ArrayResult, format_results
-    >>> print(format_results([ArrayResult("plain", "output.out", True, "rtol=1e-12 atol=1e-14", "", None)]))
+    >>> ok = ArrayResult("plain", "output.out", True, "rtol=1e-12 atol=1e-14", "", None)
+    >>> print(format_results([ok]))
     case   arrays  worst array  max abs err  rel err  result
     --------------------------------------------------------
     plain       1  output.out             -        -  pass
@@ -1087,32 +1099,35 @@ def format_results(results: Sequence[ArrayResult]) -> str:
     by_case: dict[str, list[ArrayResult]] = {}
     for r in results:
         by_case.setdefault(r.case, []).append(r)
-    width = max([len("case")] + [len(c) for c in by_case])
+    # The key column is as wide as the longest key of any result, shown or not.
     kw = max([len("worst array")] + [len(r.key) for r in results])
-    head = f"{'case':<{width}}  arrays  {'worst array':<{kw}}  max abs err  rel err  result"
-    lines = [head, "-" * len(head)]
+    columns = (Column("case"), Column("arrays", "right"), Column("worst array", min_width=kw),
+               Column("max abs err", "right"), Column("rel err", "right"), Column("result"))
 
     def badness(r: ArrayResult) -> tuple[bool, float]:
         rel = r.rel_error
         return (not r.passed, rel if np.isfinite(rel) else (-1.0 if np.isnan(rel) else float("inf")))
 
+    rows = []
     for case, rs in by_case.items():
         worst = max(rs, key=badness)
         err = "-" if worst.comparison is None else f"{worst.max_abs_error:.1e}"
         rel = "-" if worst.comparison is None else f"{worst.rel_error:.1e}"
-        ok = all(r.passed for r in rs)
-        lines.append(f"{case:<{width}}  {len(rs):>6}  {worst.key:<{kw}}  {err:>11}  {rel:>7}  {'pass' if ok else 'FAIL'}")
+        verdict = "pass" if all(r.passed for r in rs) else "FAIL"
+        rows.append((case, len(rs), worst.key, err, rel, verdict))
     failed = [r for r in results if not r.passed]
+    footer = []
     if failed:
-        lines += ["", "failures:"]
+        footer.append("failures:")
         for r in failed:
             text = r.message.replace("\n", "\n    ")
-            lines.append(f"  {r.case} {r.key} [{r.rule or 'missing'}]:\n    {text}")
+            footer.append(f"  {r.case} {r.key} [{r.rule or 'missing'}]:\n    {text}")
+        footer.append("")
     bad_cases = sum(not all(r.passed for r in rs) for rs in by_case.values())
-    n_cases = len(by_case)
-    lines += ["", f"verify: {n_cases - bad_cases} case{'s' if n_cases - bad_cases != 1 else ''} passed, {bad_cases} failed "
-                  f"({len(results)} array{'s' if len(results) != 1 else ''} compared, {len(failed)} failed)"]
-    return "\n".join(lines)
+    n_ok, n = len(by_case) - bad_cases, len(results)
+    footer.append(f"verify: {n_ok} case{'s' if n_ok != 1 else ''} passed, {bad_cases} failed "
+                  f"({n} array{'s' if n != 1 else ''} compared, {len(failed)} failed)")
+    return render_table(columns, rows, fmt=fmt, footer=footer)
 
 
 def _say(quiet: bool) -> Callable[[str], None] | None:
@@ -1151,7 +1166,7 @@ def main_golden(directory: str, cases: Sequence[str] | None = None, *, overwrite
 
 def main_verify(directory: str, candidate: str | None = None, cases: Sequence[str] | None = None, *,
                 rtol: float | None = None, atol: float | None = None, precision: str | None = None,
-                quiet: bool = False, as_json: bool = False) -> int:
+                quiet: bool = False, as_json: bool = False, markdown: bool = False) -> int:
     """``attention-ref verify DIR [--candidate DIR2]``: returns the exit status (1 on any failure)."""
     start = time.perf_counter()
     say = _say(quiet)
@@ -1187,7 +1202,7 @@ def main_verify(directory: str, candidate: str | None = None, cases: Sequence[st
     print(f"golden set {directory}: {len(golden)} cases, {n_arrays} arrays, every checksum verified "
           f"(format_version {golden.format_version}, manifest sha256 {golden.manifest_sha256})")
     print(f"comparing {mode}\n")
-    print(format_results(results))
+    print(format_results(results, fmt="markdown" if markdown else "text"))
     rules = sorted({r.rule for r in results if r.rule})
     print(f"rule: |actual - reference| <= atol + rtol * |reference| element-wise"
           f"{'; budget: error <= factor x the baseline error + floor (attention_ref.testing)' if precision else ''}"

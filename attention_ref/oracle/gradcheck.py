@@ -11,7 +11,9 @@ r"""Finite-difference verification of hand-written backwards.
   (~1e-15 relative) where the finite difference gets ~1e-8. It needs a forward that is analytic
   and carries complex numbers; every forward of attention_ref is (complex inputs compute in
   complex128).
-* :func:`error_report` -- the worst error of one array against another, and where it is.
+* :func:`error_report` -- the worst error of one array against another, and where it is: the
+  comparison report of :func:`attention_ref.testing.compare`, :class:`ErrorReport` being another
+  name for :class:`~attention_ref.testing.Comparison`.
 
 All finite differences run in float64. Use a random cotangent ``c``: a cotangent that is constant
 along a softmax row (all ones, or the gradient of ``.sum()``) has zero gradient through that
@@ -24,6 +26,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from .compare import Comparison, compare
 
 __all__ = [
     "CS_RTOL", "CS_STEP", "FD_EPS", "FD_NOISE_FACTOR", "FD_RTOL", "ErrorReport", "GradCheckResult",
@@ -112,33 +116,19 @@ def _norm(x: ArrayLike) -> float:
     return top * float(np.linalg.norm(a / top))
 
 
-class ErrorReport(NamedTuple):
-    """The worst disagreement between two arrays of one shape.
-
-    ``rel_error = max_abs_error / scale`` with ``scale = max(|expected|)``: an error measured
-    against the size of the whole gradient, so tiny elements do not blow it up.
-    """
-
-    max_abs_error: float  #: max |actual - expected|
-    rel_error: float  #: max_abs_error / scale (0 when both are 0, inf when only the scale is 0)
-    scale: float  #: max |expected|
-    location: tuple[int, ...]  #: index of the worst absolute error (``index`` would shadow tuple.index)
-    actual: float  #: actual[index]
-    expected: float  #: expected[index]
-    nonfinite_mismatch: int  #: entries where one side is NaN/inf and the other is not (or differs)
-
-    def passed(self, rtol: float = FD_RTOL, atol: float = 0.0) -> bool:
-        """``max_abs_error <= atol + rtol * scale`` and no NaN/inf mismatch."""
-        return self.nonfinite_mismatch == 0 and self.max_abs_error <= atol + rtol * self.scale
-
-    def __str__(self) -> str:
-        return (f"rel {self.rel_error:.2e} (abs {self.max_abs_error:.2e}, scale {self.scale:.2e}) "
-                f"at {self.location}: actual {self.actual!r} vs expected {self.expected!r}"
-                + (f"; {self.nonfinite_mismatch} NaN/inf mismatches" if self.nonfinite_mismatch else ""))
+#: The report of :func:`error_report`: another name for :class:`attention_ref.testing.Comparison`
+#: (the one comparison report of attention_ref, defined in ``attention_ref.oracle.compare``),
+#: kept so that code written against attention_ref 0.1 keeps working. Its ``name`` is ``""``;
+#: ``passed(rtol, atol)`` is the pass rule of every gradient check.
+ErrorReport = Comparison
 
 
-def error_report(actual: ArrayLike, expected: ArrayLike, *, scale: float | None = None) -> ErrorReport:
+def error_report(actual: ArrayLike, expected: ArrayLike, *,
+                 scale: float | None = None) -> Comparison:
     r"""The worst error of ``actual`` against ``expected``, and where it is.
+
+    The same report as :func:`attention_ref.testing.compare`, for arrays NumPy converts to
+    float64.
 
     Parameters
     ----------
@@ -150,11 +140,17 @@ def error_report(actual: ArrayLike, expected: ArrayLike, *, scale: float | None 
 
     Returns
     -------
-    ErrorReport
+    Comparison
         Max absolute error, relative error ``max|a - e| / max|e|``, the location of the worst
-        element and both values there, and the count of NaN/inf mismatches (entries where the
-        two sides are not both finite and not identical). Non-finite entries are left out of
-        the error, and counted instead.
+        element and both values there, and the counts of NaN and Inf mismatches (entries where
+        the two sides are not both finite and not identical; ``nonfinite_mismatch`` is their
+        sum). Non-finite entries are left out of the error, and counted instead.
+        ``passed(rtol, atol)`` is ``max_abs_error <= atol + rtol * scale`` with no mismatch.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
 
     Examples
     --------
@@ -162,25 +158,21 @@ def error_report(actual: ArrayLike, expected: ArrayLike, *, scale: float | None 
     >>> r = error_report([1.0, 2.0, 4.0], [1.0, 2.0, 4.4])
     >>> round(r.rel_error, 6), r.location
     (0.090909, (2,))
+    >>> r.passed(rtol=0.1), r.passed(rtol=0.01)
+    (True, False)
     """
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
         raise ValueError(f"actual and expected must have one shape; got {a.shape} and {e.shape}")
-    finite = np.isfinite(a) & np.isfinite(e)
-    same_nonfinite = ~finite & ((a == e) | (np.isnan(a) & np.isnan(e)))
-    mismatch = int((~finite & ~same_nonfinite).sum())
-    with np.errstate(invalid="ignore"):  # inf - inf where both sides hold the same infinity
-        diff = np.where(finite, np.abs(a - e), 0.0)
-    if a.size == 0:
-        return ErrorReport(0.0, 0.0, 0.0, (), float("nan"), float("nan"), mismatch)
-    flat = int(np.argmax(diff))
-    index = tuple(int(i) for i in np.unravel_index(flat, a.shape))
-    max_abs = float(diff.reshape(-1)[flat])
-    if scale is None:
-        scale = float(np.max(np.where(finite, np.abs(e), 0.0)))
-    rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else float("inf"))
-    return ErrorReport(max_abs, rel, scale, index, float(a[index]), float(e[index]), mismatch)
+    return compare(a, e, scale=scale)
+
+
+def _summary(r: Comparison) -> str:
+    """One gradient's line in :class:`GradCheckResult`'s table: relative error first."""
+    return (f"rel {r.rel_error:.2e} (abs {r.max_abs_error:.2e}, scale {r.scale:.2e}) "
+            f"at {r.location}: actual {r.actual!r} vs expected {r.expected!r}"
+            + (f"; {r.nonfinite_mismatch} NaN/inf mismatches" if r.nonfinite_mismatch else ""))
 
 
 def numerical_vjp(
@@ -301,7 +293,7 @@ def complex_step_vjp(
 class GradCheckResult(NamedTuple):
     """Per-input comparison of a backward with finite differences."""
 
-    reports: dict[str, ErrorReport]  #: input name -> worst error of its gradient
+    reports: dict[str, Comparison]  #: input name -> worst error of its gradient
     rtol: float  #: relative pass threshold
     atol: float  #: absolute pass threshold (by default the round-off bound, (G3))
 
@@ -311,7 +303,7 @@ class GradCheckResult(NamedTuple):
         return all(r.passed(self.rtol, self.atol) for r in self.reports.values())
 
     @property
-    def worst(self) -> tuple[str, ErrorReport]:
+    def worst(self) -> tuple[str, Comparison]:
         """The input with the largest relative error, and its report."""
         return max(self.reports.items(), key=lambda kv: kv[1].rel_error)
 
@@ -323,7 +315,7 @@ class GradCheckResult(NamedTuple):
                 lines.append(f"{verdict} d{name}: gradient is 0 within round-off (atol {self.atol:.1e}); "
                              f"abs error {r.max_abs_error:.2e} at {r.location}")
             else:
-                lines.append(f"{verdict} d{name}: {r}")
+                lines.append(f"{verdict} d{name}: {_summary(r)}")
         return "\n".join(lines)
 
 
@@ -442,7 +434,7 @@ def check_directional(
     Returns
     -------
     GradCheckResult
-        Per input, an :class:`ErrorReport` over its directions: ``actual`` is
+        Per input, a :class:`~attention_ref.testing.Comparison` over its directions: ``actual`` is
         :math:`\langle t, \text{grad}\rangle`, ``expected`` the finite difference, and
         ``location`` the worst direction.
 

@@ -3,6 +3,9 @@ r"""Compare any attention implementation with the reference, with tolerances tha
 * :func:`compare` -- the worst error of an array against the reference, where it is, both values
   there, and the NaN/Inf mismatches; :func:`assert_close` raises an ``AssertionError`` whose
   message is that report, with per-precision default tolerances (:data:`DEFAULT_TOLERANCES`).
+  They live in ``attention_ref.oracle.compare``, with :class:`Comparison`, the one report that
+  :func:`attention_ref.gradcheck.error_report` and the error budget return too; this module
+  re-exports them.
 * The **error-budget rule** of FlashAttention's and PyTorch's attention tests, as an API:
   a low-precision candidate's error against the float64 reference may be at most
   ``rtol_budget`` times the error of a *baseline* -- the reference itself computed in the
@@ -38,13 +41,23 @@ from numpy.typing import ArrayLike
 
 from ..core._validate import sum_to_shape
 from ..core.attention import AttentionGrads, sdpa_forward
-from .gradcheck import error_report
 from ..core.mha import MultiHeadParams
+from ..core.options import AttentionOptions
 from ..core.scores import (
     apply_mask,
     apply_mask_backward,
     group_heads,
     ungroup_heads,
+)
+from .compare import (  # the one comparison report: re-exported here, its documented home
+    DEFAULT_TOLERANCES,
+    PRECISIONS,
+    Comparison,
+    Tolerance,
+    assert_close,
+    check_precision as _check_precision,
+    compare,
+    to_numpy,
 )
 
 __all__ = [
@@ -53,9 +66,6 @@ __all__ = [
     "BudgetReport", "check_budget", "assert_within_budget", "Baseline", "sdpa_baseline", "mha_baseline",
     "budget_reports", "to_numpy",
 ]
-
-#: The precisions a candidate may compute in.
-PRECISIONS = ("float64", "float32", "float16", "bfloat16")
 
 #: Unit roundoff u = 2^-p of each precision (p significant bits: 53, 24, 11, 8).
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -70,68 +80,7 @@ OUTPUT_BUDGET = 2.0
 GRADIENT_BUDGET = 3.0
 
 
-class Tolerance(NamedTuple):
-    """Element-wise rule ``|actual - expected| <= atol + rtol * |expected|``, and where it comes from."""
-
-    rtol: float
-    atol: float
-    source: str
-
-
-#: Default tolerances of :func:`assert_close` per precision of the *actual* array. They are
-#: ``torch.testing.assert_close``'s defaults for float32, float16 and bfloat16 (PyTorch's
-#: documentation, "torch.testing"): about 10 ulps relative (rtol 1.3e-6 = 11 u for float32,
-#: 1e-3 = 2 u for float16, 1.6e-2 = 4 u for bfloat16). For float64 PyTorch allows 1e-7; an
-#: oracle can ask for much more, and the float64 paths of attention_ref agree with PyTorch's to
-#: 7.8e-15 relative (docs/stability.md), so float64 gets 1e-12 relative: ~5000 ulps, room for
-#: different summation orders over long rows, and 1e10 times smaller than a real bug.
-DEFAULT_TOLERANCES = {
-    "float64": Tolerance(1e-12, 1e-14, "attention_ref: float64 implementations agree to ~1e-14 (measured vs PyTorch)"),
-    "float32": Tolerance(1.3e-6, 1e-5, "torch.testing.assert_close default for float32"),
-    "float16": Tolerance(1e-3, 1e-5, "torch.testing.assert_close default for float16"),
-    "bfloat16": Tolerance(1.6e-2, 1e-5, "torch.testing.assert_close default for bfloat16"),
-}
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def to_numpy(x: Any) -> tuple[np.ndarray, str | None]:
-    """``(array, precision)``: a NumPy copy-free view where possible, and the precision it came in.
-
-    Torch tensors are detached and moved to the CPU; bfloat16 arrays (torch or ml_dtypes/JAX) are
-    widened to float32, which is exact. ``precision`` is None for non-float inputs.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from attention_ref.testing import to_numpy
-    >>> arr, precision = to_numpy(np.ones(3, dtype=np.float32))
-    >>> arr.dtype, precision
-    (dtype('float32'), 'float32')
-    """
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            return x.float().numpy(), "bfloat16"
-        x = x.numpy()
-    try:
-        arr = np.asarray(x)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"could not convert {type(x).__name__} to a numpy array: {exc}") from None
-    if arr.dtype.name == "bfloat16":
-        return arr.astype(np.float32), "bfloat16"
-    if arr.dtype.kind == "f" and arr.dtype.name in PRECISIONS:
-        return arr, arr.dtype.name
-    if arr.dtype.kind in "biu":
-        return arr, None
-    raise TypeError(f"expected a real array (float, int or bool); got dtype {arr.dtype}")
-
-
-def _check_precision(precision: Any) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-    return str(precision)
+# ----------------------------------------------------------------------------- rounding
 
 
 def round_to_bfloat16(x: ArrayLike) -> np.ndarray:
@@ -204,145 +153,6 @@ def noise_floor(reference: ArrayLike, precision: str) -> float:
     bits = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}[precision]
     ulp = 2.0 ** (math.floor(math.log2(top)) - (bits - 1))
     return 2 * ulp
-
-
-# ----------------------------------------------------------------------------- compare
-
-
-class Comparison(NamedTuple):
-    """The worst disagreement of an array with its reference, readable without a debugger."""
-
-    name: str  #: what was compared ("out", "dq", ...)
-    shape: tuple[int, ...]  #: both arrays' shape
-    max_abs_error: float  #: max |actual - reference| over entries finite on both sides
-    rel_error: float  #: max_abs_error / scale (0 when both are 0, inf when only the scale is 0)
-    scale: float  #: max |reference| over finite entries
-    location: tuple[int, ...]  #: index of the worst absolute error
-    actual: float  #: actual at ``location``
-    expected: float  #: reference at ``location``
-    nan_mismatch: int  #: entries where exactly one side is NaN
-    inf_mismatch: int  #: entries where one side is +-inf and the other is not the same infinity
-
-    @property
-    def nonfinite_mismatch(self) -> int:
-        """NaN and Inf mismatches together."""
-        return self.nan_mismatch + self.inf_mismatch
-
-    def __str__(self) -> str:
-        head = f"{self.name or 'array'} {self.shape}: " if self.shape != () or self.name else ""
-        text = (f"{head}max abs error {self.max_abs_error:.3e} at index {self.location} "
-                f"(actual {self.actual!r}, reference {self.expected!r}); relative {self.rel_error:.3e} "
-                f"of max|reference| = {self.scale:.3e}")
-        if self.nan_mismatch or self.inf_mismatch:
-            text += f"; {self.nan_mismatch} NaN and {self.inf_mismatch} Inf mismatches"
-        return text
-
-
-def compare(actual: Any, reference: Any, *, name: str = "", scale: float | None = None) -> Comparison:
-    """The worst error of ``actual`` against ``reference``, where it is, and NaN/Inf mismatches.
-
-    Parameters
-    ----------
-    actual : array_like or torch tensor
-        The candidate's values.
-    reference : array_like
-        The reference values, same shape.
-    name : str
-        A label for the report ("out", "dq", ...).
-    scale : float, optional
-        What the relative error divides by; ``max|reference|`` when omitted.
-
-    Returns
-    -------
-    Comparison
-        ``str()`` of it is a one-paragraph report.
-
-    Raises
-    ------
-    ValueError
-        If the shapes differ.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from attention_ref.testing import compare
-    >>> c = compare(np.array([1.0, 2.0, np.nan]), np.array([1.0, 2.5, 3.0]), name="out")
-    >>> c.max_abs_error, c.location, c.nan_mismatch
-    (0.5, (1,), 1)
-    """
-    a = to_numpy(actual)[0].astype(np.float64)
-    e = to_numpy(reference)[0].astype(np.float64)
-    if a.shape != e.shape:
-        raise ValueError(f"{name or 'actual'} must have the reference's shape {e.shape}; got {a.shape}")
-    worst = error_report(a, e, scale=scale)  # the worst finite error and where it is
-    nan_mismatch = int((np.isnan(a) != np.isnan(e)).sum())
-    inf_a, inf_e = np.isinf(a), np.isinf(e)
-    inf_mismatch = int(((inf_a | inf_e) & ~(inf_a & inf_e & (a == e)) & ~np.isnan(a) & ~np.isnan(e)).sum())
-    return Comparison(name, a.shape, worst.max_abs_error, worst.rel_error, worst.scale, worst.location,
-                      worst.actual, worst.expected, nan_mismatch, inf_mismatch)
-
-
-def assert_close(actual: Any, reference: Any, *, rtol: float | None = None, atol: float | None = None,
-                 precision: str | None = None, name: str = "") -> Comparison:
-    """Raise ``AssertionError`` unless ``|actual - reference| <= atol + rtol * |reference|`` everywhere.
-
-    NaN must face NaN and an infinity the same infinity. The message is the :class:`Comparison`
-    report plus the rule, the count of entries that break it and the worst of them.
-
-    Parameters
-    ----------
-    actual, reference
-        As in :func:`compare`.
-    rtol, atol : float, optional
-        Default: :data:`DEFAULT_TOLERANCES` of ``precision``.
-    precision : {"float64", "float32", "float16", "bfloat16"}, optional
-        The candidate's precision; by default ``actual``'s own dtype.
-    name : str
-        Label for the message.
-
-    Returns
-    -------
-    Comparison
-        The report, when the assertion holds.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from attention_ref.testing import assert_close
-    >>> _ = assert_close(np.float32([1.0, 2.0]), np.array([1.0, 2.0 + 1e-7]))
-    >>> try:
-    ...     assert_close(np.array([1.0, 2.0]), np.array([1.0, 2.1]), name="out")
-    ... except AssertionError as err:
-    ...     print(str(err).splitlines()[0])
-    out (2,): max abs error 1.000e-01 at index (1,) (actual 2.0, reference 2.1); relative 4.762e-02 of max|reference| = 2.100e+00
-    """
-    a, own = to_numpy(actual)
-    precision = _check_precision(precision if precision is not None else (own or "float64"))
-    tol = DEFAULT_TOLERANCES[precision]
-    rtol = tol.rtol if rtol is None else float(rtol)
-    atol = tol.atol if atol is None else float(atol)
-    try:
-        report = compare(a, reference, name=name)
-    except ValueError as exc:
-        raise AssertionError(str(exc)) from None
-    e = to_numpy(reference)[0].astype(np.float64)
-    a64 = a.astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        excess = np.abs(a64 - e) - (atol + rtol * np.abs(e))
-    finite = np.isfinite(a64) & np.isfinite(e)
-    bad = finite & (excess > 0)
-    if bad.any() or report.nonfinite_mismatch:
-        lines = [str(report),
-                 f"rule: |actual - reference| <= atol + rtol * |reference| with rtol = {rtol:g}, atol = {atol:g} "
-                 f"({precision}{'' if (rtol, atol) != (tol.rtol, tol.atol) else ': ' + tol.source})"]
-        if bad.any():
-            flat = int(np.argmax(np.where(bad, excess, -np.inf)))
-            i = tuple(int(j) for j in np.unravel_index(flat, e.shape))
-            lines.append(f"{int(bad.sum())} of {e.size} entries break it; the furthest at index {i}: "
-                         f"actual {float(a64[i])!r}, reference {float(e[i])!r}, allowed "
-                         f"{atol + rtol * abs(float(e[i])):.3e}")
-        raise AssertionError("\n".join(lines))
-    return report
 
 
 # ----------------------------------------------------------------------------- the error budget
@@ -456,9 +266,9 @@ class Baseline(NamedTuple):
     grads: dict[str, np.ndarray] | None  #: keyed like the inputs (q, k, v, bias / query, ..., w_q, ...)
 
 
-def _stage_sdpa(q, k, v, dout, rnd, reorder, options):
+def _stage_sdpa(q, k, v, dout, rnd, reorder, options: AttentionOptions):
     """SDPA forward (and backward) in float32 with every stage's output rounded by ``rnd``."""
-    tr = sdpa_forward(q, k, v, dtype=np.float32, **options)  # validation, masks, keep-mask, scale
+    tr = sdpa_forward(q, k, v, options=options.replace(dtype=np.float32))  # masks, keep-mask, scale
     hkv = k.shape[-3]
     kt = k[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, S)
     if reorder:
@@ -494,7 +304,8 @@ def _stage_sdpa(q, k, v, dout, rnd, reorder, options):
 
 
 def sdpa_baseline(q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike | None = None, *,
-                  precision: str, reorder: bool = False, **options: Any) -> Baseline:
+                  precision: str, reorder: bool = False, options: AttentionOptions | None = None,
+                  **kwargs: Any) -> Baseline:
     r"""Scaled dot-product attention computed in a low precision: the error budget's baseline.
 
     The inputs (and ``bias``, ``dout``) are rounded to ``precision``; products accumulate in
@@ -513,9 +324,12 @@ def sdpa_baseline(q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike | No
         bfloat16 is emulated (:func:`round_to_bfloat16`).
     reorder : bool, default False
         Scale q before the product instead of the scores after it.
-    **options
-        The keyword options of :func:`~attention_ref.scaled_dot_product_attention` (mask, bias,
-        causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows).
+    options : AttentionOptions, optional
+        The attention options as one object.
+    **kwargs
+        Fields of :class:`~attention_ref.AttentionOptions` by name (mask, bias, causal, align,
+        window, softcap, scale, dropout_p, dropout_mask, empty_rows); a keyword overrides
+        ``options``. The compute dtype is float32 whatever ``dtype`` says.
 
     Returns
     -------
@@ -545,10 +359,11 @@ def sdpa_baseline(q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike | No
     def rnd(x):
         return round_to(x, precision)
 
-    if options.get("bias") is not None:
-        options = {**options, "bias": _round_bias(options["bias"], rnd)}
+    given = AttentionOptions.of(options, **kwargs)
+    if given.bias is not None:
+        given = given.replace(bias=_round_bias(given.bias, rnd))
     out, grads, _ = _stage_sdpa(rnd(to_numpy(q)[0]), rnd(to_numpy(k)[0]), rnd(to_numpy(v)[0]),
-                                None if dout is None else to_numpy(dout)[0], rnd, bool(reorder), options)
+                                None if dout is None else to_numpy(dout)[0], rnd, bool(reorder), given)
     if grads is None:
         return Baseline(out, None)
     g = {"q": grads.dq, "k": grads.dk, "v": grads.dv}
@@ -564,7 +379,8 @@ def _round_bias(bias, rnd):
 
 def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: MultiHeadParams,
                  dout: ArrayLike | None = None, *, precision: str, num_heads: int, num_kv_heads: int | None = None,
-                 reorder: bool = False, **options: Any) -> Baseline:
+                 reorder: bool = False, options: AttentionOptions | None = None,
+                 **kwargs: Any) -> Baseline:
     """Multi-head attention computed in a low precision, stage by stage (see :func:`sdpa_baseline`).
 
     Inputs and weights are rounded to ``precision``; each projection, the attention stages and
@@ -610,15 +426,16 @@ def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: Mul
         return np.swapaxes(x.reshape(*x.shape[:-1], h, x.shape[-1] // h), -2, -3)
 
     q, k, v = split(proj(xq, "w_q", "b_q"), H), split(proj(xk, "w_k", "b_k"), Hkv), split(proj(xv, "w_v", "b_v"), Hkv)
-    if options.get("bias") is not None:
-        options = {**options, "bias": _round_bias(options["bias"], rnd)}
+    given = AttentionOptions.of(options, **kwargs)
+    if given.bias is not None:
+        given = given.replace(bias=_round_bias(given.bias, rnd))
     ctx_dout = None
     dout_r = None
     if dout is not None:
         dout_r = rnd(to_numpy(dout)[0])
         ctx_dout = rnd(dout_r @ w["w_o"].T)  # d concat
         ctx_dout = split(ctx_dout, H)
-    ctx, g, _ = _stage_sdpa(q, k, v, ctx_dout, rnd, bool(reorder), options)
+    ctx, g, _ = _stage_sdpa(q, k, v, ctx_dout, rnd, bool(reorder), given)
     concat = np.swapaxes(ctx, -2, -3).reshape(*ctx.shape[:-3], ctx.shape[-2], -1)  # (..., T, H*Dv)
     out = proj(concat, "w_o", "b_o")
     if dout is None or g is None or dout_r is None:
