@@ -21,8 +21,14 @@ order, right after an untimed call of the same candidate (see :func:`timings`). 
 printed as the ratio of the best times, followed by the median and the range of the per-round
 ratios (a round's candidates ran within a second of each other). Only ratios are printed, no
 absolute times (they depend on the machine); the ratios themselves depend on the BLAS and on
-the load. The targets (the "Scale" issue): ours / torch SDPA <= 1.0 and ours / floor <= 1.5 at
-the default shape and 2 threads, causal too; tiled / plain <= 2.
+the load. The targets: ours / torch SDPA <= 1.0 and ours / floor <= 1.5 at the default shape
+and 2 threads, causal too; tiled / plain <= 2.
+
+Before timing, every contender that computes attention (torch SDPA, torch math, tiled) must give
+ours' ``dq``, ``dk`` and ``dv`` to :data:`AGREEMENT_RTOL` relative to the largest entry of each
+(the floor multiplies stand-ins for P and dS, so it has no result to compare). When one does not,
+the benchmark prints which, on which gradient and by how much, and exits with status 1 before
+timing that mask: a ratio of wrong code is no ratio.
 
 Usage::
 
@@ -53,6 +59,10 @@ QUICK_SHAPE = (2, 4, 128, 96, 32, 24)
 GROWTH_T = (128, 256, 512, 1024, 2048, 4096)
 QUICK_GROWTH_T = (64, 128, 256)
 GROWTH_SHAPE = (1, 4, 64)  # (B, H, Dk = Dv)
+#: Largest allowed ``max|grad - ours| / max|ours|`` of a contender's dq, dk, dv: float64 attention
+#: computed in different orders agrees to ~1e-15 relative (the "max abs diff vs torch" column);
+#: 1e-10 leaves 1e5 of room and is 1e8 below a gradient that is 1% wrong.
+AGREEMENT_RTOL = 1e-10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,7 +225,42 @@ def torch_steps(q, k, v, dout, causal):
     return step, math_step, backend
 
 
-def ratio_table(args) -> None:
+def disagreements(results: dict, label: str, rtol: float = AGREEMENT_RTOL) -> list[str]:
+    """One message per contender gradient that differs from ours beyond ``rtol``; [] if none.
+
+    ``results`` maps a contender's name to its ``(dq, dk, dv)`` (NumPy arrays or torch tensors),
+    ``"ours"`` to the plain path's; ``label`` names the mask in the messages.
+    """
+    import numpy as np
+
+    def as_array(x):
+        return np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+
+    ours = [as_array(x) for x in results["ours"]]
+    messages = []
+    for name, grads in results.items():
+        if name == "ours":
+            continue
+        for grad, mine, their in zip(("dq", "dk", "dv"), ours, (as_array(x) for x in grads),
+                                    strict=True):
+            scale = float(np.max(np.abs(mine)))
+            if their.shape != mine.shape:
+                messages.append(f"{name} {grad} (mask {label}): shape {their.shape}, "
+                                f"ours {mine.shape}")
+                continue
+            diff = float(np.max(np.abs(their - mine))) if mine.size else 0.0
+            if not diff <= rtol * scale:  # also catches NaN
+                messages.append(f"{name} {grad} (mask {label}): max abs diff vs ours {diff:.1e} = "
+                                f"{diff / scale if scale else float('inf'):.1e} of max|{grad}| "
+                                f"{scale:.1e}, above the tolerance {rtol:g}")
+    return messages
+
+
+def ratio_table(args) -> list[str]:
+    """Print the ratio table; returns the contenders' disagreements ([] when they all agree).
+
+    A mask whose contenders disagree with ours is not timed: its disagreements return at once.
+    """
     import numpy as np
 
     shape = QUICK_SHAPE if args.quick else SHAPE
@@ -234,14 +279,25 @@ def ratio_table(args) -> None:
         if tiled is not None:
             candidates["tiled"] = tiled
         g, tg = ours(), torch_default()
+        results = {"ours": (g.dq, g.dk, g.dv), "torch SDPA": tg, "torch math": torch_math()}
+        if tiled is not None:
+            tiled_grads = tiled()
+            results["tiled"] = (tiled_grads.dq, tiled_grads.dk, tiled_grads.dv)
+        wrong = disagreements(results, "causal" if causal else "none")
+        if wrong:
+            return wrong
         diff = max(float(np.max(np.abs(a - b.numpy()))) for a, b in zip((g.dq, g.dk, g.dv), tg))
         t = timings(candidates, args.repeats)
         tiled_cell = ratio_cell(t["tiled"], t["ours"]) if tiled is not None else "n/a"
         print(f"| {'causal' if causal else 'none'} | {ratio_cell(t['ours'], t['torch'])} | "
               f"{ratio_cell(t['ours'], t['math'])} | {ratio_cell(t['ours'], t['floor'])} | "
               f"{tiled_cell} | {backend} | {diff:.1e} |")
+    others = ", ".join(name for name in results if name != "ours")
+    print(f"\nEvery contender's dq, dk, dv equal ours to {AGREEMENT_RTOL:g} of their largest entry "
+          f"({others}; the floor computes no result).")
     print("\nTargets at B=2, H=8, T=S=512, Dk=Dv=64 with 2 threads: ours / torch SDPA <= 1.0, "
           "ours / floor <= 1.5, tiled / plain <= 2.")
+    return []
 
 
 def peak_memory(step) -> int:
@@ -308,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     print("# attention_ref speed: ratios measured in one run" + (" (--quick)" if args.quick else ""))
     print(f"\nthreads: {blas_threads}; torch {torch.get_num_threads()} (torch.set_num_threads). "
           f"numpy {np.__version__}, torch {torch.__version__}, attention_ref from {Path(attention_ref.__file__).parent}")
-    ratio_table(args)
+    wrong = ratio_table(args)
+    if wrong:
+        print("benchmarks/speed.py: stopped before timing, results differ from ours (the plain "
+              "path; if every contender differs, suspect ours):\n  " + "\n  ".join(wrong),
+              file=sys.stderr)
+        return 1
     if not args.no_growth:
         growth_table(args)
     return 0

@@ -219,12 +219,48 @@ def test_neg_inf_bias_is_a_mask(rng):
 
 
 def test_huge_logits_do_not_overflow(rng):
+    """Logits far past exp's range (it overflows above 709.8) give the right values, not just finite
+    ones. (1) Shift invariance: a constant c_i of size 5e3-1e4, either sign, added to every logit
+    of row i changes neither the output (also equal to the naive loops) nor any gradient; the rows'
+    constants are up to 2e4 apart, so only a shift by each row's own max survives. (2) With q and
+    k scaled by 1e4, each allowed row attends to its best key alone: the output is that key's value,
+    dv routes dout there, dq = dk = 0 -- all from products and masks computed here."""
     q, k, v = make_qkv(rng)
-    out = ar.scaled_dot_product_attention(1e4 * q, 1e4 * k, v, mask=padding_mask(), causal=True)
-    assert np.all(np.isfinite(out))
-    # at that temperature each allowed row attends (almost surely) to its single best key
-    g = ar.scaled_dot_product_attention_backward(rng.normal(size=out.shape), 1e4 * q, 1e4 * k, v)
-    assert all(np.all(np.isfinite(x)) for x in (g.dq, g.dk, g.dv))
+    mask, dout = padding_mask(), rng.normal(size=(B, H, T, DV))
+    # (1) a random bias under the constants keeps the weights far from one-hot
+    bias = rng.normal(size=(B, H, T, S))
+    c = rng.choice([-1.0, 1.0], size=(B, H, T, 1)) * rng.uniform(5e3, 1e4, size=(B, H, T, 1))
+    assert np.ptp(c) > 1e4 and np.abs(c).min() > 709.8
+    plain = ar.sdpa_forward(q, k, v, mask=mask, bias=bias, causal=True)
+    huge = ar.sdpa_forward(q, k, v, mask=mask, bias=bias + c, causal=True)
+    # bias + c is rounded to ulp(1e4) / 2 = 9e-13: the weights move by about that (measured:
+    # 9e-13 on out, 5e-13 of each gradient's largest entry); a wrong shift gives NaN or O(1)
+    naive = naive_attention(q, k, v, mask=mask, bias=bias + c, causal=True)
+    g_huge, g_plain = ar.sdpa_backward(dout, huge), ar.sdpa_backward(dout, plain)
+    pairs = {"out": (huge.out, plain.out), "out vs naive": (huge.out, naive),
+             **{n: (getattr(g_huge, n), getattr(g_plain, n)) for n in ("dq", "dk", "dv", "dbias")}}
+    for name, (a, e) in pairs.items():
+        assert np.abs(e).max() > 0.1, name  # real values, not round-off
+        np.testing.assert_allclose(a, e, rtol=0, atol=1e-10 * np.abs(e).max(), err_msg=name)
+    assert np.all(huge.out[0, :, 1] == 0)  # the empty row stays empty
+    # (2) one-hot rows: logits 1e8 q.k / sqrt(Dk), the best allowed key by more than 50 (e^-50)
+    qh, kh = 1e4 * q, 1e4 * k
+    G = H // HKV
+    logits = np.einsum("bhtd,bhsd->bhts", qh, np.repeat(kh, G, axis=1)) / np.sqrt(DK)
+    allowed = mask & np.tri(T, S, dtype=bool)  # padding and causal top_left, j <= i
+    ranked = np.sort(np.where(allowed, logits, -np.inf), axis=-1)
+    has_key = allowed.any(-1) & np.ones((B, H, T), dtype=bool)
+    assert np.all(ranked[..., -1][has_key] - ranked[..., -2][has_key] > 50)
+    best = np.argmax(np.where(allowed, logits, -np.inf), axis=-1)  # (B, H, T)
+    out = ar.scaled_dot_product_attention(qh, kh, v, mask=mask, causal=True)
+    g = ar.scaled_dot_product_attention_backward(dout, qh, kh, v, mask=mask, causal=True)
+    expected_dv = np.zeros_like(v)
+    for b, h, i in zip(*np.nonzero(has_key), strict=True):
+        np.testing.assert_array_equal(out[b, h, i], v[b, h // G, best[b, h, i]])
+        expected_dv[b, h // G, best[b, h, i]] += dout[b, h, i]
+    assert np.all(out[~has_key] == 0)
+    np.testing.assert_allclose(g.dv, expected_dv, rtol=1e-14, atol=1e-15)
+    assert np.abs(g.dq).max() < 1e-12 and np.abs(g.dk).max() < 1e-12
 
 
 def test_single_key_returns_its_value(rng):

@@ -11,7 +11,8 @@ import pytest
 
 from attention_ref import sdpa_backward, sdpa_forward, softmax
 from attention_ref.core.attention import dropout_backward
-from attention_ref.core.scores import apply_mask_backward, causal_mask
+from attention_ref import causal_mask
+from attention_ref.core.scores import apply_mask_backward
 from attention_ref.core.softmax import softmax_grad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,16 +136,74 @@ def test_backward_shortcuts_equal_the_stage_by_stage_backward(rng, empty_rows):
 
 
 def test_speed_benchmark_quick_prints_ratios():
-    """The benchmark script runs end to end on small shapes and prints both tables."""
-    pytest.importorskip("torch")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    """``--quick`` runs end to end: it found torch SDPA, torch math and the tiled path giving ours'
+    gradients (it checks before timing, and stops with status 1 when one does not:
+    test_speed_benchmark_stops_on_a_wrong_contender), then printed both tables, a ratio in every
+    timed cell. Nothing here asserts a speed."""
+    from conftest import require_torch
+
+    require_torch()
+    run = _run_speed_quick()
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert any(line.startswith("threads:") for line in lines), run.stdout
+    assert any(line.startswith("Every contender's dq, dk, dv equal ours to 1e-10 of their "
+                               "largest entry (torch SDPA, torch math, tiled")
+               for line in lines), run.stdout
     rows = [line for line in lines if line.startswith("| none ") or line.startswith("| causal ")]
     assert len(rows) == 2, run.stdout
     for row in rows:
-        ratio = float(row.split("|")[2].split()[0])  # ours / torch SDPA, best of the repeats
-        assert ratio > 0, row
+        cells = [cell.strip() for cell in row.strip().strip("|").split("|")]
+        assert len(cells) == 7, row  # mask, four ratios, the torch backend, the diff vs torch
+        for cell in cells[1:5]:  # "best (med m, lo-hi)": numbers, whatever their size
+            float(cell.split()[0]), float(cell.split()[2].rstrip(","))
+        float(cells[6])
     assert "## Growth with T = S" in run.stdout
+    growth = [line for line in lines if line.split("|")[1:2] in ([" 64 "], [" 128 "], [" 256 "])]
+    assert len(growth) == 3, run.stdout
+
+
+def _run_speed_quick(*args: str, plant: str = "") -> subprocess.CompletedProcess:
+    """``benchmarks/speed.py --quick *args`` in a fresh interpreter, after running ``plant``."""
+    speed = str(ROOT / "benchmarks" / "speed.py")
+    code = (f"{plant}\nimport runpy, sys\nsys.argv = [{speed!r}, '--quick', *{list(args)!r}]\n"
+            f"runpy.run_path({speed!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+#: A gradient 1% wrong, planted before the benchmark runs: which function, which of its
+#: gradients, and the contenders' gradients the benchmark must then report as differing.
+SPEED_BUGS = {
+    "ours": ("attention_ref", "sdpa_backward", "dk",
+             {"torch SDPA dk", "torch math dk", "tiled dk"}),
+    "tiled": ("attention_ref.variants.flash", "flash_attention_backward", "dq", {"tiled dq"}),
+}
+
+
+@pytest.mark.parametrize("wrong", sorted(SPEED_BUGS))
+def test_speed_benchmark_stops_on_a_wrong_contender(wrong):
+    """With one gradient of the plain path (ours) or of the tiled path 1% wrong, the benchmark
+    exits with status 1 before timing anything, naming each contender and gradient that differs
+    from ours (every contender, when ours is the wrong one) and by how much."""
+    import re
+
+    from conftest import require_torch
+
+    require_torch()
+    module, name, field, expected = SPEED_BUGS[wrong]
+    plant = (f"import importlib\nmodule = importlib.import_module({module!r})\n"
+             f"right = getattr(module, {name!r})\n"
+             f"def wrong(*args, **kwargs):\n"
+             f"    grads = right(*args, **kwargs)\n"
+             f"    return grads._replace({field}=1.01 * grads.{field})\n"
+             f"setattr(module, {name!r}, wrong)\n")
+    run = _run_speed_quick("--no-growth", "--repeats", "1", plant=plant)
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "stopped before timing" in run.stderr, run.stderr
+    reported = re.findall(r"^  (.+ d[qkv]) \(mask none\): max abs diff vs ours (\S+) = (\S+) of",
+                          run.stderr, flags=re.M)
+    assert {contender for contender, _, _ in reported} == expected, run.stderr
+    for _, _, relative in reported:  # 1% of the gradient entries: about 1e-2 of the largest
+        assert 1e-4 < float(relative) <= 1.01e-2, run.stderr
+    assert "| none |" not in run.stdout, run.stdout  # nothing was timed

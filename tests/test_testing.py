@@ -70,12 +70,52 @@ def test_round_to_other_precisions():
         round_to(1.0, "bf16")
 
 
-def test_noise_floor_is_two_ulps_of_the_output_plus_point_three():
-    # |x| <= 1: x + 0.3 lies in [1, 2) for x near 1, where the spacing is 2 u
-    for precision, u in (("float32", 2.0**-24), ("float16", 2.0**-11), ("bfloat16", 2.0**-8)):
-        fl = noise_floor(np.linspace(-1, 1, 101), precision)
-        assert 0 < fl <= 2 * 2 * u
-    assert noise_floor([np.nan, np.inf], "float32") == 0.0
+def test_noise_floor_is_two_ulps_of_the_output_plus_point_three(rng):
+    """noise_floor is the bound of FlashAttention's empirical ``2 max|fl(fl(r + 0.3) - 0.3) - r|``:
+    two gaps between neighbours of precision p at max|r| + 0.3. Checked on worked values, against
+    numpy's np.spacing, and against the empirical form itself on large arrays in each precision
+    (numpy's float64, float32, float16 arithmetic; torch's bfloat16): never above the floor, at
+    least a quarter of it, and reaching it where r fills the binade of max|r| + 0.3."""
+    # worked by hand: the gap of p significant bits in [2^e, 2^(e+1)) is 2^(e - p + 1)
+    assert noise_floor([1.0, -0.5], "bfloat16") == 2 * 2.0**-7  # 1.3 in [1, 2), p = 8
+    assert noise_floor([-3.0, 2.0], "float16") == 2 * 2.0**-9  # 3.3 in [2, 4), p = 11
+    assert noise_floor([0.0], "float32") == 2 * 2.0**-25  # 0.3 in [0.25, 0.5), p = 24
+    assert noise_floor([1000.0, np.nan, -np.inf], "float64") == 2 * 2.0**-43  # [512, 1024), p = 53
+    assert noise_floor([np.nan, np.inf], "float32") == 0.0  # nothing finite: no floor
+    # np.spacing: the gap above a value of that dtype; bfloat16 keeps float32's exponent and 16
+    # fewer significand bits, so its gap is float32's times 2^16
+    spacing = {"float64": lambda x: np.spacing(np.float64(x)),
+               "float32": lambda x: np.spacing(np.float32(x)),
+               "float16": lambda x: np.spacing(np.float16(x)),
+               "bfloat16": lambda x: np.spacing(np.float32(x)) * 2.0**16}
+    for m in rng.uniform(0.0, 1.0, 60) * 10.0 ** rng.integers(-4, 4, 60):  # max|r| over 8 decades
+        r = m * rng.uniform(-1, 1, 5)
+        top = float(np.max(np.abs(r))) + 0.3
+        for precision, gap in spacing.items():
+            assert noise_floor(r, precision) == 2 * float(gap(top)), (precision, top)
+    # the empirical form, on 10^5 entries per case, each precision's own arithmetic; the last
+    # subtraction is exact in float64
+    def numpy_empirical(dtype):
+        def fl_fl(r):
+            rp = r.astype(dtype)
+            return ((rp + 0.3) - 0.3).astype(np.float64), rp.astype(np.float64)  # NEP 50: in dtype
+        return fl_fl
+
+    def bfloat16_empirical(r):
+        torch = require_torch()
+        rp = torch.from_numpy(r).to(torch.bfloat16)
+        return (rp + 0.3 - 0.3).double().numpy(), rp.double().numpy()
+
+    forms = {"float64": numpy_empirical(np.float64), "float32": numpy_empirical(np.float32),
+             "float16": numpy_empirical(np.float16), "bfloat16": bfloat16_empirical}
+    for precision, fl_fl in forms.items():
+        ratios = {}
+        for m in (0.01, 0.2, 0.69, 1.0, 1.5, 3.0, 200.0):  # 0.69, 1.5: r fills m + 0.3's binade
+            y, r = fl_fl(m * rng.uniform(-1, 1, 100_000))
+            empirical = 2 * float(np.max(np.abs(y - r)))
+            ratios[m] = empirical / noise_floor(r, precision)
+        assert all(0.25 <= x <= 1.0 for x in ratios.values()), (precision, ratios)
+        assert max(ratios[0.69], ratios[1.5]) >= 0.99, (precision, ratios)  # the bound is reached
 
 
 # ----------------------------------------------------------------------------- compare, assert_close
