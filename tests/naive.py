@@ -1,4 +1,4 @@
-"""A deliberately naive attention, written from the definitions in CONVENTIONS.md with Python
+"""A deliberately naive attention, written from the definitions in docs/conventions.md with Python
 loops over (batch, head, query, key), sharing no code with attention_ref. Forward tests compare
 against it; it is slow and only for tiny shapes."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mask builders against the definitions of CONVENTIONS.md, written as loops."""
+"""Mask builders against the definitions of docs/conventions.md, written as loops."""
 from __future__ import annotations
 
 import itertools

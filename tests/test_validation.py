@@ -1,6 +1,6 @@
 """Validation at the door, purity and precision of every public entry point.
 
-The spec (CONVENTIONS.md "Precision", STYLE.md S6):
+What every public entry point promises (the README's "Precision" paragraph):
 
 * bad input gets a ``ValueError``/``TypeError`` naming the argument, the expected and the actual
   value, raised by the library's own check: never a bare numpy error, never an assert;
