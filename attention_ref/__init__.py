@@ -4,7 +4,9 @@ Every stage (projection, head split/merge, stable softmax, scaled and masked sco
 dot-product attention, multi-head attention) is a pure function with a hand-written backward,
 verified by finite differences. Conventions: ``docs/conventions.md``.
 """
-from . import _aliases
+
+from . import _aliases, gradcheck
+from ._version import __version__  # noqa: F401  (the package version, attention_ref.__version__)
 from .core.attention import (
     AttentionGrads,
     AttentionTrace,
@@ -16,6 +18,7 @@ from .core.attention import (
 )
 from .core.heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
 from .core.linear import LinearGrads, linear, linear_backward
+from .core.masks import AllowedPairs, attention_mask, causal_mask, window_mask
 from .core.mha import (
     MultiHeadGrads,
     MultiHeadParams,
@@ -26,21 +29,42 @@ from .core.mha import (
     multi_head_attention,
     multi_head_attention_backward,
 )
-from .core.masks import AllowedPairs, attention_mask, causal_mask, window_mask
 from .core.options import AttentionOptions
 from .core.softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
-from . import gradcheck
-
-from ._version import __version__  # noqa: F401  (the package version, attention_ref.__version__)
 
 __all__ = [
-    "AllowedPairs", "AttentionGrads", "AttentionOptions", "AttentionTrace", "LinearGrads", "MultiHeadGrads", "MultiHeadParams",
-    "MultiHeadTrace", "attention_mask", "causal_mask", "dropout_keep_mask", "gradcheck",
-    "init_params", "linear", "linear_backward", "logsumexp", "logsumexp_backward",
-    "merge_heads", "merge_heads_backward", "mha_backward", "mha_forward", "multi_head_attention",
-    "multi_head_attention_backward", "scaled_dot_product_attention",
-    "scaled_dot_product_attention_backward", "sdpa_backward", "sdpa_forward", "softmax",
-    "softmax_backward", "split_heads", "split_heads_backward", "window_mask",
+    "AllowedPairs",
+    "AttentionGrads",
+    "AttentionOptions",
+    "AttentionTrace",
+    "LinearGrads",
+    "MultiHeadGrads",
+    "MultiHeadParams",
+    "MultiHeadTrace",
+    "attention_mask",
+    "causal_mask",
+    "dropout_keep_mask",
+    "gradcheck",
+    "init_params",
+    "linear",
+    "linear_backward",
+    "logsumexp",
+    "logsumexp_backward",
+    "merge_heads",
+    "merge_heads_backward",
+    "mha_backward",
+    "mha_forward",
+    "multi_head_attention",
+    "multi_head_attention_backward",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+    "sdpa_backward",
+    "sdpa_forward",
+    "softmax",
+    "softmax_backward",
+    "split_heads",
+    "split_heads_backward",
+    "window_mask",
 ]
 
 _aliases.install(__name__)  # the module paths of 0.1 (attention_ref.flash, ...): see _aliases.py

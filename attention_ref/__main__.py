@@ -1,4 +1,5 @@
 """``python -m attention_ref``: the command line of :mod:`attention_ref.cli`."""
+
 import sys
 
 from .cli import main

@@ -5,6 +5,7 @@ Before the layers, every module sat directly in ``attention_ref/``. Each old pat
 (not a copy), so attributes, ``isinstance`` checks and monkeypatching behave as on the new path.
 New code should use the new paths (``docs/api.md`` lists them).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,9 +51,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 (the finder protocol)
         prefix = self.package + "."
-        if not fullname.startswith(prefix) or fullname[len(prefix):] not in MOVED:
+        if not fullname.startswith(prefix) or fullname[len(prefix) :] not in MOVED:
             return None
-        new = prefix + MOVED[fullname[len(prefix):]]
+        new = prefix + MOVED[fullname[len(prefix) :]]
         return importlib.machinery.ModuleSpec(fullname, _Loader(new))
 
 

@@ -2,5 +2,6 @@
 
 The public face of ``attention_ref.oracle.gradcheck``, where the code lives: import from here.
 """
+
 from .oracle.gradcheck import *  # noqa: F403
 from .oracle.gradcheck import __all__  # noqa: F401

@@ -4,5 +4,6 @@ The public face of ``attention_ref.oracle.testing`` (the error budget, the basel
 ``attention_ref.oracle.compare`` (``compare``, ``assert_close``, ``Comparison``, ...), which it
 re-exports: import from here.
 """
+
 from .oracle.testing import *  # noqa: F403
 from .oracle.testing import __all__  # noqa: F401

@@ -23,6 +23,7 @@ timings meaningful: a multi-threaded BLAS competing for busy cores can slow down
 
 Exit status 1 when the peak exceeds ``--bound-gib`` or a ratio exceeds ``--max-ratio``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's attention_ref
 
 from attention_ref import sdpa_backward, sdpa_forward  # noqa: E402
-from attention_ref.variants.flash import BLOCK_K, BLOCK_Q, flash_attention_backward, flash_attention_forward  # noqa: E402
+from attention_ref.variants.flash import (
+    BLOCK_K,
+    BLOCK_Q,
+    flash_attention_backward,
+    flash_attention_forward,
+)  # noqa: E402
 
 GIB = 2**30
 
@@ -77,8 +83,13 @@ def child_memory(args: argparse.Namespace) -> dict:
     end = time.perf_counter()
     if not all(np.isfinite(x).all() for x in (res.out, g.dq, g.dk, g.dv)):
         raise RuntimeError("the tiled path returned non-finite values on random inputs")
-    return {"rss_inputs": rss_inputs, "rss_peak": _maxrss_bytes(), "vmhwm": _vmhwm_bytes(),
-            "forward_s": mid - start, "backward_s": end - mid}
+    return {
+        "rss_inputs": rss_inputs,
+        "rss_peak": _maxrss_bytes(),
+        "vmhwm": _vmhwm_bytes(),
+        "forward_s": mid - start,
+        "backward_s": end - mid,
+    }
 
 
 def child_time(args: argparse.Namespace) -> dict:
@@ -92,9 +103,20 @@ def child_time(args: argparse.Namespace) -> dict:
             sdpa_backward(dout, sdpa_forward(q, k, v, **opts))
 
         def tiled():
-            res = flash_attention_forward(q, k, v, block_q=args.block_q, block_k=args.block_k, **opts)
-            flash_attention_backward(dout, q, k, v, res.out, res.logsumexp, block_q=args.block_q,
-                                     block_k=args.block_k, **opts)
+            res = flash_attention_forward(
+                q, k, v, block_q=args.block_q, block_k=args.block_k, **opts
+            )
+            flash_attention_backward(
+                dout,
+                q,
+                k,
+                v,
+                res.out,
+                res.logsumexp,
+                block_q=args.block_q,
+                block_k=args.block_k,
+                **opts,
+            )
 
         best = {"plain": np.inf, "tiled": np.inf}
         plain(), tiled()  # warm-up: first-touch page faults, BLAS start-up
@@ -110,10 +132,15 @@ def child_time(args: argparse.Namespace) -> dict:
 def _run_child(kind: str, argv: list[str], threads: int | None) -> dict:
     env = dict(os.environ)
     if threads is not None:
-        env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env.update(
+            OPENBLAS_NUM_THREADS=str(threads),
+            OMP_NUM_THREADS=str(threads),
+            MKL_NUM_THREADS=str(threads),
+        )
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", kind] + argv, capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", kind] + argv, capture_output=True, text=True, env=env
+    )
     if done.returncode:
         raise RuntimeError(f"the {kind} child failed:\n{done.stdout}\n{done.stderr}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -126,14 +153,25 @@ def memory(args: argparse.Namespace, argv: list[str]) -> bool:
     scores = args.H * args.T * args.T * 8  # one (B, H, T, S) float64 array, B = 1
     inputs = 4 * args.H * args.T * args.D * 8  # q, k, v, dout
     ok = r["rss_peak"] <= args.bound_gib * GIB
-    print(f"memory: tiled forward+backward, B=1, H={args.H}, T=S={args.T}, Dk=Dv={args.D}, float64, "
-          f"blocks {args.block_q}x{args.block_k}{', causal' if args.causal else ''}")
-    print(f"  peak RSS (ru_maxrss) {r['rss_peak'] / GIB:.3f} GiB: {'under' if ok else 'OVER'} the "
-          f"{args.bound_gib} GiB bound" + (f"; VmHWM {r['vmhwm'] / GIB:.3f} GiB" if r["vmhwm"] else ""))
-    print(f"  after creating the inputs: {r['rss_inputs'] / GIB:.3f} GiB (q, k, v, dout are {inputs / GIB:.3f} GiB)")
-    print(f"  one (B, H, T, S) float64 array would be {scores / GIB:.1f} GiB, "
-          f"{scores / r['rss_peak']:.0f}x the tiled peak")
-    print(f"  wall time {r['wall_s']:.0f} s (forward {r['forward_s']:.1f} s, backward {r['backward_s']:.1f} s)")
+    print(
+        f"memory: tiled forward+backward, B=1, H={args.H}, T=S={args.T}, Dk=Dv={args.D}, float64, "
+        f"blocks {args.block_q}x{args.block_k}{', causal' if args.causal else ''}"
+    )
+    print(
+        f"  peak RSS (ru_maxrss) {r['rss_peak'] / GIB:.3f} GiB: {'under' if ok else 'OVER'} the "
+        f"{args.bound_gib} GiB bound"
+        + (f"; VmHWM {r['vmhwm'] / GIB:.3f} GiB" if r["vmhwm"] else "")
+    )
+    print(
+        f"  after creating the inputs: {r['rss_inputs'] / GIB:.3f} GiB (q, k, v, dout are {inputs / GIB:.3f} GiB)"
+    )
+    print(
+        f"  one (B, H, T, S) float64 array would be {scores / GIB:.1f} GiB, "
+        f"{scores / r['rss_peak']:.0f}x the tiled peak"
+    )
+    print(
+        f"  wall time {r['wall_s']:.0f} s (forward {r['forward_s']:.1f} s, backward {r['backward_s']:.1f} s)"
+    )
     return ok
 
 
@@ -144,9 +182,11 @@ def timing(args: argparse.Namespace, argv: list[str]) -> bool:
         if T == "wall_s":
             continue
         ok &= ratio <= args.max_ratio
-        print(f"time: T=S={T}, B=1, H={args.H}, Dk=Dv={args.D}{', causal' if args.causal else ''}, blocks "
-              f"{args.block_q}x{args.block_k}: tiled / plain (forward+backward, best of {args.repeats}) = "
-              f"{ratio:.2f}{'' if ratio <= args.max_ratio else f'  EXCEEDS {args.max_ratio}'}")
+        print(
+            f"time: T=S={T}, B=1, H={args.H}, Dk=Dv={args.D}{', causal' if args.causal else ''}, blocks "
+            f"{args.block_q}x{args.block_k}: tiled / plain (forward+backward, best of {args.repeats}) = "
+            f"{ratio:.2f}{'' if ratio <= args.max_ratio else f'  EXCEEDS {args.max_ratio}'}"
+        )
     return ok
 
 
@@ -159,12 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-k", type=int, default=BLOCK_K)
     p.add_argument("--causal", action="store_true", help="causal attention (top_left)")
     p.add_argument("--bound-gib", type=float, default=1.5, help="peak RSS bound of the memory run")
-    p.add_argument("--time-T", type=int, nargs="+", default=[1024, 2048, 4096],
-                   help="T = S of the time comparisons (default 1024 2048 4096)")
+    p.add_argument(
+        "--time-T",
+        type=int,
+        nargs="+",
+        default=[1024, 2048, 4096],
+        help="T = S of the time comparisons (default 1024 2048 4096)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-ratio", type=float, default=2.0, help="tiled / plain time bound")
-    p.add_argument("--threads", type=int, default=None,
-                   help="BLAS threads of the children (default: the environment's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="BLAS threads of the children (default: the environment's)",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
     p.add_argument("--child", choices=("memory", "time"), help=argparse.SUPPRESS)

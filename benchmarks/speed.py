@@ -40,6 +40,7 @@ Threads: ``--threads`` (default 2) is set for NumPy's BLAS through ``OMP_NUM_THR
 ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` before NumPy is imported (and through
 ``threadpoolctl`` when it is installed), and for PyTorch with ``torch.set_num_threads``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +68,18 @@ AGREEMENT_RTOL = 1e-10
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (seconds)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for NumPy's BLAS and PyTorch (default 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per candidate (default 15; 3 with --quick)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes and few repeats (seconds)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads for NumPy's BLAS and PyTorch (default 2)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per candidate (default 15; 3 with --quick)",
+    )
     parser.add_argument("--no-growth", action="store_true", help="skip the growth table over T")
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -99,7 +109,9 @@ def limit_threads(n: int) -> str:
     import numpy  # noqa: F401  -- load the BLAS so that threadpoolctl sees it
 
     threadpoolctl.threadpool_limits(n)
-    found = ", ".join(f"{p['internal_api']} {p['num_threads']}" for p in threadpoolctl.threadpool_info())
+    found = ", ".join(
+        f"{p['internal_api']} {p['num_threads']}" for p in threadpoolctl.threadpool_info()
+    )
     return f"threadpoolctl: {found}"
 
 
@@ -129,8 +141,10 @@ def ratio_cell(num: list[float], den: list[float]) -> str:
     import numpy as np
 
     per_round = np.asarray(num) / np.asarray(den)
-    return (f"{min(num) / min(den):5.2f} (med {np.median(per_round):.2f}, "
-            f"{per_round.min():.2f}-{per_round.max():.2f})")
+    return (
+        f"{min(num) / min(den):5.2f} (med {np.median(per_round):.2f}, "
+        f"{per_round.min():.2f}-{per_round.max():.2f})"
+    )
 
 
 def make_inputs(shape, seed: int = 0):
@@ -192,7 +206,9 @@ def floor_step(q, k, v, dout, seed: int = 1):
         # about 1.4x faster with OpenBLAS than with the large operand transposed
         (dout.swapaxes(-1, -2) @ p).swapaxes(-1, -2)  # (B,H,Dv,T) @ (B,H,T,S) -> (B,H,S,Dv)    (A9)
         ds @ k  # (B,H,T,S) @ (B,H,S,Dk) -> (B,H,T,Dk)                      (A15)
-        (q.swapaxes(-1, -2) @ ds).swapaxes(-1, -2)  # (B,H,Dk,T) @ (B,H,T,S) -> (B,H,S,Dk)      (A16)
+        (q.swapaxes(-1, -2) @ ds).swapaxes(
+            -1, -2
+        )  # (B,H,Dk,T) @ (B,H,T,S) -> (B,H,S,Dk)      (A16)
 
     return step
 
@@ -241,18 +257,22 @@ def disagreements(results: dict, label: str, rtol: float = AGREEMENT_RTOL) -> li
     for name, grads in results.items():
         if name == "ours":
             continue
-        for grad, mine, their in zip(("dq", "dk", "dv"), ours, (as_array(x) for x in grads),
-                                    strict=True):
+        for grad, mine, their in zip(
+            ("dq", "dk", "dv"), ours, (as_array(x) for x in grads), strict=True
+        ):
             scale = float(np.max(np.abs(mine)))
             if their.shape != mine.shape:
-                messages.append(f"{name} {grad} (mask {label}): shape {their.shape}, "
-                                f"ours {mine.shape}")
+                messages.append(
+                    f"{name} {grad} (mask {label}): shape {their.shape}, ours {mine.shape}"
+                )
                 continue
             diff = float(np.max(np.abs(their - mine))) if mine.size else 0.0
             if not diff <= rtol * scale:  # also catches NaN
-                messages.append(f"{name} {grad} (mask {label}): max abs diff vs ours {diff:.1e} = "
-                                f"{diff / scale if scale else float('inf'):.1e} of max|{grad}| "
-                                f"{scale:.1e}, above the tolerance {rtol:g}")
+                messages.append(
+                    f"{name} {grad} (mask {label}): max abs diff vs ours {diff:.1e} = "
+                    f"{diff / scale if scale else float('inf'):.1e} of max|{grad}| "
+                    f"{scale:.1e}, above the tolerance {rtol:g}"
+                )
     return messages
 
 
@@ -266,15 +286,23 @@ def ratio_table(args) -> list[str]:
     shape = QUICK_SHAPE if args.quick else SHAPE
     B, H, T, S, Dk, Dv = shape
     q, k, v, dout = make_inputs(shape)
-    print(f"\n## Ratios at B={B}, H={H}, T={T}, S={S}, Dk={Dk}, Dv={Dv}, float64 "
-          f"(best of {args.repeats}; median and range of the per-round ratios in brackets)\n")
-    print("| mask | ours / torch SDPA | ours / torch math | ours / floor | tiled / plain | torch SDPA backend | max abs diff vs torch |")
+    print(
+        f"\n## Ratios at B={B}, H={H}, T={T}, S={S}, Dk={Dk}, Dv={Dv}, float64 "
+        f"(best of {args.repeats}; median and range of the per-round ratios in brackets)\n"
+    )
+    print(
+        "| mask | ours / torch SDPA | ours / torch math | ours / floor | tiled / plain | torch SDPA backend | max abs diff vs torch |"
+    )
     print("|---|---|---|---|---|---|---|")
     for causal in (False, True):
         ours = plain_step(q, k, v, dout, causal)
         torch_default, torch_math, backend = torch_steps(q, k, v, dout, causal)
-        candidates = {"ours": ours, "torch": torch_default, "math": torch_math,
-                      "floor": floor_step(q, k, v, dout)}
+        candidates = {
+            "ours": ours,
+            "torch": torch_default,
+            "math": torch_math,
+            "floor": floor_step(q, k, v, dout),
+        }
         tiled = tiled_step(q, k, v, dout, causal)
         if tiled is not None:
             candidates["tiled"] = tiled
@@ -289,14 +317,20 @@ def ratio_table(args) -> list[str]:
         diff = max(float(np.max(np.abs(a - b.numpy()))) for a, b in zip((g.dq, g.dk, g.dv), tg))
         t = timings(candidates, args.repeats)
         tiled_cell = ratio_cell(t["tiled"], t["ours"]) if tiled is not None else "n/a"
-        print(f"| {'causal' if causal else 'none'} | {ratio_cell(t['ours'], t['torch'])} | "
-              f"{ratio_cell(t['ours'], t['math'])} | {ratio_cell(t['ours'], t['floor'])} | "
-              f"{tiled_cell} | {backend} | {diff:.1e} |")
+        print(
+            f"| {'causal' if causal else 'none'} | {ratio_cell(t['ours'], t['torch'])} | "
+            f"{ratio_cell(t['ours'], t['math'])} | {ratio_cell(t['ours'], t['floor'])} | "
+            f"{tiled_cell} | {backend} | {diff:.1e} |"
+        )
     others = ", ".join(name for name in results if name != "ours")
-    print(f"\nEvery contender's dq, dk, dv equal ours to {AGREEMENT_RTOL:g} of their largest entry "
-          f"({others}; the floor computes no result).")
-    print("\nTargets at B=2, H=8, T=S=512, Dk=Dv=64 with 2 threads: ours / torch SDPA <= 1.0, "
-          "ours / floor <= 1.5, tiled / plain <= 2.")
+    print(
+        f"\nEvery contender's dq, dk, dv equal ours to {AGREEMENT_RTOL:g} of their largest entry "
+        f"({others}; the floor computes no result)."
+    )
+    print(
+        "\nTargets at B=2, H=8, T=S=512, Dk=Dv=64 with 2 threads: ours / torch SDPA <= 1.0, "
+        "ours / floor <= 1.5, tiled / plain <= 2."
+    )
     return []
 
 
@@ -322,9 +356,11 @@ def growth_table(args) -> None:
     t0 = lengths[0]
     tiled = has_tiled()
     print(f"\n## Growth with T = S (B={B}, H={H}, Dk=Dv={D}, no mask)\n")
-    print(f"Each cell: relative to T={t0}, and in brackets the factor from the previous row (T doubles). "
-          "Exact attention is O(T^2) work, x4 per doubling; peak memory grows x4 per doubling for the "
-          "plain path (its (T, S) arrays) and x2 for the tiled one (O(T)).\n")
+    print(
+        f"Each cell: relative to T={t0}, and in brackets the factor from the previous row (T doubles). "
+        "Exact attention is O(T^2) work, x4 per doubling; peak memory grows x4 per doubling for the "
+        "plain path (its (T, S) arrays) and x2 for the tiled one (O(T)).\n"
+    )
     names = ["plain", "tiled"] if tiled else ["plain"]
     print("| T | " + " | ".join(f"{name} time | {name} peak memory" for name in names) + " |")
     print("|---|" + "---|---|" * len(names))
@@ -332,19 +368,28 @@ def growth_table(args) -> None:
     previous: dict[str, float] = {}
     for n in lengths:
         q, k, v, dout = make_inputs((B, H, n, n, D, D))
-        steps = {name: (plain_step if name == "plain" else tiled_step)(q, k, v, dout, False) for name in names}
+        steps = {
+            name: (plain_step if name == "plain" else tiled_step)(q, k, v, dout, False)
+            for name in names
+        }
         repeats = max(1, min(args.repeats, int(args.repeats * (512 / n) ** 2)))  # fewer at large T
         t = timings(steps, repeats)
         row = f"| {n} |"
         for name, step in steps.items():
-            for key, value in ((name + " time", min(t[name])), (name + " memory", peak_memory(step))):
+            for key, value in (
+                (name + " time", min(t[name])),
+                (name + " memory", peak_memory(step)),
+            ):
                 first.setdefault(key, value)
                 factor = f" (x{value / previous[key]:.1f})" if key in previous else ""
                 row += f" {value / first[key]:.1f}{factor} |"
                 previous[key] = value
         print(row, flush=True)
-    print(f"\nPeak memory at T={t0}: " + ", ".join(f"{name} {first[name + ' memory'] / 2**20:.1f} MiB" for name in names)
-          + " (tracemalloc: NumPy's allocations during one forward + backward; the inputs are not counted).")
+    print(
+        f"\nPeak memory at T={t0}: "
+        + ", ".join(f"{name} {first[name + ' memory'] / 2**20:.1f} MiB" for name in names)
+        + " (tracemalloc: NumPy's allocations during one forward + backward; the inputs are not counted)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,14 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import attention_ref
 
-    print("# attention_ref speed: ratios measured in one run" + (" (--quick)" if args.quick else ""))
-    print(f"\nthreads: {blas_threads}; torch {torch.get_num_threads()} (torch.set_num_threads). "
-          f"numpy {np.__version__}, torch {torch.__version__}, attention_ref from {Path(attention_ref.__file__).parent}")
+    print(
+        "# attention_ref speed: ratios measured in one run" + (" (--quick)" if args.quick else "")
+    )
+    print(
+        f"\nthreads: {blas_threads}; torch {torch.get_num_threads()} (torch.set_num_threads). "
+        f"numpy {np.__version__}, torch {torch.__version__}, attention_ref from {Path(attention_ref.__file__).parent}"
+    )
     wrong = ratio_table(args)
     if wrong:
-        print("benchmarks/speed.py: stopped before timing, results differ from ours (the plain "
-              "path; if every contender differs, suspect ours):\n  " + "\n  ".join(wrong),
-              file=sys.stderr)
+        print(
+            "benchmarks/speed.py: stopped before timing, results differ from ours (the plain "
+            "path; if every contender differs, suspect ours):\n  " + "\n  ".join(wrong),
+            file=sys.stderr,
+        )
         return 1
     if not args.no_growth:
         growth_table(args)

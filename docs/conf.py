@@ -7,6 +7,7 @@ Build (offline, warnings are errors)::
 
 ``tests/test_docs_build.py`` runs the same build in the test suite.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Shared fixtures: a seeded Generator per test, and the torch and jax gates."""
+
 from __future__ import annotations
 
 import os

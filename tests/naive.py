@@ -1,6 +1,7 @@
 """A deliberately naive attention, written from the definitions in docs/conventions.md with Python
 loops over (batch, head, query, key), sharing no code with attention_ref. Forward tests compare
 against it; it is slow and only for tiny shapes."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,22 @@ import math
 import numpy as np
 
 
-def naive_attention(q, k, v, *, mask=None, bias=None, causal=False, align="top_left", window=None,
-                    softcap=None, scale=None, dropout_p=0.0, keep=None, empty_rows="zero"):
+def naive_attention(
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    bias=None,
+    causal=False,
+    align="top_left",
+    window=None,
+    softcap=None,
+    scale=None,
+    dropout_p=0.0,
+    keep=None,
+    empty_rows="zero",
+):
     """q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv) -> (B, H, T, Dv); one batch dim."""
     B, H, T, Dk = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]

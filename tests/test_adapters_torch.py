@@ -14,6 +14,7 @@
 
 The tests that need torch skip without it, and fail when ``ATTENTION_REF_REQUIRE_TORCH=1``.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_torch
 
 from attention_ref import (
     causal_mask,
@@ -51,7 +53,6 @@ from attention_ref.adapters.torch import (
     torch_sdpa_kwargs,
 )
 from attention_ref.gradcheck import error_report
-from conftest import require_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,9 @@ def assert_agree(ours: dict, theirs: dict, *, zero_scale: dict | None = None) ->
         assert np.isfinite(actual).all() and np.isfinite(expected).all(), name
         scale = None
         if zero_scale and name in zero_scale:
-            scale = max(float(np.abs(expected).max()), float(np.abs(theirs[zero_scale[name]]).max()))
+            scale = max(
+                float(np.abs(expected).max()), float(np.abs(theirs[zero_scale[name]]).max())
+            )
         report = error_report(actual, expected, scale=scale)
         if not report.rel_error <= TORCH_RTOL:
             failures.append(f"{name}: {report}")
@@ -93,18 +96,27 @@ def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
 # Mask polarity converters (NumPy only)
 # ---------------------------------------------------------------------------------------------
 
+
 def test_key_padding_mask_polarity_and_round_trip():
-    kpm = np.array([[False, False, False, True],   # batch 0: key 3 is padding (torch: True = ignore)
-                    [False, True, True, True]])    # batch 1: only key 0 is real
+    kpm = np.array(
+        [
+            [False, False, False, True],  # batch 0: key 3 is padding (torch: True = ignore)
+            [False, True, True, True],
+        ]
+    )  # batch 1: only key 0 is real
     mask = mask_from_key_padding_mask(kpm)
     assert mask.shape == (2, 1, 1, 4)
-    np.testing.assert_array_equal(mask[:, 0, 0, :], [[1, 1, 1, 0], [1, 0, 0, 0]])  # True = may attend
+    np.testing.assert_array_equal(
+        mask[:, 0, 0, :], [[1, 1, 1, 0], [1, 0, 0, 0]]
+    )  # True = may attend
     np.testing.assert_array_equal(key_padding_mask_from_mask(mask), kpm)
     assert not np.shares_memory(key_padding_mask_from_mask(mask), mask)
 
 
 def test_ignore_mask_polarity_and_round_trip(rng):
-    no_peeking = np.array([[False, True, True], [False, False, True]])  # torch's causal attn_mask, T=2, S=3
+    no_peeking = np.array(
+        [[False, True, True], [False, False, True]]
+    )  # torch's causal attn_mask, T=2, S=3
     np.testing.assert_array_equal(mask_from_ignore_mask(no_peeking), causal_mask(2, 3))
     np.testing.assert_array_equal(ignore_mask_from_mask(causal_mask(2, 3)), no_peeking)
     # (B, H, T, S) <-> (B*H, T, S) with batch b, head h at row b*H + h
@@ -126,19 +138,35 @@ def test_additive_mask_split_and_join(rng):
     attn_mask[:, 0] = 0.0  # every row keeps a key
     q, k, v = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 4, 5)), rng.normal(size=(2, 4, 6))
     mask, bias = mask_and_bias_from_additive_mask(attn_mask)
-    np.testing.assert_allclose(scaled_dot_product_attention(q, k, v, mask=mask, bias=bias),
-                               scaled_dot_product_attention(q, k, v, bias=attn_mask), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(
+        scaled_dot_product_attention(q, k, v, mask=mask, bias=bias),
+        scaled_dot_product_attention(q, k, v, bias=attn_mask),
+        rtol=0,
+        atol=1e-15,
+    )
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: mask_from_key_padding_mask(np.zeros((2, 3))), "boolean array .*True = ignore"),
-    (lambda: key_padding_mask_from_mask(np.ones((2, 2, 1, 3), dtype=bool)), r"shape \(B, 1, 1, S\)"),
-    (lambda: mask_from_ignore_mask(np.ones((6, 2, 3), dtype=bool)), "num_heads is needed"),
-    (lambda: mask_from_ignore_mask(np.ones((7, 2, 3), dtype=bool), num_heads=2), "multiple of num_heads=2"),
-    (lambda: ignore_mask_from_mask(np.ones((2, 2, 3), dtype=bool)), r"\(T, S\) or \(B, H, T, S\)"),
-    (lambda: mask_and_bias_from_additive_mask(np.array([[np.nan, 0.0]])), "finite or -inf"),
-    (lambda: additive_mask_from_mask(), "needs a mask, a bias or both"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: mask_from_key_padding_mask(np.zeros((2, 3))), "boolean array .*True = ignore"),
+        (
+            lambda: key_padding_mask_from_mask(np.ones((2, 2, 1, 3), dtype=bool)),
+            r"shape \(B, 1, 1, S\)",
+        ),
+        (lambda: mask_from_ignore_mask(np.ones((6, 2, 3), dtype=bool)), "num_heads is needed"),
+        (
+            lambda: mask_from_ignore_mask(np.ones((7, 2, 3), dtype=bool), num_heads=2),
+            "multiple of num_heads=2",
+        ),
+        (
+            lambda: ignore_mask_from_mask(np.ones((2, 2, 3), dtype=bool)),
+            r"\(T, S\) or \(B, H, T, S\)",
+        ),
+        (lambda: mask_and_bias_from_additive_mask(np.array([[np.nan, 0.0]])), "finite or -inf"),
+        (lambda: additive_mask_from_mask(), "needs a mask, a bias or both"),
+    ],
+)
 def test_converters_validate(call, message):
     with pytest.raises((TypeError, ValueError), match=message):
         call()
@@ -148,8 +176,12 @@ def test_converters_accept_torch_tensors():
     torch = require_torch()
     kpm = torch.tensor([[False, True]])
     np.testing.assert_array_equal(mask_from_key_padding_mask(kpm)[0, 0, 0], [True, False])
-    np.testing.assert_array_equal(mask_from_ignore_mask(torch.tensor([[False, True]])), [[True, False]])
-    mask, bias = mask_and_bias_from_additive_mask(torch.tensor([[0.5, float("-inf")]], dtype=torch.float64))
+    np.testing.assert_array_equal(
+        mask_from_ignore_mask(torch.tensor([[False, True]])), [[True, False]]
+    )
+    mask, bias = mask_and_bias_from_additive_mask(
+        torch.tensor([[0.5, float("-inf")]], dtype=torch.float64)
+    )
     np.testing.assert_array_equal(mask, [[True, False]])
 
 
@@ -157,8 +189,12 @@ def test_converters_accept_torch_tensors():
 # Weights
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kdim, vdim, bias", [(None, None, True), (None, None, False), (6, 5, True), (6, 5, False)],
-                         ids=["packed-bias", "packed-no_bias", "kdim_vdim-bias", "kdim_vdim-no_bias"])
+
+@pytest.mark.parametrize(
+    "kdim, vdim, bias",
+    [(None, None, True), (None, None, False), (6, 5, True), (6, 5, False)],
+    ids=["packed-bias", "packed-no_bias", "kdim_vdim-bias", "kdim_vdim-no_bias"],
+)
 def test_params_round_trip_through_a_module(kdim, vdim, bias, rng):
     torch = require_torch()
     E, H = 8, 2
@@ -167,17 +203,27 @@ def test_params_round_trip_through_a_module(kdim, vdim, bias, rng):
         for p in module.parameters():
             p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape))))
     params, config = params_from_torch(module)
-    assert config == {"num_heads": H, "embed_dim": E, "kdim": kdim or E, "vdim": vdim or E,
-                      "batch_first": False, "dropout": 0.0}
+    assert config == {
+        "num_heads": H,
+        "embed_dim": E,
+        "kdim": kdim or E,
+        "vdim": vdim or E,
+        "batch_first": False,
+        "dropout": 0.0,
+    }
     # the query projection reads the first E rows of in_proj_weight (or q_proj_weight), transposed
     a_q = module.in_proj_weight[:E] if module._qkv_same_embed_dim else module.q_proj_weight
     np.testing.assert_array_equal(params.w_q, a_q.detach().numpy().T)
     if bias:
-        np.testing.assert_array_equal(params.b_k, module.in_proj_bias[E:2 * E].detach().numpy())
+        np.testing.assert_array_equal(params.b_k, module.in_proj_bias[E : 2 * E].detach().numpy())
     else:
         assert params.b_q is None and params.b_o is None
     back = params_to_torch(params, num_heads=H)
-    assert back.batch_first and back.training and back._qkv_same_embed_dim == module._qkv_same_embed_dim
+    assert (
+        back.batch_first
+        and back.training
+        and back._qkv_same_embed_dim == module._qkv_same_embed_dim
+    )
     theirs, ours = module.state_dict(), back.state_dict()
     assert theirs.keys() == ours.keys()
     for name in theirs:
@@ -193,18 +239,30 @@ def test_params_to_torch_computes_the_reference(rng):
     torch = require_torch()
     p = init_params(rng, d_model=8, num_heads=4, kdim=6, vdim=3)
     module = params_to_torch(p, num_heads=4)
-    query, key, value = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 5, 6)), rng.normal(size=(2, 5, 3))
+    query, key, value = (
+        rng.normal(size=(2, 3, 8)),
+        rng.normal(size=(2, 5, 6)),
+        rng.normal(size=(2, 5, 3)),
+    )
     out, _ = module(*(torch.from_numpy(x) for x in (query, key, value)), need_weights=False)
-    assert error_report(out.detach().numpy(), multi_head_attention(query, key, value, p, num_heads=4)).rel_error < TORCH_RTOL
+    assert (
+        error_report(
+            out.detach().numpy(), multi_head_attention(query, key, value, p, num_heads=4)
+        ).rel_error
+        < TORCH_RTOL
+    )
 
 
-@pytest.mark.parametrize("change, option", [
-    (dict(num_kv_heads=2), "num_kv_heads=2"),  # GQA
-    (dict(v_head_dim=3), "params.w_v"),  # Dv != Dk
-    (dict(out_dim=6), "params.w_o"),  # output width != D
-    (dict(head_dim=3), "params.w_q"),  # H*Dk != D
-    (dict(drop_bias="b_k"), "params.b_*"),  # some biases None, others not
-])
+@pytest.mark.parametrize(
+    "change, option",
+    [
+        (dict(num_kv_heads=2), "num_kv_heads=2"),  # GQA
+        (dict(v_head_dim=3), "params.w_v"),  # Dv != Dk
+        (dict(out_dim=6), "params.w_o"),  # output width != D
+        (dict(head_dim=3), "params.w_q"),  # H*Dk != D
+        (dict(drop_bias="b_k"), "params.b_*"),  # some biases None, others not
+    ],
+)
 def test_params_to_torch_refuses_what_the_module_cannot_hold(change, option, rng):
     require_torch()
     kw = {k: v for k, v in change.items() if k != "drop_bias"}
@@ -234,31 +292,55 @@ def test_param_grads_need_a_backward():
 # The option mapping
 # ---------------------------------------------------------------------------------------------
 
+
 def test_sdpa_kwargs_choose_torch_native_arguments():
     torch = require_torch()
     from torch.nn.attention.bias import CausalBias
 
     kw = torch_sdpa_kwargs(3, 5, num_heads=4, num_kv_heads=2, causal=True)
-    assert kw == {"attn_mask": None, "dropout_p": 0.0, "is_causal": True, "scale": None, "enable_gqa": True}
+    assert kw == {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": True,
+        "scale": None,
+        "enable_gqa": True,
+    }
     kw = torch_sdpa_kwargs(3, 5, causal=True, align="bottom_right")
     assert isinstance(kw["attn_mask"], CausalBias) and not kw["is_causal"]
-    assert torch_sdpa_kwargs(4, 4, causal=True, align="bottom_right")["is_causal"]  # T = S: the same mask
+    assert torch_sdpa_kwargs(4, 4, causal=True, align="bottom_right")[
+        "is_causal"
+    ]  # T = S: the same mask
     kw = torch_sdpa_kwargs(5, 3, causal=True, align="bottom_right")  # T > S: explicit (empty rows)
     assert kw["attn_mask"].dtype == torch.bool and not kw["is_causal"]
     np.testing.assert_array_equal(kw["attn_mask"].numpy(), causal_mask(5, 3, align="bottom_right"))
-    kw = torch_sdpa_kwargs(2, 3, causal=True, bias=np.zeros((2, 3)))  # causal + bias: one float mask
+    kw = torch_sdpa_kwargs(
+        2, 3, causal=True, bias=np.zeros((2, 3))
+    )  # causal + bias: one float mask
     assert kw["attn_mask"].dtype == torch.float64 and not kw["is_causal"]
     np.testing.assert_array_equal(kw["attn_mask"].numpy(), [[0, -np.inf, -np.inf], [0, 0, -np.inf]])
     kw = torch_sdpa_kwargs(3, 3, window=(1, 0), scale=0.5)
     assert kw["attn_mask"].dtype == torch.bool and kw["scale"] == 0.5
 
 
-@pytest.mark.parametrize("T, S, kwargs, option", [
-    (2, 3, dict(softcap=30.0), "softcap"),
-    (2, 3, dict(dropout_p=0.1, dropout_mask=np.ones((2, 3), dtype=bool)), "dropout_p"),
-    (2, 3, dict(mask=np.array([[True, True, False], [False, False, False]]), empty_rows="uniform"), "empty_rows"),
-    (3, 2, dict(causal=True, align="bottom_right", empty_rows="nan"), "empty_rows"),  # row 0 attends nothing
-])
+@pytest.mark.parametrize(
+    "T, S, kwargs, option",
+    [
+        (2, 3, dict(softcap=30.0), "softcap"),
+        (2, 3, dict(dropout_p=0.1, dropout_mask=np.ones((2, 3), dtype=bool)), "dropout_p"),
+        (
+            2,
+            3,
+            dict(mask=np.array([[True, True, False], [False, False, False]]), empty_rows="uniform"),
+            "empty_rows",
+        ),
+        (
+            3,
+            2,
+            dict(causal=True, align="bottom_right", empty_rows="nan"),
+            "empty_rows",
+        ),  # row 0 attends nothing
+    ],
+)
 def test_sdpa_kwargs_refuse_what_torch_cannot_express(T, S, kwargs, option):
     # No torch needed: the options are checked before torch is imported.
     with pytest.raises(UnsupportedOption) as info:
@@ -270,10 +352,14 @@ def test_sdpa_kwargs_refuse_what_torch_cannot_express(T, S, kwargs, option):
 def test_empty_rows_policy_matters_only_when_a_row_is_empty():
     require_torch()
     # "uniform" with no fully masked row: the policy never applies, so torch can compute it
-    kw = torch_sdpa_kwargs(2, 3, mask=np.array([[True, False, False], [False, True, True]]), empty_rows="uniform")
+    kw = torch_sdpa_kwargs(
+        2, 3, mask=np.array([[True, False, False], [False, True, True]]), empty_rows="uniform"
+    )
     assert kw["attn_mask"] is not None
     with pytest.raises(UnsupportedOption, match="1 query row"):
-        torch_sdpa_kwargs(2, 3, bias=np.array([[0.0, -np.inf, 1.0], [-np.inf] * 3]), empty_rows="uniform")
+        torch_sdpa_kwargs(
+            2, 3, bias=np.array([[0.0, -np.inf, 1.0], [-np.inf] * 3]), empty_rows="uniform"
+        )
 
 
 def test_mha_kwargs_use_key_padding_mask_when_they_can(rng):
@@ -300,13 +386,32 @@ def test_mha_kwargs_use_key_padding_mask_when_they_can(rng):
 # Runners against the reference: scaled dot-product attention
 # ---------------------------------------------------------------------------------------------
 
-def build_sdpa_case(rng, *, B=2, H=4, Hkv=2, T=3, S=5, Dk=6, Dv=4, mask=None, bias=None,
-                    neg_inf=False, empty_row=False, **options):
+
+def build_sdpa_case(
+    rng,
+    *,
+    B=2,
+    H=4,
+    Hkv=2,
+    T=3,
+    S=5,
+    Dk=6,
+    Dv=4,
+    mask=None,
+    bias=None,
+    neg_inf=False,
+    empty_row=False,
+    **options,
+):
     """Random q, k, v, a random cotangent and the options; ``mask``/``bias`` name their shape in
     glossary letters ("B1TS", "1HTS", ...). Every row keeps a key unless ``empty_row`` clears
     row 1 (at index 0 of the leading axes)."""
     sizes = {"B": B, "H": H, "T": T, "S": S, "1": 1}
-    q, k, v = rng.normal(size=(B, H, T, Dk)), rng.normal(size=(B, Hkv, S, Dk)), rng.normal(size=(B, Hkv, S, Dv))
+    q, k, v = (
+        rng.normal(size=(B, H, T, Dk)),
+        rng.normal(size=(B, Hkv, S, Dk)),
+        rng.normal(size=(B, Hkv, S, Dv)),
+    )
     dout = rng.normal(size=(B, H, T, Dv))
     if mask is not None:
         shape = tuple(sizes[c] for c in mask)
@@ -351,7 +456,12 @@ def test_run_torch_sdpa_agrees_with_the_reference(name, rng):
     q, k, v, dout, options = build_sdpa_case(rng, **SDPA_CASES[name])
     run = run_torch_sdpa(q, k, v, dout, **options)
     g = scaled_dot_product_attention_backward(dout, q, k, v, **options)
-    ours = {"out": scaled_dot_product_attention(q, k, v, **options), "dq": g.dq, "dk": g.dk, "dv": g.dv}
+    ours = {
+        "out": scaled_dot_product_attention(q, k, v, **options),
+        "dq": g.dq,
+        "dk": g.dk,
+        "dv": g.dv,
+    }
     theirs = {"out": run.out, "dq": run.grads.dq, "dk": run.grads.dk, "dv": run.grads.dv}
     if "bias" in options:
         ours["dbias"], theirs["dbias"] = g.dbias, run.grads.dbias
@@ -369,7 +479,10 @@ def test_torch_sdpa_empty_rows_are_zero():
     from torch.nn.attention.bias import causal_lower_right
 
     rng = np.random.default_rng(1)
-    q, k, v = (torch.tensor(rng.normal(size=s), requires_grad=True) for s in ((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4)))
+    q, k, v = (
+        torch.tensor(rng.normal(size=s), requires_grad=True)
+        for s in ((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4))
+    )
     allowed = torch.ones(3, 5, dtype=torch.bool)
     allowed[1] = False  # query row 1 attends nothing
     with sdpa_kernel(SDPBackend.MATH):
@@ -378,15 +491,28 @@ def test_torch_sdpa_empty_rows_are_zero():
     dout[..., [0, 2], :] = 0.0  # a cotangent on the empty row only
     out.backward(dout)
     assert TORCH_SDPA_EMPTY_ROWS == "zero"
-    assert (out[:, :, 1] == 0).all() and (q.grad == 0).all() and (k.grad == 0).all() and (v.grad == 0).all()
+    assert (
+        (out[:, :, 1] == 0).all()
+        and (q.grad == 0).all()
+        and (k.grad == 0).all()
+        and (v.grad == 0).all()
+    )
     # a float mask with a row of -inf, and causal_lower_right with T > S (rows 0, 1 see no key)
     additive = torch.zeros(3, 5, dtype=torch.float64)
     additive[1] = float("-inf")
     with sdpa_kernel(SDPBackend.MATH):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive)
         lower_right = torch.nn.functional.scaled_dot_product_attention(  # T = 3 queries, S = 1 key
-            q.detach(), k.detach()[:, :, :1], v.detach()[:, :, :1], attn_mask=causal_lower_right(3, 1))
-    assert (out[:, :, 1] == 0).all() and (lower_right[:, :, :2] == 0).all() and (lower_right[:, :, 2] != 0).all()
+            q.detach(),
+            k.detach()[:, :, :1],
+            v.detach()[:, :, :1],
+            attn_mask=causal_lower_right(3, 1),
+        )
+    assert (
+        (out[:, :, 1] == 0).all()
+        and (lower_right[:, :, :2] == 0).all()
+        and (lower_right[:, :, 2] != 0).all()
+    )
 
 
 def test_runner_inputs_are_not_modified_and_outputs_are_fresh(rng):
@@ -404,6 +530,7 @@ def test_runner_inputs_are_not_modified_and_outputs_are_fresh(rng):
 # A wrong mapping is caught
 # ---------------------------------------------------------------------------------------------
 
+
 def test_wrong_polarity_is_caught(rng):
     """Passing nn.MultiheadAttention's key_padding_mask (True = ignore) as the mask, unconverted."""
     require_torch()
@@ -411,7 +538,10 @@ def test_wrong_polarity_is_caught(rng):
     kpm = np.zeros((2, 5), dtype=bool)
     kpm[:, 3:] = True  # keys 3, 4 are padding
     right = scaled_dot_product_attention(q, k, v, mask=mask_from_key_padding_mask(kpm))
-    assert rel_error(run_torch_sdpa(q, k, v, mask=mask_from_key_padding_mask(kpm)).out, right) < TORCH_RTOL
+    assert (
+        rel_error(run_torch_sdpa(q, k, v, mask=mask_from_key_padding_mask(kpm)).out, right)
+        < TORCH_RTOL
+    )
     assert rel_error(run_torch_sdpa(q, k, v, mask=kpm[:, None, None, :]).out, right) > WRONG_MIN
 
 
@@ -421,12 +551,16 @@ def test_wrong_alignment_is_caught(rng):
     q, k, v, _, _ = build_sdpa_case(rng, T=3, S=6)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         is_causal = torch.nn.functional.scaled_dot_product_attention(
-            *(torch.from_numpy(x) for x in (q, k, v)), is_causal=True, enable_gqa=True).numpy()
+            *(torch.from_numpy(x) for x in (q, k, v)), is_causal=True, enable_gqa=True
+        ).numpy()
     top_left = scaled_dot_product_attention(q, k, v, causal=True, align="top_left")
     bottom_right = scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right")
     assert rel_error(is_causal, top_left) < TORCH_RTOL
     assert rel_error(is_causal, bottom_right) > WRONG_MIN
-    assert rel_error(run_torch_sdpa(q, k, v, causal=True, align="bottom_right").out, bottom_right) < TORCH_RTOL
+    assert (
+        rel_error(run_torch_sdpa(q, k, v, causal=True, align="bottom_right").out, bottom_right)
+        < TORCH_RTOL
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,9 +570,12 @@ def test_wrong_alignment_is_caught(rng):
 MHA_CASES = {
     "self-bias": dict(kind="self", T=5, S=5),
     "cross-packed-T<S-key_padding": dict(T=3, S=6, key_padding=True),
-    "cross-kdim_vdim-causal_bottom_right-key_padding": dict(H=4, T=3, S=7, kdim=6, vdim=5, key_padding=True,
-                                                             causal=True, align="bottom_right"),
-    "cross-kdim_vdim-no_bias-full_mask-T>S": dict(T=6, S=3, kdim=5, vdim=3, bias=False, mask="BHTS"),
+    "cross-kdim_vdim-causal_bottom_right-key_padding": dict(
+        H=4, T=3, S=7, kdim=6, vdim=5, key_padding=True, causal=True, align="bottom_right"
+    ),
+    "cross-kdim_vdim-no_bias-full_mask-T>S": dict(
+        T=6, S=3, kdim=5, vdim=3, bias=False, mask="BHTS"
+    ),
     "attention_bias-1HTS-and-key_padding": dict(T=4, S=5, attn_bias="1HTS", key_padding=True),
     "window-top_left": dict(T=4, S=6, window=(1, 2)),
     "fully_padded_batch_element-zero": dict(T=3, S=4, key_padding="all"),
@@ -446,8 +583,23 @@ MHA_CASES = {
 }
 
 
-def build_mha_case(rng, *, kind="cross", B=2, T=4, S=4, E=8, H=2, kdim=None, vdim=None, bias=True,
-                   key_padding=False, mask=None, attn_bias=None, **options):
+def build_mha_case(
+    rng,
+    *,
+    kind="cross",
+    B=2,
+    T=4,
+    S=4,
+    E=8,
+    H=2,
+    kdim=None,
+    vdim=None,
+    bias=True,
+    key_padding=False,
+    mask=None,
+    attn_bias=None,
+    **options,
+):
     p = init_params(rng, d_model=E, num_heads=H, kdim=kdim, vdim=vdim, bias=bias)
     query = rng.normal(size=(B, T, E))
     if kind == "self":
@@ -456,7 +608,7 @@ def build_mha_case(rng, *, kind="cross", B=2, T=4, S=4, E=8, H=2, kdim=None, vdi
         key, value = rng.normal(size=(B, S, kdim or E)), rng.normal(size=(B, S, vdim or E))
     if key_padding:
         kpm = np.zeros((B, S), dtype=bool)  # torch polarity: True = ignore
-        kpm[1, (0 if key_padding == "all" else S - 2):] = True
+        kpm[1, (0 if key_padding == "all" else S - 2) :] = True
         options["mask"] = mask_from_key_padding_mask(kpm)
     if mask is not None:
         m = rng.random((B, H, T, S)) < 0.6
@@ -489,12 +641,15 @@ def test_torch_mha_empty_rows_are_zero(rng):
     np.testing.assert_allclose(out[1], np.broadcast_to(p.b_o, (3, 8)), rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("kwargs, option", [
-    (dict(num_kv_heads=1), "num_kv_heads=1"),
-    (dict(softcap=5.0), "softcap"),
-    (dict(scale=1.0), "scale"),
-    (dict(mask=np.zeros((2, 1, 1, 4), dtype=bool), empty_rows="uniform"), "empty_rows"),
-])
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        (dict(num_kv_heads=1), "num_kv_heads=1"),
+        (dict(softcap=5.0), "softcap"),
+        (dict(scale=1.0), "scale"),
+        (dict(mask=np.zeros((2, 1, 1, 4), dtype=bool), empty_rows="uniform"), "empty_rows"),
+    ],
+)
 def test_run_torch_mha_refuses_what_torch_cannot_express(kwargs, option, rng):
     require_torch()
     query, key, value, p, dout, options = build_mha_case(rng, T=3, S=4)
@@ -506,6 +661,7 @@ def test_run_torch_mha_refuses_what_torch_cannot_express(kwargs, option, rng):
 # ---------------------------------------------------------------------------------------------
 # Without torch; the docs page
 # ---------------------------------------------------------------------------------------------
+
 
 def test_imports_and_converts_without_torch():
     code = (
@@ -529,7 +685,9 @@ def _doc_blocks(framework: str) -> list[str]:
     text = (ROOT / "docs" / "adapters.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
     other = {"torch": "jax", "jax": "torch"}[framework]
-    needs_other = re.compile(rf"^(import|from) ({other}|attention_ref\.adapters\.{other})\b", flags=re.M)
+    needs_other = re.compile(
+        rf"^(import|from) ({other}|attention_ref\.adapters\.{other})\b", flags=re.M
+    )
     return [b for b in blocks if not needs_other.search(b)]
 
 

@@ -22,6 +22,7 @@ names its own module. ``.. automodule:: X`` with ``:members:`` is refused: what 
 depends on docstrings and ``__all__``, so the check could not see it; the page lists names one
 by one instead. Sphinx builds the same page with ``-W`` in ``tests/test_docs_build.py``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -160,8 +161,10 @@ def parse_directives(text: str) -> tuple[list[Directive], list[str]]:
                 current = arg
                 directives.append(Directive(lineno, kind, arg, "", options))
                 if "members" in options:
-                    problems.append(f"line {lineno}: automodule:: {arg} has :members:; list the "
-                                    "names one by one so that they can be checked")
+                    problems.append(
+                        f"line {lineno}: automodule:: {arg} has :members:; list the "
+                        "names one by one so that they can be checked"
+                    )
             elif kind in MODULE_LEVEL:
                 module, _, name = arg.rpartition(".") if "." in arg else (current, "", arg)
                 if not module:
@@ -177,8 +180,13 @@ def parse_directives(text: str) -> tuple[list[Directive], list[str]]:
 
 
 #: How a problem names each kind.
-A_KIND = {"function": "a function", "class": "a class", "exception": "an exception",
-          "data": "data", "module": "a module"}
+A_KIND = {
+    "function": "a function",
+    "class": "a class",
+    "exception": "an exception",
+    "data": "data",
+    "module": "a module",
+}
 
 
 def _kind_of(obj: object) -> str:
@@ -224,8 +232,9 @@ def check_api_page(text: str, public: dict[str, list[str]]) -> list[str]:
         try:
             module = importlib.import_module(d.module)
         except ImportError as exc:
-            problems.append(f"line {d.line}: {d.kind}:: names module {d.module}, which does not "
-                            f"import ({exc})")
+            problems.append(
+                f"line {d.line}: {d.kind}:: names module {d.module}, which does not import ({exc})"
+            )
             continue
         if d.kind == "automodule":
             modules_documented.add(d.module)
@@ -233,8 +242,9 @@ def check_api_page(text: str, public: dict[str, list[str]]) -> list[str]:
         obj: object = module
         for part in d.name.split("."):
             if not hasattr(obj, part):
-                problems.append(f"line {d.line}: {d.kind}:: {d.name}: {d.module}.{d.name} does "
-                                "not exist")
+                problems.append(
+                    f"line {d.line}: {d.kind}:: {d.name}: {d.module}.{d.name} does not exist"
+                )
                 break
             obj = getattr(obj, part)
         else:
@@ -242,14 +252,18 @@ def check_api_page(text: str, public: dict[str, list[str]]) -> list[str]:
                 documented.add((d.module, d.name))
                 want, got = MODULE_LEVEL[d.kind], _kind_of(obj)
                 if got != want and not (want == "class" and got == "exception"):
-                    problems.append(f"line {d.line}: {d.kind}:: {d.name}: {d.module}.{d.name} "
-                                    f"is {A_KIND[got]}, not {A_KIND[want]}")
+                    problems.append(
+                        f"line {d.line}: {d.kind}:: {d.name}: {d.module}.{d.name} "
+                        f"is {A_KIND[got]}, not {A_KIND[want]}"
+                    )
                 for option in ("members", "exclude-members"):
                     for member in _members(d.options.get(option, "")):
                         if not _has_member(obj, member):
-                            problems.append(f"line {d.line}: {d.kind}:: {d.name} :{option}: "
-                                            f"{member}: {d.module}.{d.name}.{member} does not "
-                                            "exist")
+                            problems.append(
+                                f"line {d.line}: {d.kind}:: {d.name} :{option}: "
+                                f"{member}: {d.module}.{d.name}.{member} does not "
+                                "exist"
+                            )
     for module_name, names in public.items():
         if module_name not in modules_documented:
             problems.append(f"undocumented module: {module_name} has no automodule")
@@ -258,8 +272,10 @@ def check_api_page(text: str, public: dict[str, list[str]]) -> list[str]:
             obj = getattr(module, name, None)
             if inspect.ismodule(obj):
                 if f"{module_name}.{name}" not in modules_documented:
-                    problems.append(f"undocumented module: {module_name}.{name} (public in "
-                                    f"{module_name}) has no automodule")
+                    problems.append(
+                        f"undocumented module: {module_name}.{name} (public in "
+                        f"{module_name}) has no automodule"
+                    )
             elif (module_name, name) not in documented:
                 problems.append(f"undocumented: {module_name}.{name}")
     return problems
@@ -290,7 +306,7 @@ def test_public_names_of_modules_without_all_are_their_own():
     assert {"exact_sdpa", "exact_mha", "MAX_SCORES"} <= set(exact) and "attention_mask" not in exact
 
 
-SYNTHETIC = '''
+SYNTHETIC = """
 # A small API page
 
 ```{eval-rst}
@@ -321,7 +337,7 @@ Text between blocks does not reset the module.
 .. automodule:: attention_ref.cases
    :members:
 ```
-'''
+"""
 SYNTHETIC_PUBLIC = {
     "attention_ref": ["linear", "linear_backward", "LinearGrads", "softmax", "gradcheck"],
     "attention_ref.testing": ["compare", "assert_close"],

@@ -1,14 +1,15 @@
 """Scaled dot-product attention: forward against a naive loop reference, every option's gradient
 against finite differences (random cotangents), properties, GQA, empty rows, precision."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from naive import naive_attention
 from scipy.special import logsumexp as scipy_logsumexp
 
 import attention_ref as ar
 from attention_ref.gradcheck import check_vjp, error_report
-from naive import naive_attention
 
 #: Forward agreement with the naive loops: both are float64 evaluations of the same formula in
 #: different orders, so they differ by a few ulps times the number of terms (< 1e-13 here).
@@ -18,14 +19,17 @@ B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 3
 
 
 def make_qkv(rng, B=B, H=H, Hkv=HKV, T=T, S=S, Dk=DK, Dv=DV):
-    return (rng.normal(size=(B, H, T, Dk)), rng.normal(size=(B, Hkv, S, Dk)),
-            rng.normal(size=(B, Hkv, S, Dv)))
+    return (
+        rng.normal(size=(B, H, T, Dk)),
+        rng.normal(size=(B, Hkv, S, Dk)),
+        rng.normal(size=(B, Hkv, S, Dv)),
+    )
 
 
 def padding_mask(B=B, T=T, S=S):
     """Batch 1 has two padding keys; batch 0's query row 1 sees no key (an empty row)."""
     m = np.ones((B, 1, T, S), dtype=bool)
-    m[1, :, :, S - 2:] = False
+    m[1, :, :, S - 2 :] = False
     m[0, :, 1, :] = False
     return m
 
@@ -40,23 +44,65 @@ CASES = [
     ("causal top_left T<S", {}, lambda rng, sh: {"causal": True}),
     ("causal bottom_right T<S", {}, lambda rng, sh: {"causal": True, "align": "bottom_right"}),
     ("causal top_left T>S", {"T": 6, "S": 4}, lambda rng, sh: {"causal": True}),
-    ("causal bottom_right T>S (empty rows)", {"T": 6, "S": 4},
-     lambda rng, sh: {"causal": True, "align": "bottom_right"}),
+    (
+        "causal bottom_right T>S (empty rows)",
+        {"T": 6, "S": 4},
+        lambda rng, sh: {"causal": True, "align": "bottom_right"},
+    ),
     ("window (1,0) top_left", {"T": 5, "S": 7}, lambda rng, sh: {"window": (1, 0)}),
-    ("window (2,1) bottom_right", {"T": 4, "S": 7}, lambda rng, sh: {"window": (2, 1), "align": "bottom_right"}),
-    ("window (None,1) + causal", {"T": 5, "S": 5}, lambda rng, sh: {"window": (None, 1), "causal": True}),
+    (
+        "window (2,1) bottom_right",
+        {"T": 4, "S": 7},
+        lambda rng, sh: {"window": (2, 1), "align": "bottom_right"},
+    ),
+    (
+        "window (None,1) + causal",
+        {"T": 5, "S": 5},
+        lambda rng, sh: {"window": (None, 1), "causal": True},
+    ),
     ("padding mask, empty row zero", {}, lambda rng, sh: {"mask": padding_mask()}),
-    ("padding mask, empty row uniform", {}, lambda rng, sh: {"mask": padding_mask(), "empty_rows": "uniform"}),
+    (
+        "padding mask, empty row uniform",
+        {},
+        lambda rng, sh: {"mask": padding_mask(), "empty_rows": "uniform"},
+    ),
     ("key mask (S,)", {}, lambda rng, sh: {"mask": np.array([True, False, True, True, False])}),
     ("bias full", {}, lambda rng, sh: {"bias": rng.normal(size=(B, H, T, S))}),
     ("bias (H,1,S) broadcast", {}, lambda rng, sh: {"bias": rng.normal(size=(H, 1, S))}),
-    ("bias with -inf", {}, lambda rng, sh: {"bias": np.where(rng.random((T, S)) < 0.3, -np.inf, rng.normal(size=(T, S)))}),
+    (
+        "bias with -inf",
+        {},
+        lambda rng, sh: {
+            "bias": np.where(rng.random((T, S)) < 0.3, -np.inf, rng.normal(size=(T, S)))
+        },
+    ),
     ("softcap", {}, lambda rng, sh: {"softcap": 1.5, "scale": 2.0}),
-    ("softcap + bias + causal", {}, lambda rng, sh: {"softcap": 2.0, "bias": rng.normal(size=(T, S)), "causal": True, "align": "bottom_right"}),
+    (
+        "softcap + bias + causal",
+        {},
+        lambda rng, sh: {
+            "softcap": 2.0,
+            "bias": rng.normal(size=(T, S)),
+            "causal": True,
+            "align": "bottom_right",
+        },
+    ),
     ("scale 0.3", {}, lambda rng, sh: {"scale": 0.3}),
-    ("dropout", {}, lambda rng, sh: {"dropout_p": 0.3, "dropout_mask": rng.random((B, H, T, S)) >= 0.3}),
-    ("dropout + mask + bias", {}, lambda rng, sh: {"dropout_p": 0.5, "dropout_mask": rng.random((B, H, T, S)) >= 0.5,
-                                                  "mask": padding_mask(), "bias": rng.normal(size=(B, 1, T, S))}),
+    (
+        "dropout",
+        {},
+        lambda rng, sh: {"dropout_p": 0.3, "dropout_mask": rng.random((B, H, T, S)) >= 0.3},
+    ),
+    (
+        "dropout + mask + bias",
+        {},
+        lambda rng, sh: {
+            "dropout_p": 0.5,
+            "dropout_mask": rng.random((B, H, T, S)) >= 0.5,
+            "mask": padding_mask(),
+            "bias": rng.normal(size=(B, 1, T, S)),
+        },
+    ),
     ("edge T=S=1", {"T": 1, "S": 1}, lambda rng, sh: {}),
     ("edge Dk=Dv=1 H=1", {"H": 1, "Hkv": 1, "Dk": 1, "Dv": 1}, lambda rng, sh: {}),
     ("edge B=1 T=1", {"B": 1, "T": 1}, lambda rng, sh: {"causal": True, "align": "bottom_right"}),
@@ -107,8 +153,14 @@ def test_gradients_match_finite_differences(rng, _id, overrides, make_opts):
 
 def test_trace_backward_equals_recompute_backward(rng):
     q, k, v = make_qkv(rng)
-    opts = dict(causal=True, align="bottom_right", bias=rng.normal(size=(H, T, S)), softcap=3.0,
-                dropout_p=0.2, dropout_mask=rng.random((B, H, T, S)) >= 0.2)
+    opts = dict(
+        causal=True,
+        align="bottom_right",
+        bias=rng.normal(size=(H, T, S)),
+        softcap=3.0,
+        dropout_p=0.2,
+        dropout_mask=rng.random((B, H, T, S)) >= 0.2,
+    )
     c = rng.normal(size=(B, H, T, DV))
     g1 = ar.scaled_dot_product_attention_backward(c, q, k, v, **opts)
     g2 = ar.sdpa_backward(c, ar.sdpa_forward(q, k, v, **opts))
@@ -124,7 +176,9 @@ def test_trace_intermediates_are_consistent(rng):
     assert tr.scale == pytest.approx(1 / np.sqrt(DK))
     # raw scores per head, from the definition with explicit GQA head mapping
     for h in range(H):
-        np.testing.assert_allclose(tr.scores[:, h], q[:, h] @ k[:, h // 2].swapaxes(-1, -2) * tr.scale, rtol=1e-14)
+        np.testing.assert_allclose(
+            tr.scores[:, h], q[:, h] @ k[:, h // 2].swapaxes(-1, -2) * tr.scale, rtol=1e-14
+        )
     np.testing.assert_allclose(tr.capped_scores, 2.0 * np.tanh(tr.scores / 2.0), rtol=1e-14)
     allowed = np.broadcast_to(mask, tr.probs.shape)
     logits = tr.capped_scores + bias
@@ -136,7 +190,11 @@ def test_trace_intermediates_are_consistent(rng):
     np.testing.assert_array_equal(tr.row_is_empty, ~allowed.any(axis=-1))
     assert tr.row_is_empty[0, :, 1].all() and tr.row_is_empty.sum() == H
     # weights = exp(logits - lse) on allowed entries
-    p_expected = np.where(allowed, np.exp(logits - np.where(np.isfinite(expected_lse), expected_lse, 0)[..., None]), 0.0)
+    p_expected = np.where(
+        allowed,
+        np.exp(logits - np.where(np.isfinite(expected_lse), expected_lse, 0)[..., None]),
+        0.0,
+    )
     np.testing.assert_allclose(tr.probs, p_expected, rtol=1e-13, atol=1e-300)
     assert np.all(np.isfinite(tr.masked_scores))  # finite fill, never -inf
     np.testing.assert_array_equal(tr.masked_scores[allowed], logits[allowed])
@@ -149,8 +207,11 @@ def test_gqa_equals_repeated_kv_heads(rng):
     c = rng.normal(size=(B, 6, T, DV))
     k_rep, v_rep = np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1)
     opts = dict(causal=True, align="bottom_right")
-    np.testing.assert_allclose(ar.scaled_dot_product_attention(q, k, v, **opts),
-                               ar.scaled_dot_product_attention(q, k_rep, v_rep, **opts), rtol=1e-14)
+    np.testing.assert_allclose(
+        ar.scaled_dot_product_attention(q, k, v, **opts),
+        ar.scaled_dot_product_attention(q, k_rep, v_rep, **opts),
+        rtol=1e-14,
+    )
     g = ar.scaled_dot_product_attention_backward(c, q, k, v, **opts)
     g_rep = ar.scaled_dot_product_attention_backward(c, q, k_rep, v_rep, **opts)
     np.testing.assert_allclose(g.dq, g_rep.dq, rtol=1e-13)
@@ -163,9 +224,13 @@ def test_permutation_equivariance_without_masks(rng):
     out = ar.scaled_dot_product_attention(q, k, v)
     perm_s, perm_t = rng.permutation(S), rng.permutation(T)
     # permuting keys and values together leaves the output unchanged
-    np.testing.assert_allclose(ar.scaled_dot_product_attention(q, k[:, :, perm_s], v[:, :, perm_s]), out, rtol=1e-13)
+    np.testing.assert_allclose(
+        ar.scaled_dot_product_attention(q, k[:, :, perm_s], v[:, :, perm_s]), out, rtol=1e-13
+    )
     # permuting queries permutes the output rows
-    np.testing.assert_allclose(ar.scaled_dot_product_attention(q[:, :, perm_t], k, v), out[:, :, perm_t], rtol=1e-13)
+    np.testing.assert_allclose(
+        ar.scaled_dot_product_attention(q[:, :, perm_t], k, v), out[:, :, perm_t], rtol=1e-13
+    )
 
 
 def test_empty_row_policies(rng):
@@ -237,8 +302,11 @@ def test_huge_logits_do_not_overflow(rng):
     # 9e-13 on out, 5e-13 of each gradient's largest entry); a wrong shift gives NaN or O(1)
     naive = naive_attention(q, k, v, mask=mask, bias=bias + c, causal=True)
     g_huge, g_plain = ar.sdpa_backward(dout, huge), ar.sdpa_backward(dout, plain)
-    pairs = {"out": (huge.out, plain.out), "out vs naive": (huge.out, naive),
-             **{n: (getattr(g_huge, n), getattr(g_plain, n)) for n in ("dq", "dk", "dv", "dbias")}}
+    pairs = {
+        "out": (huge.out, plain.out),
+        "out vs naive": (huge.out, naive),
+        **{n: (getattr(g_huge, n), getattr(g_plain, n)) for n in ("dq", "dk", "dv", "dbias")},
+    }
     for name, (a, e) in pairs.items():
         assert np.abs(e).max() > 0.1, name  # real values, not round-off
         np.testing.assert_allclose(a, e, rtol=0, atol=1e-10 * np.abs(e).max(), err_msg=name)
@@ -280,12 +348,16 @@ def test_dropout_from_generator_is_reproducible_and_recorded(rng):
     a = ar.sdpa_forward(q, k, v, dropout_p=0.4, dropout_mask=np.random.default_rng(7))
     b = ar.sdpa_forward(q, k, v, dropout_p=0.4, dropout_mask=np.random.default_rng(7))
     np.testing.assert_array_equal(a.keep_mask, b.keep_mask)
-    np.testing.assert_array_equal(a.keep_mask, ar.dropout_keep_mask((B, H, T, S), 0.4, np.random.default_rng(7)))
+    np.testing.assert_array_equal(
+        a.keep_mask, ar.dropout_keep_mask((B, H, T, S), 0.4, np.random.default_rng(7))
+    )
     np.testing.assert_allclose(a.dropped_probs, a.probs * a.keep_mask / 0.6, rtol=1e-15)
     # the backward of the trace uses the recorded mask: equal to passing that mask explicitly
     c = rng.normal(size=a.out.shape)
     g1 = ar.sdpa_backward(c, a)
-    g2 = ar.scaled_dot_product_attention_backward(c, q, k, v, dropout_p=0.4, dropout_mask=a.keep_mask)
+    g2 = ar.scaled_dot_product_attention_backward(
+        c, q, k, v, dropout_p=0.4, dropout_mask=a.keep_mask
+    )
     np.testing.assert_array_equal(g1.dq, g2.dq)
 
 
@@ -306,8 +378,11 @@ def test_leading_batch_dims_any_number(rng):
     k = rng.normal(size=(2, 3, HKV, S, DK))
     v = rng.normal(size=(2, 3, HKV, S, DV))
     out = ar.scaled_dot_product_attention(q, k, v, causal=True)
-    flat = ar.scaled_dot_product_attention(q.reshape(6, H, T, DK), k.reshape(6, HKV, S, DK),
-                                           v.reshape(6, HKV, S, DV), causal=True)
+    flat = ar.scaled_dot_product_attention(
+        q.reshape(6, H, T, DK), k.reshape(6, HKV, S, DK), v.reshape(6, HKV, S, DV), causal=True
+    )
     np.testing.assert_array_equal(out.reshape(flat.shape), flat)
     q3, k3, v3 = q[0, 0], k[0, 0], v[0, 0]  # no batch dim at all: (H, T, Dk)
-    np.testing.assert_allclose(ar.scaled_dot_product_attention(q3, k3, v3, causal=True), out[0, 0], rtol=1e-15)
+    np.testing.assert_allclose(
+        ar.scaled_dot_product_attention(q3, k3, v3, causal=True), out[0, 0], rtol=1e-15
+    )

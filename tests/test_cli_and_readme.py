@@ -1,4 +1,5 @@
 """The main job (python -m attention_ref) and the README's example run as documented."""
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,12 @@ def test_a_reader_closing_the_pipe_ends_the_run_quietly():
     """``attention-ref cases | head``: when the reader has closed the pipe, the command stops with
     141 (128 + SIGPIPE) and no traceback, instead of a BrokenPipeError. (The whole listing fits
     in a pipe's buffer, so the reader closes before the child, still importing, writes.)"""
-    run = subprocess.Popen([sys.executable, "-m", "attention_ref", "cases"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, cwd=ROOT)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "attention_ref", "cases"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     run.stdout.close()  # the reader goes away before the first line
     stderr = run.stderr.read().decode()
     run.stderr.close()
@@ -71,8 +76,12 @@ def test_a_reader_closing_the_pipe_ends_the_run_quietly():
 
 
 def test_module_entry_point_help():
-    result = subprocess.run([sys.executable, "-m", "attention_ref", "check", "--help"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "attention_ref", "check", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "finite differences" in " ".join(result.stdout.split())  # argparse wraps lines
 
 

@@ -13,6 +13,7 @@ The checks are written so that a wrong report fails them: ``test_the_checks_catc
 feeds them reports with actual and expected swapped, matching infinities counted as mismatches,
 and the index of the second-worst entry, and expects each to be rejected.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,15 @@ def test_every_judge_returns_the_one_comparison_type(rng):
 
 def test_testing_keeps_its_public_names():
     """The move into oracle/compare.py changed where the code lives, not the face's API."""
-    for name in ("PRECISIONS", "Tolerance", "DEFAULT_TOLERANCES", "Comparison", "compare",
-                 "assert_close", "to_numpy"):
+    for name in (
+        "PRECISIONS",
+        "Tolerance",
+        "DEFAULT_TOLERANCES",
+        "Comparison",
+        "compare",
+        "assert_close",
+        "to_numpy",
+    ):
         assert name in testing.__all__
         assert getattr(testing, name) is getattr(compare_module, name)
     assert set(compare_module.__all__) <= set(testing.__all__)
@@ -76,16 +84,16 @@ def _planted(rng):
     known places, the two counts worked out by hand below."""
     a, e = rng.normal(size=(4, 5, 6)), rng.normal(size=(4, 5, 6))
     plant = [  # (index, a, e): which mismatch it is
-        ((0, 0, 0), np.nan, 1.0),          # NaN vs number: NaN mismatch
-        ((0, 0, 1), 2.0, np.nan),          # number vs NaN: NaN mismatch
-        ((0, 0, 2), np.nan, np.nan),       # NaN vs NaN: identical
-        ((0, 1, 0), np.inf, 3.0),          # +inf vs number: Inf mismatch
-        ((0, 1, 1), -4.0, -np.inf),        # number vs -inf: Inf mismatch
-        ((0, 1, 2), np.inf, -np.inf),      # +inf vs -inf: Inf mismatch
-        ((0, 1, 3), np.inf, np.inf),       # the same infinity: identical
-        ((0, 1, 4), -np.inf, -np.inf),     # the same infinity: identical
-        ((0, 2, 0), np.nan, np.inf),       # NaN vs +inf: a NaN mismatch (counted once)
-        ((0, 2, 1), -np.inf, np.nan),      # -inf vs NaN: a NaN mismatch (counted once)
+        ((0, 0, 0), np.nan, 1.0),  # NaN vs number: NaN mismatch
+        ((0, 0, 1), 2.0, np.nan),  # number vs NaN: NaN mismatch
+        ((0, 0, 2), np.nan, np.nan),  # NaN vs NaN: identical
+        ((0, 1, 0), np.inf, 3.0),  # +inf vs number: Inf mismatch
+        ((0, 1, 1), -4.0, -np.inf),  # number vs -inf: Inf mismatch
+        ((0, 1, 2), np.inf, -np.inf),  # +inf vs -inf: Inf mismatch
+        ((0, 1, 3), np.inf, np.inf),  # the same infinity: identical
+        ((0, 1, 4), -np.inf, -np.inf),  # the same infinity: identical
+        ((0, 2, 0), np.nan, np.inf),  # NaN vs +inf: a NaN mismatch (counted once)
+        ((0, 2, 1), -np.inf, np.nan),  # -inf vs NaN: a NaN mismatch (counted once)
     ]
     for i, x, y in plant:
         a[i], e[i] = x, y
@@ -156,8 +164,13 @@ def test_passed_is_the_gradcheck_rule(rng):
     e = a + 1e-3 * rng.normal(size=50)
     rep = gradcheck.error_report(a, e)
     edge = rep.max_abs_error / rep.scale
-    for rtol, atol in ((edge, 0.0), (0.0, rep.max_abs_error), (edge / 2, 0.0), (0.0, 0.0),
-                       (edge / 2, rep.max_abs_error / 2)):
+    for rtol, atol in (
+        (edge, 0.0),
+        (0.0, rep.max_abs_error),
+        (edge / 2, 0.0),
+        (0.0, 0.0),
+        (edge / 2, rep.max_abs_error / 2),
+    ):
         assert rep.passed(rtol, atol) == (rep.max_abs_error <= atol + rtol * rep.scale)
     assert rep.passed(edge * (1 + 1e-12)) and not rep.passed(edge * (1 - 1e-9))
 
@@ -190,8 +203,15 @@ def _wrong(rep: Comparison, bug: str, a, e) -> Comparison:
     raise AssertionError(bug)
 
 
-@pytest.mark.parametrize("bug", ["actual and expected swapped", "matching infinities counted",
-                                 "the second-worst index", "scale from actual"])
+@pytest.mark.parametrize(
+    "bug",
+    [
+        "actual and expected swapped",
+        "matching infinities counted",
+        "the second-worst index",
+        "scale from actual",
+    ],
+)
 def test_the_checks_catch_planted_bugs(rng, bug):
     a, e, nan_mm, inf_mm = _planted(rng)
     a[2, 2, 2] = e[2, 2, 2] + 5.0
@@ -209,15 +229,19 @@ ROWS = [
     {"name": "a much longer name", "value": "abs 1.5e-15", "note": None, "result": "FAIL"},
     ("z", 3, "max|x - y| ok", "skip"),
 ]
-CELLS = [["alpha", "1.0e-16", "a | b", "pass"],
-         ["a much longer name", "abs 1.5e-15", "", "FAIL"],
-         ["z", "3", "max|x - y| ok", "skip"]]
+CELLS = [
+    ["alpha", "1.0e-16", "a | b", "pass"],
+    ["a much longer name", "abs 1.5e-15", "", "FAIL"],
+    ["z", "3", "max|x - y| ok", "skip"],
+]
 HEADERS = ["name", "value", "note", "result"]
 
 
 def _widths():
-    return [max([len(h), 12 if h == "note" else 0] + [len(r[i]) for r in CELLS])
-            for i, h in enumerate(HEADERS)]
+    return [
+        max([len(h), 12 if h == "note" else 0] + [len(r[i]) for r in CELLS])
+        for i, h in enumerate(HEADERS)
+    ]
 
 
 def test_text_table_is_aligned_and_holds_the_cells():
@@ -230,11 +254,11 @@ def test_text_table_is_aligned_and_holds_the_cells():
     starts = [sum(widths[:i]) + 2 * i for i in range(len(widths))]
     for line, cells in zip([head] + body, [HEADERS] + CELLS):
         assert line == line.rstrip()
-        got = [line[s:s + w] for s, w in zip(starts, widths)]
+        got = [line[s : s + w] for s, w in zip(starts, widths)]
         assert [g.strip() for g in got] == cells
-        assert got[0] == got[0].rstrip().ljust(widths[0])      # left-aligned
-        assert got[1] == got[1].strip().rjust(widths[1])       # right-aligned
-        assert all(line[s - 2:s] == "  " for s in starts[1:])  # two spaces between columns
+        assert got[0] == got[0].rstrip().ljust(widths[0])  # left-aligned
+        assert got[1] == got[1].strip().rjust(widths[1])  # right-aligned
+        assert all(line[s - 2 : s] == "  " for s in starts[1:])  # two spaces between columns
 
 
 def _parse_markdown(lines):
@@ -324,15 +348,19 @@ def test_markdown_and_json_exclude_each_other(capsys):
 
 def test_compare_markdown_prints_the_conformance_rows(monkeypatch, capsys):
     row = conformance.ConformanceRow
-    rows = [row("plain", "f", "out", "pass", 2.7e-16, "float64: ok", "zero"),
-            row("plain", "f", "dq", "FAIL", 0.5, "float64: max|x| off", "zero"),
-            row("softcap", "f", "-", "skip", None, "cannot", "zero")]
+    rows = [
+        row("plain", "f", "out", "pass", 2.7e-16, "float64: ok", "zero"),
+        row("plain", "f", "dq", "FAIL", 0.5, "float64: max|x| off", "zero"),
+        row("softcap", "f", "-", "skip", None, "cannot", "zero"),
+    ]
     monkeypatch.setattr(conformance, "run_conformance", lambda framework, selected, progress: rows)
     assert main(["compare", "torch", "--quiet", "--markdown"]) == 1
     out = capsys.readouterr().out
-    assert _markdown_rows(out) == [["plain", "out", "2.7e-16", "pass", "float64: ok"],
-                                   ["plain", "dq", "5.0e-01", "FAIL", "float64: max|x| off"],
-                                   ["softcap", "-", "", "skip", "cannot"]]
+    assert _markdown_rows(out) == [
+        ["plain", "out", "2.7e-16", "pass", "float64: ok"],
+        ["plain", "dq", "5.0e-01", "FAIL", "float64: max|x| off"],
+        ["softcap", "-", "", "skip", "cannot"],
+    ]
     assert "compare torch: 1 passed, 1 failed, 1 skipped" in out
 
 

@@ -4,26 +4,33 @@ The complex step ``Im f(x + i h t) / h`` (G4) takes no difference, so it is exac
 for analytic code; the forwards of attention_ref are complex-safe (the max shift uses the real
 part) so every hand-written backward can be held to float64 precision.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import attention_ref as ar
-from attention_ref.core.attention import dropout_backward, dropout_forward
 from attention_ref.cases import cases
+from attention_ref.core.attention import dropout_backward, dropout_forward
+from attention_ref.core.masks import causal_mask
+from attention_ref.core.scores import (
+    add_bias_backward,
+    apply_mask,
+    apply_mask_backward,
+    scaled_scores,
+    scaled_scores_backward,
+    softcap_backward,
+    softcap_forward,
+    weighted_values,
+    weighted_values_backward,
+)
 from attention_ref.gradcheck import (
     CS_RTOL,
     FD_RTOL,
     check_complex_step,
     check_vjp,
     complex_step_vjp,
-)
-from attention_ref.core.masks import causal_mask
-from attention_ref.core.scores import (
-    add_bias_backward, apply_mask, apply_mask_backward, scaled_scores,
-    scaled_scores_backward, softcap_backward, softcap_forward, weighted_values,
-    weighted_values_backward,
 )
 
 B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 6
@@ -108,66 +115,138 @@ def test_linear_backward(rng):
     x, w, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)
     c = rng.normal(size=(2, 3, 5))
     g = ar.linear_backward(c, x, w, b)
-    _assert_cs(check_complex_step(ar.linear, {"x": x, "weight": w, "bias": b}, c,
-                                  {"x": g.dx, "weight": g.dweight, "bias": g.dbias}))
+    _assert_cs(
+        check_complex_step(
+            ar.linear,
+            {"x": x, "weight": w, "bias": b},
+            c,
+            {"x": g.dx, "weight": g.dweight, "bias": g.dbias},
+        )
+    )
 
 
 def test_head_split_and_merge_backwards(rng):
     x, c = rng.normal(size=(2, 3, 6)), rng.normal(size=(2, 3, 3, 2))
-    _assert_cs(check_complex_step(lambda x: ar.split_heads(x, 3), {"x": x}, c, {"x": ar.split_heads_backward(c)}))
+    _assert_cs(
+        check_complex_step(
+            lambda x: ar.split_heads(x, 3), {"x": x}, c, {"x": ar.split_heads_backward(c)}
+        )
+    )
     x, c = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 4, 6))
-    _assert_cs(check_complex_step(ar.merge_heads, {"x": x}, c, {"x": ar.merge_heads_backward(c, 3)}))
+    _assert_cs(
+        check_complex_step(ar.merge_heads, {"x": x}, c, {"x": ar.merge_heads_backward(c, 3)})
+    )
 
 
 @pytest.mark.parametrize("axis", [-1, 0])
 def test_softmax_and_logsumexp_backwards(rng, axis):
     x, c = 4 * rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    _assert_cs(check_complex_step(lambda x: ar.softmax(x, axis=axis), {"x": x}, c,
-                                  {"x": ar.softmax_backward(c, ar.softmax(x, axis=axis), axis=axis)}))
+    _assert_cs(
+        check_complex_step(
+            lambda x: ar.softmax(x, axis=axis),
+            {"x": x},
+            c,
+            {"x": ar.softmax_backward(c, ar.softmax(x, axis=axis), axis=axis)},
+        )
+    )
     c = rng.normal(size=ar.logsumexp(x, axis=axis).shape)
-    _assert_cs(check_complex_step(lambda x: ar.logsumexp(x, axis=axis), {"x": x}, c,
-                                  {"x": ar.logsumexp_backward(c, x, axis=axis)}))
+    _assert_cs(
+        check_complex_step(
+            lambda x: ar.logsumexp(x, axis=axis),
+            {"x": x},
+            c,
+            {"x": ar.logsumexp_backward(c, x, axis=axis)},
+        )
+    )
 
 
 def test_internal_stage_backwards(rng):
     q, k = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK))
     c = rng.normal(size=(B, H, T, S))
     dq, dk = scaled_scores_backward(c, q, k, 0.7)
-    _assert_cs(check_complex_step(lambda q, k: scaled_scores(q, k, 0.7),
-                                  {"q": q, "k": k}, c, {"q": dq, "k": dk}))
+    _assert_cs(
+        check_complex_step(
+            lambda q, k: scaled_scores(q, k, 0.7), {"q": q, "k": k}, c, {"q": dq, "k": dk}
+        )
+    )
 
     w, v = rng.random(size=(B, H, T, S)), rng.normal(size=(B, HKV, S, DV))
     c = rng.normal(size=(B, H, T, DV))
     dw, dv = weighted_values_backward(c, w, v)
-    _assert_cs(check_complex_step(weighted_values, {"weights": w, "v": v}, c, {"weights": dw, "v": dv}))
+    _assert_cs(
+        check_complex_step(weighted_values, {"weights": w, "v": v}, c, {"weights": dw, "v": dv})
+    )
 
     s, c = 3 * rng.normal(size=(B, H, T, S)), rng.normal(size=(B, H, T, S))
-    _assert_cs(check_complex_step(lambda s: softcap_forward(s, 2.0), {"s": s}, c,
-                                  {"s": softcap_backward(c, softcap_forward(s, 2.0), 2.0)}))
+    _assert_cs(
+        check_complex_step(
+            lambda s: softcap_forward(s, 2.0),
+            {"s": s},
+            c,
+            {"s": softcap_backward(c, softcap_forward(s, 2.0), 2.0)},
+        )
+    )
 
     allowed = causal_mask(T, S, align="bottom_right")
-    _assert_cs(check_complex_step(lambda x: apply_mask(x, allowed), {"x": s}, c,
-                                  {"x": apply_mask_backward(c, allowed)}))
+    _assert_cs(
+        check_complex_step(
+            lambda x: apply_mask(x, allowed), {"x": s}, c, {"x": apply_mask_backward(c, allowed)}
+        )
+    )
 
     capped, bias = rng.normal(size=(B, H, T, S)), rng.normal(size=(H, 1, S))
-    _assert_cs(check_complex_step(lambda bias: capped + bias, {"bias": bias}, c,
-                                  {"bias": add_bias_backward(c, bias.shape)}))
+    _assert_cs(
+        check_complex_step(
+            lambda bias: capped + bias,
+            {"bias": bias},
+            c,
+            {"bias": add_bias_backward(c, bias.shape)},
+        )
+    )
 
     p, keep = rng.random(size=(B, H, T, S)), rng.random(size=(B, H, T, S)) >= 0.3
-    _assert_cs(check_complex_step(lambda p: dropout_forward(p, keep, 0.3), {"p": p}, c,
-                                  {"p": dropout_backward(c, keep, 0.3)}))
+    _assert_cs(
+        check_complex_step(
+            lambda p: dropout_forward(p, keep, 0.3),
+            {"p": p},
+            c,
+            {"p": dropout_backward(c, keep, 0.3)},
+        )
+    )
 
 
 def test_multi_head_attention_directional_at_realistic_size(rng):
     p = ar.init_params(rng, d_model=64, num_heads=8, num_kv_heads=2, kdim=48, vdim=40)
-    query, key, value = rng.normal(size=(2, 48, 64)), rng.normal(size=(2, 64, 48)), rng.normal(size=(2, 64, 40))
-    tr = ar.mha_forward(query, key, value, p, num_heads=8, num_kv_heads=2, causal=True, align="bottom_right")
+    query, key, value = (
+        rng.normal(size=(2, 48, 64)),
+        rng.normal(size=(2, 64, 48)),
+        rng.normal(size=(2, 64, 40)),
+    )
+    tr = ar.mha_forward(
+        query, key, value, p, num_heads=8, num_kv_heads=2, causal=True, align="bottom_right"
+    )
     c = rng.normal(size=tr.out.shape)
     g = ar.mha_backward(c, tr)
 
     def f(query, key, value, **weights):
-        return ar.multi_head_attention(query, key, value, ar.MultiHeadParams(**weights), num_heads=8,
-                                       num_kv_heads=2, causal=True, align="bottom_right")
+        return ar.multi_head_attention(
+            query,
+            key,
+            value,
+            ar.MultiHeadParams(**weights),
+            num_heads=8,
+            num_kv_heads=2,
+            causal=True,
+            align="bottom_right",
+        )
 
-    _assert_cs(check_complex_step(f, {"query": query, "key": key, "value": value, **p.as_dict()}, c,
-                                  g.as_dict(), num_directions=3, rng=rng))
+    _assert_cs(
+        check_complex_step(
+            f,
+            {"query": query, "key": key, "value": value, **p.as_dict()},
+            c,
+            g.as_dict(),
+            num_directions=3,
+            rng=rng,
+        )
+    )

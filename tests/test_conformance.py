@@ -3,16 +3,17 @@
 The full JAX table takes about a minute (JAX compiles each shape), so the suite runs it on a few
 cases; `.ci/run` runs both commands on every case.
 """
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from conftest import require_jax, require_torch
 
 from attention_ref.cases import cases, get_case
 from attention_ref.oracle.conformance import format_rows, run_conformance
-from conftest import require_jax, require_torch
 
 
 def test_torch_conforms_on_every_case():
@@ -22,7 +23,12 @@ def test_torch_conforms_on_every_case():
     seen = {r.case for r in rows}
     assert seen == {c.name for c in cases()}
     skipped = {r.case for r in rows if r.status == "skip"}
-    assert skipped == {"softcap", "dropout_keep_mask", "mha_gqa_kdim_vdim", "mha_mqa_no_bias_attention_bias"}
+    assert skipped == {
+        "softcap",
+        "dropout_keep_mask",
+        "mha_gqa_kdim_vdim",
+        "mha_mqa_no_bias_attention_bias",
+    }
     assert max(r.error for r in rows if r.status == "pass" and r.quantity != "db_k") < 1e-13
 
 
@@ -45,7 +51,9 @@ def test_a_wrong_convention_fails_the_table(monkeypatch):
 
     def misaligned(*args, **kwargs):
         if kwargs.get("causal"):
-            kwargs["align"] = "top_left" if kwargs.get("align") == "bottom_right" else "bottom_right"
+            kwargs["align"] = (
+                "top_left" if kwargs.get("align") == "bottom_right" else "bottom_right"
+            )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pt, "run_torch_sdpa", misaligned)

@@ -12,6 +12,7 @@ A label is defined by a MyST dollarmath block whose closing line carries it::
     dx = dy\\, W^\\top
     $$ (L2)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,15 +32,24 @@ DERIVATIONS = ROOT / "docs" / "derivations"
 #: Every public module of every layer. Found by walking the package, so a renamed or moved module
 #: (``linear`` -> ``projection``, ``softmax`` -> ``stable_softmax``) is still covered.
 MODULES = tuple(
-    m.name for m in pkgutil.walk_packages(attention_ref.__path__, prefix="attention_ref.")
+    m.name
+    for m in pkgutil.walk_packages(attention_ref.__path__, prefix="attention_ref.")
     if not any(part.startswith("_") for part in m.name.split("."))
 )
 #: Backwards that must be found, so that the docstring test cannot pass by finding nothing.
 EXPECTED_BACKWARDS = {
-    "linear_backward", "split_heads_backward", "merge_heads_backward", "softmax_backward",
-    "logsumexp_backward", "sdpa_backward", "scaled_dot_product_attention_backward",
-    "mha_backward", "multi_head_attention_backward", "scaled_scores_backward",
-    "softcap_backward", "weighted_values_backward",
+    "linear_backward",
+    "split_heads_backward",
+    "merge_heads_backward",
+    "softmax_backward",
+    "logsumexp_backward",
+    "sdpa_backward",
+    "scaled_dot_product_attention_backward",
+    "mha_backward",
+    "multi_head_attention_backward",
+    "scaled_scores_backward",
+    "softcap_backward",
+    "weighted_values_backward",
 }
 
 CITATION = re.compile(r"\(([LHSAMGVF]\d+)\)")
@@ -111,8 +121,12 @@ BACKWARDS = _backward_functions()
 
 
 def test_backwards_are_found():
-    assert {"attention_ref.core.scores", "attention_ref.core.heads", "attention_ref.core.attention",
-            "attention_ref.core.mha"} <= set(MODULES), MODULES
+    assert {
+        "attention_ref.core.scores",
+        "attention_ref.core.heads",
+        "attention_ref.core.attention",
+        "attention_ref.core.mha",
+    } <= set(MODULES), MODULES
     missing = EXPECTED_BACKWARDS - set(BACKWARDS)
     assert not missing, f"expected *_backward functions not found: {sorted(missing)}"
 
@@ -120,8 +134,11 @@ def test_backwards_are_found():
 def test_derivation_pages_are_well_formed():
     pages = _pages()
     assert pages, f"no derivation pages under {DERIVATIONS}"
-    problems = [f"{page}.md {p}" for page, path in pages.items()
-                for p in parse_labels(path.read_text(encoding="utf-8"))[1]]
+    problems = [
+        f"{page}.md {p}"
+        for page, path in pages.items()
+        for p in parse_labels(path.read_text(encoding="utf-8"))[1]
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -134,7 +151,9 @@ def test_backward_docstring_cites_its_derivation(name):
     absent = [p for p in pages if p not in existing]
     assert not absent, f"{name}'s docstring names pages that do not exist: {absent}"
     cited = set(CITATION.findall(doc))
-    on_pages = {label for label, where in _definitions().items() if any(p in pages for p, _ in where)}
+    on_pages = {
+        label for label, where in _definitions().items() if any(p in pages for p, _ in where)
+    }
     assert cited & on_pages, (
         f"{name}'s docstring cites {sorted(cited) or 'no equation'}, none of which is defined on "
         f"{', '.join(f'docs/derivations/{p}.md' for p in pages)}"
@@ -146,9 +165,14 @@ def test_every_cited_label_is_defined():
     missing = []
     for path in sorted(PACKAGE.glob("*.py")):
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            missing += [f"{path.name}:{lineno} ({label})" for label in CITATION.findall(line)
-                        if label not in defined]
-    assert not missing, "labels cited in the code but defined on no derivation page:\n" + "\n".join(missing)
+            missing += [
+                f"{path.name}:{lineno} ({label})"
+                for label in CITATION.findall(line)
+                if label not in defined
+            ]
+    assert not missing, "labels cited in the code but defined on no derivation page:\n" + "\n".join(
+        missing
+    )
 
 
 def test_every_label_is_defined_once():
@@ -166,9 +190,14 @@ def test_labels_are_numbered_in_page_order():
     for page, path in _pages().items():
         labels = [label for label, _ in parse_labels(path.read_text(encoding="utf-8"))[0]]
         numbers = [int(re.sub(r"^\D+", "", label)) for label in labels]
-        if numbers != list(range(1, len(labels) + 1)) or len({re.sub(r"\d+$", "", l) for l in labels}) > 1:
+        if (
+            numbers != list(range(1, len(labels) + 1))
+            or len({re.sub(r"\d+$", "", l) for l in labels}) > 1
+        ):
             problems.append(f"{page}.md: {labels}")
-    assert not problems, "labels not numbered 1, 2, ... with one prefix per page: " + "; ".join(problems)
+    assert not problems, "labels not numbered 1, 2, ... with one prefix per page: " + "; ".join(
+        problems
+    )
 
 
 def test_parse_labels_rejects_malformed_pages():

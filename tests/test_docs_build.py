@@ -11,6 +11,7 @@
    block that imports torch runs where torch is installed (and must, under
    ``ATTENTION_REF_REQUIRE_TORCH=1``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,9 +23,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import require_torch
 
 import attention_ref
-from conftest import require_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -35,12 +36,28 @@ MATHJAX_FILE = "mathjax/tex-chtml-full.js"
 #: (a page pulling in a network fetch that waits for a timeout, an extension gone wrong).
 BUILD_SECONDS_MAX = 60
 #: The pages whose ```python blocks must run.
-EXAMPLE_PAGES = ("oracle.md", "stability.md")  # adapters, golden, exact, decoding_and_varlen: run by their own tests
+EXAMPLE_PAGES = (
+    "oracle.md",
+    "stability.md",
+)  # adapters, golden, exact, decoding_and_varlen: run by their own tests
 #: Public functions whose docstring has no Examples section yet (a library docstring to fix).
 EXAMPLES_TO_WRITE: set[str] = set()
-GRADCHECK_PUBLIC = ("error_report", "ErrorReport", "numerical_vjp", "check_vjp", "check_directional",
-                    "complex_step_vjp", "check_complex_step", "GradCheckResult", "fd_noise_floor",
-                    "FD_EPS", "FD_RTOL", "FD_NOISE_FACTOR", "CS_STEP", "CS_RTOL")
+GRADCHECK_PUBLIC = (
+    "error_report",
+    "ErrorReport",
+    "numerical_vjp",
+    "check_vjp",
+    "check_directional",
+    "complex_step_vjp",
+    "check_complex_step",
+    "GradCheckResult",
+    "fd_noise_floor",
+    "FD_EPS",
+    "FD_RTOL",
+    "FD_NOISE_FACTOR",
+    "CS_STEP",
+    "CS_RTOL",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +66,23 @@ def html(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("html")
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-         "-d", str(out / ".doctrees"), str(DOCS), str(out)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-d",
+            str(out / ".doctrees"),
+            str(DOCS),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     seconds = time.perf_counter() - start
     assert result.returncode == 0, f"sphinx-build failed:\n{result.stdout}\n{result.stderr}"
@@ -85,10 +116,20 @@ def _assets(page: Path) -> _Assets:
 
 
 def test_every_page_is_built(html):
-    pages = {p.relative_to(DOCS).with_suffix(".html").as_posix() for p in DOCS.rglob("*.md")
-             if "_static" not in p.parts and "_build" not in p.parts}
-    assert {"index.html", "api.html", "stability.html", "oracle.html", "notation.html",
-            "conventions.html", "derivations/attention.html"} <= pages
+    pages = {
+        p.relative_to(DOCS).with_suffix(".html").as_posix()
+        for p in DOCS.rglob("*.md")
+        if "_static" not in p.parts and "_build" not in p.parts
+    }
+    assert {
+        "index.html",
+        "api.html",
+        "stability.html",
+        "oracle.html",
+        "notation.html",
+        "conventions.html",
+        "derivations/attention.html",
+    } <= pages
     missing = sorted(p for p in pages if not (html / p).is_file())
     assert not missing, f"pages not built: {missing}"
 
@@ -132,9 +173,14 @@ def test_equations_show_their_labels(html):
 
 def _api_entries(api: str) -> dict[str, str]:
     """Documented object id -> its HTML, up to the next documented object."""
-    starts = [(m.start(), m.group(1)) for m in
-              re.finditer(r'<dt class="sig sig-object py" id="([^"]+)"', api)]
-    return {name: api[start:end] for (start, name), (end, _) in zip(starts, starts[1:] + [(len(api), "")])}
+    starts = [
+        (m.start(), m.group(1))
+        for m in re.finditer(r'<dt class="sig sig-object py" id="([^"]+)"', api)
+    ]
+    return {
+        name: api[start:end]
+        for (start, name), (end, _) in zip(starts, starts[1:] + [(len(api), "")])
+    }
 
 
 def test_api_page_documents_every_public_name(html):
@@ -149,13 +195,21 @@ def test_api_page_documents_every_public_name(html):
 def test_every_public_function_shows_its_example(html):
     """The docstrings' Examples sections (run as doctests by pytest) render on the API page."""
     entries = _api_entries((html / "api.html").read_text(encoding="utf-8"))
-    functions = [f"attention_ref.{n}" for n in attention_ref.__all__
-                 if inspect.isfunction(getattr(attention_ref, n))]
-    functions += [f"attention_ref.gradcheck.{n}" for n in GRADCHECK_PUBLIC
-                  if inspect.isfunction(getattr(attention_ref.gradcheck, n))]
+    functions = [
+        f"attention_ref.{n}"
+        for n in attention_ref.__all__
+        if inspect.isfunction(getattr(attention_ref, n))
+    ]
+    functions += [
+        f"attention_ref.gradcheck.{n}"
+        for n in GRADCHECK_PUBLIC
+        if inspect.isfunction(getattr(attention_ref.gradcheck, n))
+    ]
     assert len(functions) > 20, functions
     without = {n.rsplit(".", 1)[1] for n in functions if 'rubric">Examples' not in entries[n]}
-    assert without <= EXAMPLES_TO_WRITE, f"public functions without an Examples section: {sorted(without)}"
+    assert without <= EXAMPLES_TO_WRITE, (
+        f"public functions without an Examples section: {sorted(without)}"
+    )
 
 
 def _python_blocks(page: str) -> list[str]:

@@ -12,6 +12,7 @@
    The same for ``dtype=np.float32`` in units of float32 eps.
 4. Argument checks, the size limits, the lazy import, the rounding, and the docs page's examples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,8 @@ import pytest
 
 import attention_ref as ar
 from attention_ref import AttentionOptions
-from attention_ref.oracle import exact
 from attention_ref.cases import cases as canonical_cases
+from attention_ref.oracle import exact
 from attention_ref.oracle.exact import exact_mha, exact_sdpa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,9 @@ class Config(NamedTuple):
     inputs: dict[str, Any]  # q, k, v (SDPA) or query, key, value, params (MHA)
     dout: np.ndarray
     options: dict[str, Any]  # the attention options (and num_heads / num_kv_heads for MHA)
-    reduction_length: int  # the summed lengths of the reductions on the longest path, see error_bound
+    reduction_length: (
+        int  # the summed lengths of the reductions on the longest path, see error_bound
+    )
 
 
 def error_bound(config: Config) -> float:
@@ -109,21 +112,30 @@ def sdpa_reduction_length(B, H, Hkv, T, S, Dk, Dv) -> int:
     return Dk + Dv + 3 * S + max(H // Hkv * T, B)
 
 
-def sdpa_config(name: str, seed: int, dims: dict[str, int],
-                options: Callable[[np.random.Generator, dict[str, int]], dict[str, Any]]) -> Config:
+def sdpa_config(
+    name: str,
+    seed: int,
+    dims: dict[str, int],
+    options: Callable[[np.random.Generator, dict[str, int]], dict[str, Any]],
+) -> Config:
     rng = np.random.default_rng(seed)
     d = {"B": 2, "H": 4, "Hkv": 2, "T": 3, "S": 5, "Dk": 4, "Dv": 3, **dims}
     B, H, Hkv, T, S, Dk, Dv = (d[n] for n in ("B", "H", "Hkv", "T", "S", "Dk", "Dv"))
-    inputs = {"q": f32_values(rng, (B, H, T, Dk)), "k": f32_values(rng, (B, Hkv, S, Dk)),
-              "v": f32_values(rng, (B, Hkv, S, Dv))}
+    inputs = {
+        "q": f32_values(rng, (B, H, T, Dk)),
+        "k": f32_values(rng, (B, Hkv, S, Dk)),
+        "v": f32_values(rng, (B, Hkv, S, Dv)),
+    }
     dout = f32_values(rng, (B, H, T, Dv))
-    return Config(name, "sdpa", inputs, dout, options(rng, d), sdpa_reduction_length(B, H, Hkv, T, S, Dk, Dv))
+    return Config(
+        name, "sdpa", inputs, dout, options(rng, d), sdpa_reduction_length(B, H, Hkv, T, S, Dk, Dv)
+    )
 
 
 def padding_mask(B: int, T: int, S: int) -> np.ndarray:
     """(B, 1, T, S): batch 1 has two padding keys; batch 0's query row 1 sees no key (empty row)."""
     m = np.ones((B, 1, T, S), dtype=bool)
-    m[1, :, :, S - 2:] = False
+    m[1, :, :, S - 2 :] = False
     m[0, :, 1, :] = False
     return m
 
@@ -135,27 +147,59 @@ def neg_inf_bias(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
 
 
 #: (name, seed, shape overrides, options builder). Defaults B=2, H=4, Hkv=2, T=3, S=5, Dk=4, Dv=3.
-SDPA_SPECS: list[tuple[str, int, dict[str, int], Callable[[np.random.Generator, dict[str, int]], dict[str, Any]]]] = [
+SDPA_SPECS: list[
+    tuple[str, int, dict[str, int], Callable[[np.random.Generator, dict[str, int]], dict[str, Any]]]
+] = [
     ("GQA", 1, {}, lambda rng, d: {}),
-    ("bias (H,T,S) + softcap", 2, {},
-     lambda rng, d: {"bias": f32_values(rng, (d["H"], d["T"], d["S"])), "softcap": 1.5}),
+    (
+        "bias (H,T,S) + softcap",
+        2,
+        {},
+        lambda rng, d: {"bias": f32_values(rng, (d["H"], d["T"], d["S"])), "softcap": 1.5},
+    ),
     ("causal top_left", 3, {}, lambda rng, d: {"causal": True}),
-    ("causal bottom_right, T>S (empty rows)", 4, {"T": 5, "S": 3},
-     lambda rng, d: {"causal": True, "align": "bottom_right"}),
-    ("padding, empty row zero", 5, {}, lambda rng, d: {"mask": padding_mask(d["B"], d["T"], d["S"])}),
-    ("padding, empty row uniform", 6, {},
-     lambda rng, d: {"mask": padding_mask(d["B"], d["T"], d["S"]), "empty_rows": "uniform"}),
-    ("padding, empty row nan", 8, {},
-     lambda rng, d: {"mask": padding_mask(d["B"], d["T"], d["S"]), "empty_rows": "nan"}),
-    ("dropout keep-mask + bias with -inf", 7, {},
-     lambda rng, d: {"dropout_p": 0.25, "dropout_mask": rng.random((d["B"], d["H"], d["T"], d["S"])) >= 0.25,
-                     "bias": neg_inf_bias(rng, (d["B"], 1, d["T"], d["S"]))}),
+    (
+        "causal bottom_right, T>S (empty rows)",
+        4,
+        {"T": 5, "S": 3},
+        lambda rng, d: {"causal": True, "align": "bottom_right"},
+    ),
+    (
+        "padding, empty row zero",
+        5,
+        {},
+        lambda rng, d: {"mask": padding_mask(d["B"], d["T"], d["S"])},
+    ),
+    (
+        "padding, empty row uniform",
+        6,
+        {},
+        lambda rng, d: {"mask": padding_mask(d["B"], d["T"], d["S"]), "empty_rows": "uniform"},
+    ),
+    (
+        "padding, empty row nan",
+        8,
+        {},
+        lambda rng, d: {"mask": padding_mask(d["B"], d["T"], d["S"]), "empty_rows": "nan"},
+    ),
+    (
+        "dropout keep-mask + bias with -inf",
+        7,
+        {},
+        lambda rng, d: {
+            "dropout_p": 0.25,
+            "dropout_mask": rng.random((d["B"], d["H"], d["T"], d["S"])) >= 0.25,
+            "bias": neg_inf_bias(rng, (d["B"], 1, d["T"], d["S"])),
+        },
+    ),
 ]
 
 
 def f32_params(rng: np.random.Generator, **kwargs: Any) -> ar.MultiHeadParams:
     p = ar.init_params(rng, **kwargs)
-    return ar.MultiHeadParams(**{n: w.astype(np.float32).astype(np.float64) for n, w in p.as_dict().items()})
+    return ar.MultiHeadParams(
+        **{n: w.astype(np.float32).astype(np.float64) for n, w in p.as_dict().items()}
+    )
 
 
 def mha_reduction_length(B, H, Hkv, T, S, D_in, Dk, Dv, D_out) -> int:
@@ -169,29 +213,60 @@ def mha_self_config(seed: int) -> Config:
     B, T, D, H, Dk, Dv = 2, 4, 6, 2, 3, 2
     x = f32_values(rng, (B, T, D))
     p = f32_params(rng, d_model=D, num_heads=H, head_dim=Dk, v_head_dim=Dv)
-    return Config("MHA self-attention, causal", "mha", {"query": x, "key": x, "value": x, "params": p},
-                  f32_values(rng, (B, T, D)), {"num_heads": H, "causal": True},
-                  mha_reduction_length(B, H, H, T, T, D, Dk, Dv, D))
+    return Config(
+        "MHA self-attention, causal",
+        "mha",
+        {"query": x, "key": x, "value": x, "params": p},
+        f32_values(rng, (B, T, D)),
+        {"num_heads": H, "causal": True},
+        mha_reduction_length(B, H, H, T, T, D, Dk, Dv, D),
+    )
 
 
 def mha_cross_config(seed: int) -> Config:
     rng = np.random.default_rng(seed)
     B, T, S, D, H, Hkv, Dk, Dv, Dk_in, Dv_in = 2, 3, 5, 6, 4, 2, 2, 3, 5, 4
-    p = f32_params(rng, d_model=D, num_heads=H, num_kv_heads=Hkv, head_dim=Dk, v_head_dim=Dv,
-                   kdim=Dk_in, vdim=Dv_in)
-    inputs = {"query": f32_values(rng, (B, T, D)), "key": f32_values(rng, (B, S, Dk_in)),
-              "value": f32_values(rng, (B, S, Dv_in)), "params": p}
+    p = f32_params(
+        rng,
+        d_model=D,
+        num_heads=H,
+        num_kv_heads=Hkv,
+        head_dim=Dk,
+        v_head_dim=Dv,
+        kdim=Dk_in,
+        vdim=Dv_in,
+    )
+    inputs = {
+        "query": f32_values(rng, (B, T, D)),
+        "key": f32_values(rng, (B, S, Dk_in)),
+        "value": f32_values(rng, (B, S, Dv_in)),
+        "params": p,
+    }
     key_padding = np.ones((B, 1, 1, S), dtype=bool)
-    key_padding[1, ..., S - 2:] = False
-    options = {"num_heads": H, "num_kv_heads": Hkv, "bias": f32_values(rng, (H, T, S)), "mask": key_padding}
-    return Config("MHA cross-attention, GQA, kdim/vdim, bias, key padding", "mha", inputs,
-                  f32_values(rng, (B, T, D)), options, mha_reduction_length(B, H, Hkv, T, S, Dk_in, Dk, Dv, D))
+    key_padding[1, ..., S - 2 :] = False
+    options = {
+        "num_heads": H,
+        "num_kv_heads": Hkv,
+        "bias": f32_values(rng, (H, T, S)),
+        "mask": key_padding,
+    }
+    return Config(
+        "MHA cross-attention, GQA, kdim/vdim, bias, key padding",
+        "mha",
+        inputs,
+        f32_values(rng, (B, T, D)),
+        options,
+        mha_reduction_length(B, H, Hkv, T, S, Dk_in, Dk, Dv, D),
+    )
 
 
 def make_configs(draw: int = 0) -> dict[str, Config]:
     """Every configuration, by name; ``draw`` > 0 draws other inputs for the same configurations
     (the tests use draw 0; docs/exact.md reports the worst over draws 0-19)."""
-    configs = [sdpa_config(name, seed + 1000 * draw, dims, options) for name, seed, dims, options in SDPA_SPECS]
+    configs = [
+        sdpa_config(name, seed + 1000 * draw, dims, options)
+        for name, seed, dims, options in SDPA_SPECS
+    ]
     configs += [mha_self_config(11 + 1000 * draw), mha_cross_config(12 + 1000 * draw)]
     return {c.name: c for c in configs}
 
@@ -205,8 +280,15 @@ def exact_quantities(c: Config) -> dict[str, np.ndarray]:
         ex = exact_sdpa(**c.inputs, dout=c.dout, **c.options, dps=DPS)
         return {n: x for n, x in ex._asdict().items() if x is not None}
     m = exact_mha(**c.inputs, dout=c.dout, **c.options, dps=DPS)
-    out = {"out": m.out, "probs": m.probs, "logsumexp": m.logsumexp, "dquery": m.dquery,
-           "dkey": m.dkey, "dvalue": m.dvalue, **m.dparams.as_dict()}
+    out = {
+        "out": m.out,
+        "probs": m.probs,
+        "logsumexp": m.logsumexp,
+        "dquery": m.dquery,
+        "dkey": m.dkey,
+        "dvalue": m.dvalue,
+        **m.dparams.as_dict(),
+    }
     if m.dbias is not None:
         out["dbias"] = m.dbias
     return out
@@ -216,19 +298,37 @@ def library_result(c: Config, dtype: Any, scale_factor: float = 1.0) -> dict[str
     """The library's quantities (trace + backward) at ``dtype``, with the scale times ``scale_factor``."""
     options = dict(c.options)
     if scale_factor != 1.0:
-        Dk = c.inputs["q"].shape[-1] if c.kind == "sdpa" else c.inputs["params"].w_q.shape[1] // options["num_heads"]
+        Dk = (
+            c.inputs["q"].shape[-1]
+            if c.kind == "sdpa"
+            else c.inputs["params"].w_q.shape[1] // options["num_heads"]
+        )
         options["scale"] = options.get("scale", 1.0 / math.sqrt(Dk)) * scale_factor
     if c.kind == "sdpa":
         tr = ar.sdpa_forward(**c.inputs, **options, dtype=dtype)
         g = ar.sdpa_backward(c.dout, tr)
-        res = {"out": tr.out, "probs": tr.probs, "logsumexp": tr.logsumexp, "dq": g.dq, "dk": g.dk, "dv": g.dv}
+        res = {
+            "out": tr.out,
+            "probs": tr.probs,
+            "logsumexp": tr.logsumexp,
+            "dq": g.dq,
+            "dk": g.dk,
+            "dv": g.dv,
+        }
         if g.dbias is not None:
             res["dbias"] = g.dbias
         return res
     mt = ar.mha_forward(**c.inputs, **options, dtype=dtype)
     mg = ar.mha_backward(c.dout, mt)
-    res = {"out": mt.out, "probs": mt.attention.probs, "logsumexp": mt.attention.logsumexp,
-           "dquery": mg.dquery, "dkey": mg.dkey, "dvalue": mg.dvalue, **mg.dparams.as_dict()}
+    res = {
+        "out": mt.out,
+        "probs": mt.attention.probs,
+        "logsumexp": mt.attention.logsumexp,
+        "dquery": mg.dquery,
+        "dkey": mg.dkey,
+        "dvalue": mg.dvalue,
+        **mg.dparams.as_dict(),
+    }
     if mg.dbias is not None:
         res["dbias"] = mg.dbias
     return res
@@ -240,13 +340,21 @@ def exact_result(name: str) -> dict[str, np.ndarray]:
     return exact_quantities(CONFIGS[name])
 
 
-def errors_in_eps(c: Config, ex: dict[str, np.ndarray], dtype: Any, scale_factor: float = 1.0) -> dict[str, float]:
+def errors_in_eps(
+    c: Config, ex: dict[str, np.ndarray], dtype: Any, scale_factor: float = 1.0
+) -> dict[str, float]:
     """Each quantity's error in eps of ``dtype`` against the exact result ``ex``."""
     ours = library_result(c, dtype, scale_factor)
     assert set(ours) == set(ex), (sorted(ours), sorted(ex))
-    return {q: eps_error(ours[q], ex[q], EPS[dtype],
-                         scale=float(np.abs(ex[SCALE_OF[q]]).max()) if q in SCALE_OF else None)
-            for q in ex}
+    return {
+        q: eps_error(
+            ours[q],
+            ex[q],
+            EPS[dtype],
+            scale=float(np.abs(ex[SCALE_OF[q]]).max()) if q in SCALE_OF else None,
+        )
+        for q in ex
+    }
 
 
 def measure(name: str, dtype: Any, scale_factor: float = 1.0) -> dict[str, float]:
@@ -282,16 +390,41 @@ def canonical_config(case: Any) -> Config:
     d = case.dims
     options = dict(data.options)
     if case.kind == "sdpa":
-        return Config(case.name, "sdpa", dict(data.inputs), data.cotangent, options,
-                      sdpa_reduction_length(d["B"], d["H"], d["Hkv"], d["T"], d["S"], d["Dk"], d["Dv"]))
+        return Config(
+            case.name,
+            "sdpa",
+            dict(data.inputs),
+            data.cotangent,
+            options,
+            sdpa_reduction_length(d["B"], d["H"], d["Hkv"], d["T"], d["S"], d["Dk"], d["Dv"]),
+        )
     inputs = dict(data.inputs)
-    weights = {n: inputs.pop(n) for n in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o") if n in inputs}
+    weights = {
+        n: inputs.pop(n)
+        for n in ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
+        if n in inputs
+    }
     if "bias" in inputs:
         options["bias"] = inputs.pop("bias")
     inputs["params"] = ar.MultiHeadParams(**weights)
-    return Config(case.name, "mha", inputs, data.cotangent, options,
-                  mha_reduction_length(d["B"], d["H"], d["Hkv"], d["T"], d["S"], max(d["D"], d["Dk_in"], d["Dv_in"]),
-                                       d["Dk"], d["Dv"], d["D_out"]))
+    return Config(
+        case.name,
+        "mha",
+        inputs,
+        data.cotangent,
+        options,
+        mha_reduction_length(
+            d["B"],
+            d["H"],
+            d["Hkv"],
+            d["T"],
+            d["S"],
+            max(d["D"], d["Dk_in"], d["Dv_in"]),
+            d["Dk"],
+            d["Dv"],
+            d["D_out"],
+        ),
+    )
 
 
 @pytest.mark.parametrize("case", canonical_cases(), ids=str)
@@ -302,6 +435,7 @@ def test_canonical_cases_float64_error_within_the_bound(case):
     errors = errors_in_eps(c, exact_quantities(c), np.float64)
     over = {q: round(e, 2) for q, e in errors.items() if not e <= bound}
     assert not over, f"{case}: errors over the bound {bound} eps: {over}"
+
 
 # ----------------------------------------------------------------------------- 1. the exact backward
 
@@ -322,10 +456,19 @@ def fd_sdpa_case() -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     padding mask with an empty row under "uniform", a dropout keep-mask; T != S, Dk != Dv, B > 1."""
     rng = np.random.default_rng(21)
     B, H, Hkv, T, S, Dk, Dv = 2, 4, 2, 3, 5, 4, 3
-    inputs = {"q": rng.normal(size=(B, H, T, Dk)), "k": rng.normal(size=(B, Hkv, S, Dk)),
-              "v": rng.normal(size=(B, Hkv, S, Dv))}
-    options = {"bias": neg_inf_bias(rng, (B, 1, T, S)), "softcap": 1.5, "mask": padding_mask(B, T, S),
-               "empty_rows": "uniform", "dropout_p": 0.25, "dropout_mask": rng.random((B, H, T, S)) >= 0.25}
+    inputs = {
+        "q": rng.normal(size=(B, H, T, Dk)),
+        "k": rng.normal(size=(B, Hkv, S, Dk)),
+        "v": rng.normal(size=(B, Hkv, S, Dv)),
+    }
+    options = {
+        "bias": neg_inf_bias(rng, (B, 1, T, S)),
+        "softcap": 1.5,
+        "mask": padding_mask(B, T, S),
+        "empty_rows": "uniform",
+        "dropout_p": 0.25,
+        "dropout_mask": rng.random((B, H, T, S)) >= 0.25,
+    }
     return inputs, rng.normal(size=(B, H, T, Dv)), options
 
 
@@ -335,8 +478,9 @@ class Directional(NamedTuple):
     scale: Any  # sum |t_i g_i|
 
 
-def directional(ctx: Any, phi: Callable[[Any], Any], x: np.ndarray, grad: np.ndarray,
-                rng: np.random.Generator) -> Directional:
+def directional(
+    ctx: Any, phi: Callable[[Any], Any], x: np.ndarray, grad: np.ndarray, rng: np.random.Generator
+) -> Directional:
     """Central difference of ``phi`` at ``x`` along a random ``t``, and ``<t, grad>``."""
     t = exact._to_mp(ctx, rng.normal(size=x.shape))
     h = ctx.mpf(FD_STEP)
@@ -347,16 +491,21 @@ def directional(ctx: Any, phi: Callable[[Any], Any], x: np.ndarray, grad: np.nda
 
 def sdpa_directionals() -> dict[str, Directional]:
     inputs, dout, options = fd_sdpa_case()
-    ctx, a, dout_mp, _ = exact._prepare_sdpa(**inputs, dout=dout, dps=FD_DPS,
-                                             given=AttentionOptions(**options))
+    ctx, a, dout_mp, _ = exact._prepare_sdpa(
+        **inputs, dout=dout, dps=FD_DPS, given=AttentionOptions(**options)
+    )
     _, grads = exact._sdpa_mp(ctx, a, dout_mp)
     rng = np.random.default_rng(22)
 
     def phi_of(name: str) -> Callable[[Any], Any]:
-        return lambda x: ctx.fdot(dout_mp.ravel(), exact._attention_forward(ctx, a._replace(**{name: x})).out.ravel())
+        return lambda x: ctx.fdot(
+            dout_mp.ravel(), exact._attention_forward(ctx, a._replace(**{name: x})).out.ravel()
+        )
 
-    return {name: directional(ctx, phi_of(name), getattr(a, name), g, rng)
-            for name, g in zip(("q", "k", "v", "bias"), grads)}
+    return {
+        name: directional(ctx, phi_of(name), getattr(a, name), g, rng)
+        for name, g in zip(("q", "k", "v", "bias"), grads)
+    }
 
 
 def mha_directionals() -> dict[str, Directional]:
@@ -364,24 +513,43 @@ def mha_directionals() -> dict[str, Directional]:
     bias's shift of a row's scores no longer cancels) and a dropout keep-mask."""
     c = CONFIGS["MHA cross-attention, GQA, kdim/vdim, bias, key padding"]
     keep = np.random.default_rng(23).random((2, 4, 3, 5)) >= 0.5  # (B, H, T, S)
-    given = AttentionOptions.of(**{n: x for n, x in c.options.items() if n in AttentionOptions.names()},
-                                softcap=2.0, dropout_p=0.5, dropout_mask=keep)
+    given = AttentionOptions.of(
+        **{n: x for n, x in c.options.items() if n in AttentionOptions.names()},
+        softcap=2.0,
+        dropout_p=0.5,
+        dropout_mask=keep,
+    )
     heads = {n: x for n, x in c.options.items() if n not in AttentionOptions.names()}
-    ctx, m, dout_mp, _ = exact._prepare_mha(**c.inputs, dout=c.dout, dps=FD_DPS, **heads, given=given)
+    ctx, m, dout_mp, _ = exact._prepare_mha(
+        **c.inputs, dout=c.dout, dps=FD_DPS, **heads, given=given
+    )
     r = exact._mha_mp(ctx, m, dout_mp)
     rng = np.random.default_rng(24)
 
     def phi(m2: Any) -> Any:
         return ctx.fdot(dout_mp.ravel(), exact._mha_mp(ctx, m2, None).out.ravel())
 
-    result = {name: directional(ctx, lambda x, n=name: phi(m._replace(**{n: x})), getattr(m, name), g, rng)
-              for name, g in (("query", r.dquery), ("key", r.dkey), ("value", r.dvalue))}
+    result = {
+        name: directional(
+            ctx, lambda x, n=name: phi(m._replace(**{n: x})), getattr(m, name), g, rng
+        )
+        for name, g in (("query", r.dquery), ("key", r.dkey), ("value", r.dvalue))
+    }
     for name, g in r.dparams.as_dict().items():
         result[name] = directional(
-            ctx, lambda x, n=name: phi(m._replace(params=dataclasses.replace(m.params, **{n: x}))),
-            getattr(m.params, name), g, rng)
-    result["bias"] = directional(ctx, lambda x: phi(m._replace(attention=m.attention._replace(bias=x))),
-                                 m.attention.bias, r.dbias, rng)
+            ctx,
+            lambda x, n=name: phi(m._replace(params=dataclasses.replace(m.params, **{n: x}))),
+            getattr(m.params, name),
+            g,
+            rng,
+        )
+    result["bias"] = directional(
+        ctx,
+        lambda x: phi(m._replace(attention=m.attention._replace(bias=x))),
+        m.attention.bias,
+        r.dbias,
+        rng,
+    )
     return result
 
 
@@ -393,12 +561,32 @@ def directionals(kind: str) -> dict[str, Directional]:
 @pytest.mark.parametrize("kind", ["sdpa", "mha"])
 def test_exact_backward_matches_mp_central_differences(kind):
     results = directionals(kind)
-    expected = {"sdpa": {"q", "k", "v", "bias"},
-                "mha": {"query", "key", "value", "bias", "w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o"}}
+    expected = {
+        "sdpa": {"q", "k", "v", "bias"},
+        "mha": {
+            "query",
+            "key",
+            "value",
+            "bias",
+            "w_q",
+            "w_k",
+            "w_v",
+            "w_o",
+            "b_q",
+            "b_k",
+            "b_v",
+            "b_o",
+        },
+    }
     assert set(results) == expected[kind]
-    bad = {n: mpmath.nstr(abs(r.fd - r.analytic) / r.scale, 3) for n, r in results.items()
-           if not abs(r.fd - r.analytic) <= FD_RTOL * r.scale}
-    assert not bad, f"exact backward vs mp central differences, relative error over {FD_RTOL}: {bad}"
+    bad = {
+        n: mpmath.nstr(abs(r.fd - r.analytic) / r.scale, 3)
+        for n, r in results.items()
+        if not abs(r.fd - r.analytic) <= FD_RTOL * r.scale
+    }
+    assert not bad, (
+        f"exact backward vs mp central differences, relative error over {FD_RTOL}: {bad}"
+    )
 
 
 @pytest.mark.parametrize("kind", ["sdpa", "mha"])
@@ -414,13 +602,19 @@ def test_the_mp_check_detects_an_error_of_1e_20(kind):
 
 def test_forward_matches_a_closed_form_with_two_keys():
     """S = 2: the softmax is the logistic function; every result is correctly rounded."""
-    q, k, v = np.array([[[0.7]]]), np.array([[[1.3], [-0.4]]]), np.array([[[2.0, -1.0], [0.5, 3.0]]])
+    q, k, v = (
+        np.array([[[0.7]]]),
+        np.array([[[1.3], [-0.4]]]),
+        np.array([[[2.0, -1.0], [0.5, 3.0]]]),
+    )
     bias, cap, scale = np.array([0.25, -0.5]), 0.9, 1.7
     ex = exact_sdpa(q, k, v, bias=bias, softcap=cap, scale=scale)
     with mpmath.workdps(60):
         mf = mpmath.mpf
-        logits = [mf(cap) * mpmath.tanh(mf(scale) * mf(0.7) * mf(kj) / mf(cap)) + mf(b)
-                  for kj, b in ((1.3, 0.25), (-0.4, -0.5))]
+        logits = [
+            mf(cap) * mpmath.tanh(mf(scale) * mf(0.7) * mf(kj) / mf(cap)) + mf(b)
+            for kj, b in ((1.3, 0.25), (-0.4, -0.5))
+        ]
         p0 = 1 / (1 + mpmath.exp(logits[1] - logits[0]))
         out = [p0 * mf(2.0) + (1 - p0) * mf(0.5), p0 * mf(-1.0) + (1 - p0) * mf(3.0)]
         lse = mpmath.log(mpmath.exp(logits[0]) + mpmath.exp(logits[1]))
@@ -437,11 +631,17 @@ def test_empty_row_policies_follow_the_conventions():
     dout = rng.normal(size=(2, 3, 3))
     opts = {"causal": True, "align": "bottom_right"}  # T=3 > S=2: query row 0 sees no key
     zero = exact_sdpa(q, k, v, dout, **opts)
-    assert np.all(zero.out[:, 0] == 0) and np.all(zero.probs[:, 0] == 0) and np.all(zero.logsumexp[:, 0] == -np.inf)
+    assert (
+        np.all(zero.out[:, 0] == 0)
+        and np.all(zero.probs[:, 0] == 0)
+        and np.all(zero.logsumexp[:, 0] == -np.inf)
+    )
     assert np.all(zero.dq[:, 0] == 0)
     uniform = exact_sdpa(q, k, v, dout, empty_rows="uniform", **opts)
     assert np.all(uniform.probs[:, 0] == 0.5)
-    np.testing.assert_allclose(uniform.out[:, 0], np.broadcast_to(v[0].mean(axis=0), (2, 3)), rtol=1e-15)
+    np.testing.assert_allclose(
+        uniform.out[:, 0], np.broadcast_to(v[0].mean(axis=0), (2, 3)), rtol=1e-15
+    )
     nan = exact_sdpa(q, k, v, dout, empty_rows="nan", **opts)
     assert np.isnan(nan.out[:, 0]).all() and np.isnan(nan.dv).all()
     assert np.isfinite(nan.dq).all() and np.isfinite(nan.dk).all()
@@ -452,23 +652,51 @@ def test_empty_row_policies_follow_the_conventions():
 
 def small_inputs(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """q (H=2, T=3, Dk=4), k (Hkv=1, S=5, Dk), v (Hkv, S, Dv=2), dout (H, T, Dv)."""
-    return (rng.normal(size=(2, 3, 4)), rng.normal(size=(1, 5, 4)), rng.normal(size=(1, 5, 2)),
-            rng.normal(size=(2, 3, 2)))
+    return (
+        rng.normal(size=(2, 3, 4)),
+        rng.normal(size=(1, 5, 4)),
+        rng.normal(size=(1, 5, 2)),
+        rng.normal(size=(2, 3, 2)),
+    )
 
 
-@pytest.mark.parametrize("args, error, words", [
-    (dict(q=np.zeros((1, 400, 1)), k=np.zeros((1, 300, 1)), v=np.zeros((1, 300, 1)), dout=None), ValueError,
-     ("MAX_SCORES", "120000")),
-    (dict(q=np.zeros((1, 10, 15000)), k=np.zeros((1, 10, 15000)), v=np.zeros((1, 10, 1)), dout=None), ValueError,
-     ("MAX_MULTIPLY_ADDS", "1500100")),
-    (dict(dps=10), ValueError, ("dps", "10")),
-    (dict(dps=50.0), TypeError, ("dps",)),
-    (dict(dropout_p=0.5, dropout_mask=np.random.default_rng(0)), TypeError, ("dropout_mask", "Generator")),
-    (dict(dout=np.zeros((2, 3, 3))), ValueError, ("dout", "(2, 3, 2)", "(2, 3, 3)")),
-    (dict(q=np.zeros((2, 3, 4), dtype=complex)), TypeError, ("q", "real", "complex128")),
-    (dict(align="bottom-right"), ValueError, ("align", "bottom-right")),
-    (dict(mask=np.zeros((3, 5), dtype=bool), empty_rows="raise"), ValueError, ("empty_rows='raise'",)),
-])
+@pytest.mark.parametrize(
+    "args, error, words",
+    [
+        (
+            dict(
+                q=np.zeros((1, 400, 1)), k=np.zeros((1, 300, 1)), v=np.zeros((1, 300, 1)), dout=None
+            ),
+            ValueError,
+            ("MAX_SCORES", "120000"),
+        ),
+        (
+            dict(
+                q=np.zeros((1, 10, 15000)),
+                k=np.zeros((1, 10, 15000)),
+                v=np.zeros((1, 10, 1)),
+                dout=None,
+            ),
+            ValueError,
+            ("MAX_MULTIPLY_ADDS", "1500100"),
+        ),
+        (dict(dps=10), ValueError, ("dps", "10")),
+        (dict(dps=50.0), TypeError, ("dps",)),
+        (
+            dict(dropout_p=0.5, dropout_mask=np.random.default_rng(0)),
+            TypeError,
+            ("dropout_mask", "Generator"),
+        ),
+        (dict(dout=np.zeros((2, 3, 3))), ValueError, ("dout", "(2, 3, 2)", "(2, 3, 3)")),
+        (dict(q=np.zeros((2, 3, 4), dtype=complex)), TypeError, ("q", "real", "complex128")),
+        (dict(align="bottom-right"), ValueError, ("align", "bottom-right")),
+        (
+            dict(mask=np.zeros((3, 5), dtype=bool), empty_rows="raise"),
+            ValueError,
+            ("empty_rows='raise'",),
+        ),
+    ],
+)
 def test_exact_sdpa_rejects_bad_arguments(rng, args, error, words):
     q, k, v, dout = small_inputs(rng)
     kwargs = {"q": q, "k": k, "v": v, "dout": dout, **args}
@@ -488,7 +716,9 @@ def test_exact_mha_rejects_bad_arguments(rng):
     with pytest.raises(ValueError, match="MAX_MULTIPLY_ADDS"):
         exact_mha(y, y, y, wide, num_heads=2)
     x = rng.normal(size=(2, 3, 4))
-    with pytest.raises(ValueError, match=r"dout must have the output's shape \(\.\.\., T, D_out\) = \(2, 3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"dout must have the output's shape \(\.\.\., T, D_out\) = \(2, 3, 4\)"
+    ):
         exact_mha(x, x, x, p, np.zeros((2, 3, 5)), num_heads=2)
     with pytest.raises(ValueError, match="num_heads=2 must be a multiple of num_kv_heads=3"):
         exact_mha(x, x, x, p, num_heads=2, num_kv_heads=3)
@@ -516,7 +746,7 @@ def test_rounding_is_correct_down_to_subnormals():
     assert exact._round_one(ctx, (ctx.mpf(2.5) + ctx.mpf("1e-30")) * tiny) == 3 * 5e-324
     assert exact._round_one(ctx, ctx.mpf(2.5) * tiny) == 2 * 5e-324  # a true tie: to even
     assert exact._round_one(ctx, 1 + ctx.ldexp(1, -53)) == 1.0  # a tie: to even
-    assert exact._round_one(ctx, 1 + ctx.ldexp(1, -53) + ctx.ldexp(1, -100)) == 1 + 2.0 ** -52
+    assert exact._round_one(ctx, 1 + ctx.ldexp(1, -53) + ctx.ldexp(1, -100)) == 1 + 2.0**-52
     assert exact._round_one(ctx, ctx.ninf) == -np.inf and np.isnan(exact._round_one(ctx, ctx.nan))
 
 

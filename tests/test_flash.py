@@ -1,6 +1,7 @@
 """Tiled (FlashAttention-2) attention against the plain path: forward, backward, every option,
 block sizes that do not divide the lengths, skipped blocks, empty rows, memory that grows linearly,
 and the checks failing on a planted bug."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -10,6 +11,8 @@ import pytest
 
 import attention_ref.variants.flash as flash
 from attention_ref import attention_mask, sdpa_backward, sdpa_forward, softmax
+from attention_ref.cases import cases
+from attention_ref.gradcheck import error_report
 from attention_ref.variants.flash import (
     FlashOutput,
     OnlineSoftmaxState,
@@ -19,8 +22,6 @@ from attention_ref.variants.flash import (
     online_softmax_init,
     online_softmax_update,
 )
-from attention_ref.cases import cases
-from attention_ref.gradcheck import error_report
 
 #: Tiled vs plain: both float64, the same terms summed in a different order (per block, then
 #: rescaled), so they differ by a few ulps times the number of terms; 1e-12 relative to the
@@ -35,14 +36,17 @@ BQ, BK = 4, 5
 
 def make_qkv(rng, B=B, H=H, Hkv=HKV, T=T, S=S, Dk=DK, Dv=DV, lead=None):
     lead = (B,) if lead is None else lead
-    return (rng.normal(size=lead + (H, T, Dk)), rng.normal(size=lead + (Hkv, S, Dk)),
-            rng.normal(size=lead + (Hkv, S, Dv)))
+    return (
+        rng.normal(size=lead + (H, T, Dk)),
+        rng.normal(size=lead + (Hkv, S, Dk)),
+        rng.normal(size=lead + (Hkv, S, Dv)),
+    )
 
 
 def key_padding(rng, B=B, S=S):
     """(B, 1, 1, S): batch 0 keeps every key, batch 1 masks its last 4."""
     m = np.ones((B, 1, 1, S), dtype=bool)
-    m[1, ..., S - 4:] = False
+    m[1, ..., S - 4 :] = False
     return m
 
 
@@ -72,42 +76,123 @@ CASES = [
     ("block_q 1, block_k > S", {}, lambda rng: {"causal": True}, (1, 40)),
     ("extra batch dims (2, 3)", {"lead": (2, 3)}, lambda rng: {"causal": True}, (BQ, BK)),
     ("causal top_left T<S", {}, lambda rng: {"causal": True}, (BQ, BK)),
-    ("causal bottom_right T<S", {}, lambda rng: {"causal": True, "align": "bottom_right"}, (BQ, BK)),
+    (
+        "causal bottom_right T<S",
+        {},
+        lambda rng: {"causal": True, "align": "bottom_right"},
+        (BQ, BK),
+    ),
     ("causal top_left T>S", {"T": 17, "S": 11}, lambda rng: {"causal": True}, (BQ, BK)),
-    ("causal bottom_right T>S, empty rows zero", {"T": 17, "S": 11},
-     lambda rng: {"causal": True, "align": "bottom_right"}, (BQ, BK)),
-    ("causal bottom_right T>S, empty rows uniform", {"T": 17, "S": 11},
-     lambda rng: {"causal": True, "align": "bottom_right", "empty_rows": "uniform"}, (BQ, BK)),
-    ("causal bottom_right T>S, empty rows nan", {"T": 17, "S": 11},
-     lambda rng: {"causal": True, "align": "bottom_right", "empty_rows": "nan"}, (BQ, BK)),
+    (
+        "causal bottom_right T>S, empty rows zero",
+        {"T": 17, "S": 11},
+        lambda rng: {"causal": True, "align": "bottom_right"},
+        (BQ, BK),
+    ),
+    (
+        "causal bottom_right T>S, empty rows uniform",
+        {"T": 17, "S": 11},
+        lambda rng: {"causal": True, "align": "bottom_right", "empty_rows": "uniform"},
+        (BQ, BK),
+    ),
+    (
+        "causal bottom_right T>S, empty rows nan",
+        {"T": 17, "S": 11},
+        lambda rng: {"causal": True, "align": "bottom_right", "empty_rows": "nan"},
+        (BQ, BK),
+    ),
     ("window (2,1) top_left", {}, lambda rng: {"window": (2, 1)}, (BQ, BK)),
-    ("window (3,0) bottom_right", {}, lambda rng: {"window": (3, 0), "align": "bottom_right"}, (BQ, BK)),
+    (
+        "window (3,0) bottom_right",
+        {},
+        lambda rng: {"window": (3, 0), "align": "bottom_right"},
+        (BQ, BK),
+    ),
     ("window (None,1) + causal", {}, lambda rng: {"window": (None, 1), "causal": True}, (BQ, BK)),
-    ("window (0,None) bottom_right T>S, uniform", {"T": 17, "S": 11},
-     lambda rng: {"window": (0, None), "align": "bottom_right", "empty_rows": "uniform"}, (BQ, BK)),
+    (
+        "window (0,None) bottom_right T>S, uniform",
+        {"T": 17, "S": 11},
+        lambda rng: {"window": (0, None), "align": "bottom_right", "empty_rows": "uniform"},
+        (BQ, BK),
+    ),
     ("window (1,1), one row", {"T": 1}, lambda rng: {"window": (1, 1)}, (BQ, BK)),
     ("key padding (B,1,1,S)", {}, lambda rng: {"mask": key_padding(rng)}, (BQ, BK)),
     ("key mask (S,)", {}, lambda rng: {"mask": rng.random(S) < 0.6}, (BQ, BK)),
     ("sparse mask, empty rows zero", {}, lambda rng: {"mask": sparse_mask(rng)}, (BQ, BK)),
-    ("sparse mask, empty rows uniform", {}, lambda rng: {"mask": sparse_mask(rng), "empty_rows": "uniform"}, (BQ, BK)),
-    ("sparse mask, empty rows nan", {}, lambda rng: {"mask": sparse_mask(rng), "empty_rows": "nan"}, (BQ, BK)),
-    ("mask (H,T,1) whole rows", {}, lambda rng: {"mask": rng.random((H, T, 1)) < 0.7, "empty_rows": "uniform"}, (BQ, BK)),
+    (
+        "sparse mask, empty rows uniform",
+        {},
+        lambda rng: {"mask": sparse_mask(rng), "empty_rows": "uniform"},
+        (BQ, BK),
+    ),
+    (
+        "sparse mask, empty rows nan",
+        {},
+        lambda rng: {"mask": sparse_mask(rng), "empty_rows": "nan"},
+        (BQ, BK),
+    ),
+    (
+        "mask (H,T,1) whole rows",
+        {},
+        lambda rng: {"mask": rng.random((H, T, 1)) < 0.7, "empty_rows": "uniform"},
+        (BQ, BK),
+    ),
     ("bias full (B,H,T,S)", {}, lambda rng: {"bias": rng.normal(size=(B, H, T, S))}, (BQ, BK)),
     ("bias (H,1,S)", {}, lambda rng: {"bias": rng.normal(size=(H, 1, S))}, (BQ, BK)),
     ("bias (B,1,1,S)", {}, lambda rng: {"bias": rng.normal(size=(B, 1, 1, S))}, (BQ, BK)),
     ("bias (T,1)", {}, lambda rng: {"bias": rng.normal(size=(T, 1))}, (BQ, BK)),
-    ("bias (1,H,T,S) MQA", {"Hkv": 1}, lambda rng: {"bias": rng.normal(size=(1, H, T, S))}, (BQ, BK)),
+    (
+        "bias (1,H,T,S) MQA",
+        {"Hkv": 1},
+        lambda rng: {"bias": rng.normal(size=(1, H, T, S))},
+        (BQ, BK),
+    ),
     ("bias with -inf, zero", {}, lambda rng: {"bias": neginf_bias(rng)}, (BQ, BK)),
-    ("bias with -inf, uniform", {}, lambda rng: {"bias": neginf_bias(rng), "empty_rows": "uniform"}, (BQ, BK)),
-    ("bias with -inf, nan", {}, lambda rng: {"bias": neginf_bias(rng), "empty_rows": "nan"}, (BQ, BK)),
+    (
+        "bias with -inf, uniform",
+        {},
+        lambda rng: {"bias": neginf_bias(rng), "empty_rows": "uniform"},
+        (BQ, BK),
+    ),
+    (
+        "bias with -inf, nan",
+        {},
+        lambda rng: {"bias": neginf_bias(rng), "empty_rows": "nan"},
+        (BQ, BK),
+    ),
     ("softcap + scale", {}, lambda rng: {"softcap": 1.5, "scale": 2.0}, (BQ, BK)),
-    ("softcap + bias + causal bottom_right", {},
-     lambda rng: {"softcap": 2.0, "bias": rng.normal(size=(T, S)), "causal": True, "align": "bottom_right"}, (BQ, BK)),
-    ("everything", {"T": 17, "S": 11},
-     lambda rng: {"softcap": 1.2, "bias": neginf_bias(rng, 17, 11)[None], "mask": rng.random((B, 1, 17, 11)) < 0.8,
-                  "window": (4, 2), "align": "bottom_right", "scale": 0.7, "empty_rows": "uniform"}, (3, 4)),
+    (
+        "softcap + bias + causal bottom_right",
+        {},
+        lambda rng: {
+            "softcap": 2.0,
+            "bias": rng.normal(size=(T, S)),
+            "causal": True,
+            "align": "bottom_right",
+        },
+        (BQ, BK),
+    ),
+    (
+        "everything",
+        {"T": 17, "S": 11},
+        lambda rng: {
+            "softcap": 1.2,
+            "bias": neginf_bias(rng, 17, 11)[None],
+            "mask": rng.random((B, 1, 17, 11)) < 0.8,
+            "window": (4, 2),
+            "align": "bottom_right",
+            "scale": 0.7,
+            "empty_rows": "uniform",
+        },
+        (3, 4),
+    ),
     ("edge T=S=1", {"T": 1, "S": 1}, lambda rng: {}, (BQ, BK)),
-    ("edge H=1 Dk=Dv=1", {"H": 1, "Hkv": 1, "Dk": 1, "Dv": 1}, lambda rng: {"causal": True}, (BQ, BK)),
+    (
+        "edge H=1 Dk=Dv=1",
+        {"H": 1, "Hkv": 1, "Dk": 1, "Dv": 1},
+        lambda rng: {"causal": True},
+        (BQ, BK),
+    ),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -121,7 +206,9 @@ def assert_close(name, actual, expected, rtol=RTOL, floor=0.0):
     """Same NaN/inf entries (empty rows), and max|diff| / max(max|expected|, floor) <= rtol on the rest."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     finite = np.isfinite(expected)
-    np.testing.assert_array_equal(actual[~finite], expected[~finite], err_msg=name)  # NaN == NaN here
+    np.testing.assert_array_equal(
+        actual[~finite], expected[~finite], err_msg=name
+    )  # NaN == NaN here
     scale = max(float(np.abs(expected[finite]).max(initial=0.0)), floor)
     rep = error_report(actual[finite], expected[finite], scale=scale)
     assert rep.nonfinite_mismatch == 0 and rep.rel_error <= rtol, f"{name}: {rep}"
@@ -144,7 +231,9 @@ def test_backward_matches_plain(rng, _id, overrides, make_opts, blocks):
     bq, bk = blocks
     res = flash_attention_forward(q, k, v, block_q=bq, block_k=bk, **opts)
     dout = rng.normal(size=res.out.shape)  # random cotangent
-    g = flash_attention_backward(dout, q, k, v, res.out, res.logsumexp, block_q=bq, block_k=bk, **opts)
+    g = flash_attention_backward(
+        dout, q, k, v, res.out, res.logsumexp, block_q=bq, block_k=bk, **opts
+    )
     ref = sdpa_backward(dout, sdpa_forward(q, k, v, **opts))
     # Where a gradient is 0 in exact arithmetic (S = 1; a bias constant along the keys), the two
     # paths' round-off is measured against max|dout| max|v|, the size of dP = dout v^T, (A8).
@@ -230,15 +319,30 @@ def test_fully_masked_blocks_are_skipped(rng, monkeypatch):
     res = flash_attention_forward(q, k, v, causal=True, block_q=2, block_k=2)
     assert sorted(computed) == [(i, j) for i in range(4) for j in range(i + 1)]
     computed.clear()
-    flash_attention_backward(rng.normal(size=res.out.shape), q, k, v, res.out, res.logsumexp,
-                             causal=True, block_q=2, block_k=2)
+    flash_attention_backward(
+        rng.normal(size=res.out.shape),
+        q,
+        k,
+        v,
+        res.out,
+        res.logsumexp,
+        causal=True,
+        block_q=2,
+        block_k=2,
+    )
     assert sorted(computed) == [(i, j) for i in range(4) for j in range(i + 1)]
 
 
-@pytest.mark.parametrize("opts", [
-    dict(causal=True, align="bottom_right"), dict(window=(2, 0)), dict(window=(1, 3), align="bottom_right"),
-    dict(causal=True, window=(None, 2), mask=np.arange(9) % 4 != 1),
-], ids=["causal br", "window tl", "window br", "causal+window+mask"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(causal=True, align="bottom_right"),
+        dict(window=(2, 0)),
+        dict(window=(1, 3), align="bottom_right"),
+        dict(causal=True, window=(None, 2), mask=np.arange(9) % 4 != 1),
+    ],
+    ids=["causal br", "window tl", "window br", "causal+window+mask"],
+)
 @pytest.mark.parametrize("T_, S_", [(5, 9), (9, 5)])
 def test_block_patterns_tile_the_full_mask(rng, opts, T_, S_):
     """The per-block patterns built from positions, put side by side, are attention_mask's (T, S).
@@ -255,9 +359,11 @@ def test_block_patterns_tile_the_full_mask(rng, opts, T_, S_):
     for i0 in range(0, T_, 2):
         for j0 in range(0, S_, 3):
             kind, allowed = tp.pairs.block(i0, min(i0 + 2, T_), j0, min(j0 + 3, S_))
-            block = np.ones(1, dtype=bool) if allowed is None else allowed.reshape(allowed.shape[-2:])
+            block = (
+                np.ones(1, dtype=bool) if allowed is None else allowed.reshape(allowed.shape[-2:])
+            )
             assert kind == ("full" if block.all() else "partial" if block.any() else "empty")
-            tiled[i0:i0 + 2, j0:j0 + 3] = block
+            tiled[i0 : i0 + 2, j0 : j0 + 3] = block
     expected = attention_mask(T_, S_, **opts)
     np.testing.assert_array_equal(tiled, np.broadcast_to(expected, (T_, S_)))
 
@@ -277,12 +383,20 @@ def test_online_softmax_equals_softmax_in_any_block_order(rng, block):
     for order in (starts, starts[::-1]):
         st = online_softmax_init((4,), 20)
         for j0 in order:
-            st = online_softmax_update(st, x[:, j0:j0 + block], eye[j0:j0 + block], allowed[:, j0:j0 + block])
+            st = online_softmax_update(
+                st, x[:, j0 : j0 + block], eye[j0 : j0 + block], allowed[:, j0 : j0 + block]
+            )
         probs, lse, empty = online_softmax_finish(st)
         expected = softmax(np.where(allowed, x, -np.inf)[1:])
         assert_close("weights", probs[1:], expected)
-        assert_close("lse", lse[1:], np.log(np.exp(x[1:] - 60).sum(axis=-1, where=allowed[1:])) + 60)
-        assert empty.tolist() == [True, False, False, False] and lse[0] == -np.inf and not probs[0].any()
+        assert_close(
+            "lse", lse[1:], np.log(np.exp(x[1:] - 60).sum(axis=-1, where=allowed[1:])) + 60
+        )
+        assert (
+            empty.tolist() == [True, False, False, False]
+            and lse[0] == -np.inf
+            and not probs[0].any()
+        )
 
 
 def test_online_softmax_update_leaves_its_inputs_alone(rng):
@@ -316,7 +430,9 @@ def test_a_wrong_rescaling_is_caught(rng, monkeypatch):
 
     def no_rescale(state, logits, values, allowed=None):
         new = right(state, logits, values, allowed)
-        return new._replace(acc=state.acc + (new.acc - np.exp(state.row_max - new.row_max) * state.acc))
+        return new._replace(
+            acc=state.acc + (new.acc - np.exp(state.row_max - new.row_max) * state.acc)
+        )
 
     monkeypatch.setattr(flash, "online_softmax_update", no_rescale)
     wrong = flash_attention_forward(q, k, v, block_q=BQ, block_k=BK).out
@@ -331,7 +447,9 @@ def test_a_wrong_logsumexp_is_caught(rng):
     res = flash_attention_forward(q, k, v, causal=True, block_q=BQ, block_k=BK)
     dout = rng.normal(size=res.out.shape)
     ref = sdpa_backward(dout, sdpa_forward(q, k, v, causal=True))
-    g = flash_attention_backward(dout, q, k, v, res.out, res.logsumexp + 0.1, causal=True, block_q=BQ, block_k=BK)
+    g = flash_attention_backward(
+        dout, q, k, v, res.out, res.logsumexp + 0.1, causal=True, block_q=BQ, block_k=BK
+    )
     for name in ("dq", "dk", "dv"):
         assert error_report(getattr(g, name), getattr(ref, name)).rel_error > 1e-3, name
 
@@ -370,11 +488,24 @@ def test_inputs_are_not_modified_and_outputs_are_fresh(rng):
     bias, mask = rng.normal(size=(H, T, S)), key_padding(rng)
     inputs = (q, k, v, bias, mask)
     copies = [a.copy() for a in inputs]
-    res = flash_attention_forward(q, k, v, bias=bias, mask=mask, softcap=2.0, block_q=BQ, block_k=BK)
+    res = flash_attention_forward(
+        q, k, v, bias=bias, mask=mask, softcap=2.0, block_q=BQ, block_k=BK
+    )
     dout = rng.normal(size=res.out.shape)
     saved = (dout.copy(), res.out.copy(), res.logsumexp.copy())
-    g = flash_attention_backward(dout, q, k, v, res.out, res.logsumexp, bias=bias, mask=mask, softcap=2.0,
-                                 block_q=BQ, block_k=BK)
+    g = flash_attention_backward(
+        dout,
+        q,
+        k,
+        v,
+        res.out,
+        res.logsumexp,
+        bias=bias,
+        mask=mask,
+        softcap=2.0,
+        block_q=BQ,
+        block_k=BK,
+    )
     for before, after in zip(copies + list(saved), inputs + (dout, res.out, res.logsumexp)):
         np.testing.assert_array_equal(before, after)
     for out in (*res, *g):
@@ -391,19 +522,24 @@ def test_empty_rows_raise_like_the_plain_path(rng):
     assert str(tiled.value) == str(plain.value)
     res = flash_attention_forward(q, k, v, causal=True, align="bottom_right")
     with pytest.raises(ValueError, match="empty_rows='raise'"):
-        flash_attention_backward(rng.normal(size=res.out.shape), q, k, v, res.out, res.logsumexp, **opts)
+        flash_attention_backward(
+            rng.normal(size=res.out.shape), q, k, v, res.out, res.logsumexp, **opts
+        )
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"block_q": 0}, ValueError, "block_q must be a positive int; got 0"),
-    ({"block_k": 2.5}, TypeError, "block_k must be a positive int; got 2.5"),
-    ({"dropout_p": 0.1}, ValueError, "does not support dropout.*dropout_p=0.1"),
-    ({"dropout_mask": np.ones((B, H, T, S), bool)}, ValueError, "does not support dropout"),
-    ({"empty_rows": "skip"}, ValueError, "empty_rows must be one of"),
-    ({"align": "center"}, ValueError, "align must be one of"),
-    ({"bias": np.full((T, S), np.nan)}, ValueError, "bias must be finite or -inf"),
-    ({"mask": np.ones((T, S + 1), bool)}, ValueError, "mask must be broadcastable"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"block_q": 0}, ValueError, "block_q must be a positive int; got 0"),
+        ({"block_k": 2.5}, TypeError, "block_k must be a positive int; got 2.5"),
+        ({"dropout_p": 0.1}, ValueError, "does not support dropout.*dropout_p=0.1"),
+        ({"dropout_mask": np.ones((B, H, T, S), bool)}, ValueError, "does not support dropout"),
+        ({"empty_rows": "skip"}, ValueError, "empty_rows must be one of"),
+        ({"align": "center"}, ValueError, "align must be one of"),
+        ({"bias": np.full((T, S), np.nan)}, ValueError, "bias must be finite or -inf"),
+        ({"mask": np.ones((T, S + 1), bool)}, ValueError, "mask must be broadcastable"),
+    ],
+)
 def test_forward_validates_options(rng, kwargs, error, match):
     q, k, v = make_qkv(rng)
     with pytest.raises(error, match=match):
@@ -422,11 +558,17 @@ def test_backward_validates_saved_arrays(rng):
     q, k, v = make_qkv(rng)
     res = flash_attention_forward(q, k, v)
     dout = rng.normal(size=res.out.shape)
-    with pytest.raises(ValueError, match=r"dout must have shape \(\.\.\., H, T, Dv\) = \(2, 4, 13, 3\); got \(2, 4, 13, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"dout must have shape \(\.\.\., H, T, Dv\) = \(2, 4, 13, 3\); got \(2, 4, 13, 4\)",
+    ):
         flash_attention_backward(rng.normal(size=(B, H, T, 4)), q, k, v, res.out, res.logsumexp)
     with pytest.raises(ValueError, match=r"logsumexp must have shape \(\.\.\., H, T\)"):
         flash_attention_backward(dout, q, k, v, res.out, res.logsumexp[..., None])
-    with pytest.raises(ValueError, match=r"logsumexp must be finite, or -inf on an empty row .*; got logsumexp\[\(0, 0, 1\)\] = nan"):
+    with pytest.raises(
+        ValueError,
+        match=r"logsumexp must be finite, or -inf on an empty row .*; got logsumexp\[\(0, 0, 1\)\] = nan",
+    ):
         bad = res.logsumexp.copy()
         bad[0, 0, 1] = np.nan
         flash_attention_backward(dout, q, k, v, res.out, bad)
@@ -438,11 +580,15 @@ def test_flash_backward_against_finite_differences_directly():
     """The tiled backward checked on its own against central differences (random cotangent,
     GQA, T != S, Dk != Dv, bias, softcap, causal bottom_right, blocks that do not divide T or S),
     not only through its agreement with the plain path."""
-    from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
     from attention_ref.gradcheck import check_vjp
+    from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
 
     rng = np.random.default_rng(7)
-    q, k, v = rng.normal(size=(2, 4, 5, 3)), rng.normal(size=(2, 2, 7, 3)), rng.normal(size=(2, 2, 7, 2))
+    q, k, v = (
+        rng.normal(size=(2, 4, 5, 3)),
+        rng.normal(size=(2, 2, 7, 3)),
+        rng.normal(size=(2, 2, 7, 2)),
+    )
     bias = rng.normal(size=(1, 4, 5, 7))
     opts = dict(causal=True, align="bottom_right", softcap=1.5, block_q=2, block_k=3)
 

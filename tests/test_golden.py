@@ -17,6 +17,7 @@
   by the steps of docs/golden.md.
 * The CLI (``golden`` / ``verify``) round trip, its JSON, and its failures; the page's examples run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,6 @@ import io
 import json
 import math
 import re
-import shutil
 import struct
 import zipfile
 import zlib
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from naive import naive_attention
 
 from attention_ref.__main__ import main
 from attention_ref.cases import cases, get_case
@@ -45,12 +46,17 @@ from attention_ref.golden import (
     write_golden,
 )
 from attention_ref.testing import DEFAULT_TOLERANCES, sdpa_baseline
-from naive import naive_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A few cases that cover every kind of array: a bool mask and -inf (padding_empty_rows_zero),
 #: an -inf bias (bias_with_neg_inf), a keep-mask (dropout_keep_mask), GQA, MHA with 1-D biases.
-SOME = ("padding_empty_rows_zero", "bias_with_neg_inf", "dropout_keep_mask", "gqa", "mha_gqa_kdim_vdim")
+SOME = (
+    "padding_empty_rows_zero",
+    "bias_with_neg_inf",
+    "dropout_keep_mask",
+    "gqa",
+    "mha_gqa_kdim_vdim",
+)
 #: The planted gradient error: far above the float64 tolerance (1e-12 relative), far below what a
 #: look at the numbers would show.
 PLANTED = 1e-6
@@ -77,7 +83,9 @@ def _reference_arrays(name: str) -> dict[str, np.ndarray]:
     data = get_case(name).build()
     ref = data.reference()
     arrays = {f"input.{n}": a for n, a in data.inputs.items()}
-    arrays.update({f"option.{n}": data.options[n] for n in ("mask", "dropout_mask") if n in data.options})
+    arrays.update(
+        {f"option.{n}": data.options[n] for n in ("mask", "dropout_mask") if n in data.options}
+    )
     arrays["cotangent"] = data.cotangent
     arrays["output.out"] = ref.out
     arrays.update({f"grad.{n}": g for n, g in ref.grads.items()})
@@ -86,7 +94,11 @@ def _reference_arrays(name: str) -> dict[str, np.ndarray]:
 
 
 def _outputs(name: str) -> dict[str, np.ndarray]:
-    return {k: a for k, a in _reference_arrays(name).items() if k.startswith(("output.", "grad.", "intermediate."))}
+    return {
+        k: a
+        for k, a in _reference_arrays(name).items()
+        if k.startswith(("output.", "grad.", "intermediate."))
+    }
 
 
 def _strict_json(text: str):
@@ -109,7 +121,9 @@ def test_round_trip_every_canonical_case(golden_all):
         assert list(stored) == list(expected), gc.name  # every array, in the documented order
         for key, a in expected.items():
             assert stored[key].dtype == (np.bool_ if a.dtype == np.bool_ else np.float64)
-            np.testing.assert_array_equal(stored[key], a, err_msg=f"{gc.name} {key}")  # bit for bit, -inf too
+            np.testing.assert_array_equal(
+                stored[key], a, err_msg=f"{gc.name} {key}"
+            )  # bit for bit, -inf too
         assert all(gc.options[k] == v for k, v in get_case(gc.name).options.items()), gc.name
     results = verify_golden(golden)  # stored outputs vs a recomputation from the stored inputs
     assert results and all(r.passed for r in results), [r.message for r in results if not r.passed]
@@ -129,32 +143,65 @@ def test_stored_options_reproduce_the_case(golden_all):
     """The manifest's options (defaults filled in) are the case: e.g. window becomes a tuple again."""
     golden = read_golden(golden_all)
     assert golden["sliding_window_two_sided_bottom_right"].options["window"] == (1, 1)
-    assert golden["custom_scale"].scale_used == 0.3 and golden["custom_scale"].options["scale"] == 0.3
+    assert (
+        golden["custom_scale"].scale_used == 0.3 and golden["custom_scale"].options["scale"] == 0.3
+    )
     assert golden["gqa"].options["scale"] is None and golden["gqa"].scale_used == 1 / math.sqrt(4)
     assert golden["mha_gqa_kdim_vdim"].options["num_kv_heads"] == 2
-    assert golden["plain"].options == {"causal": False, "align": "top_left", "window": None, "softcap": None,
-                                       "scale": None, "dropout_p": 0.0, "empty_rows": "zero"}
+    assert golden["plain"].options == {
+        "causal": False,
+        "align": "top_left",
+        "window": None,
+        "softcap": None,
+        "scale": None,
+        "dropout_p": 0.0,
+        "empty_rows": "zero",
+    }
 
 
 def test_manifest_is_strict_json_and_counts_the_infinities(golden_all):
-    text = (golden_all / MANIFEST_NAME).read_text(encoding="ascii")  # ASCII: any JSON parser reads it
+    text = (golden_all / MANIFEST_NAME).read_text(
+        encoding="ascii"
+    )  # ASCII: any JSON parser reads it
     manifest = _strict_json(text)
     assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
     conv = manifest["conventions"]
-    for topic in ("layout", "mask", "causal", "window", "empty_rows", "gqa", "weights", "order_of_operations",
-                  "dropout", "gradients", "intermediates", "masked_fill"):
+    for topic in (
+        "layout",
+        "mask",
+        "causal",
+        "window",
+        "empty_rows",
+        "gqa",
+        "weights",
+        "order_of_operations",
+        "dropout",
+        "gradients",
+        "intermediates",
+        "masked_fill",
+    ):
         assert topic in conv, topic
     assert "True = may attend".lower() in conv["mask"].lower()
     assert conv["masked_fill"] == float(np.finfo(np.float64).min)
     by_case = {c["name"]: {a["key"]: a for a in c["arrays"]} for c in manifest["cases"]}
     # the -inf entries of the arrays are counted, never written into the JSON
-    assert by_case["bias_with_neg_inf"]["input.bias"]["nonfinite"]["neg_inf"] == int(
-        np.isneginf(get_case("bias_with_neg_inf").build().inputs["bias"]).sum()) > 0
+    assert (
+        by_case["bias_with_neg_inf"]["input.bias"]["nonfinite"]["neg_inf"]
+        == int(np.isneginf(get_case("bias_with_neg_inf").build().inputs["bias"]).sum())
+        > 0
+    )
     lse = get_case("padding_empty_rows_zero").build().reference().intermediates["logsumexp"]
-    assert by_case["padding_empty_rows_zero"]["intermediate.logsumexp"]["nonfinite"]["neg_inf"] == int(np.isneginf(lse).sum()) > 0
+    assert (
+        by_case["padding_empty_rows_zero"]["intermediate.logsumexp"]["nonfinite"]["neg_inf"]
+        == int(np.isneginf(lse).sum())
+        > 0
+    )
     assert by_case["padding_empty_rows_zero"]["option.mask"]["dtype"] == "|b1"
     keys = [k for c in by_case.values() for k in c]
-    assert all(re.fullmatch(r"(input|option|output|grad|intermediate)\.[A-Za-z][A-Za-z0-9_]*|cotangent", k) for k in keys)
+    assert all(
+        re.fullmatch(r"(input|option|output|grad|intermediate)\.[A-Za-z][A-Za-z0-9_]*|cotangent", k)
+        for k in keys
+    )
 
 
 def test_arrays_are_read_only_and_case_data_is_a_copy(golden_some):
@@ -164,13 +211,17 @@ def test_arrays_are_read_only_and_case_data_is_a_copy(golden_some):
     data = gc.case_data()
     data.inputs["q"][...] = 0.0  # a writable copy: the stored arrays are untouched
     np.testing.assert_array_equal(gc.arrays()["input.q"], get_case("gqa").build().inputs["q"])
-    np.testing.assert_array_equal(gc.reference().grads["v"], get_case("gqa").build().reference().grads["v"])
+    np.testing.assert_array_equal(
+        gc.reference().grads["v"], get_case("gqa").build().reference().grads["v"]
+    )
 
 
 # ----------------------------------------------------------------------------- candidates
 
 
-def _write_candidate(directory: Path, names, *, plant: tuple[str, str] | None = None, dtype=np.float64) -> None:
+def _write_candidate(
+    directory: Path, names, *, plant: tuple[str, str] | None = None, dtype=np.float64
+) -> None:
     """A candidate directory as another implementation would write it: numpy.savez (ZIP64 headers,
     unlike the golden files), outputs from the reference recomputed here."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -205,15 +256,30 @@ def test_candidate_gaps_and_unknown_keys_fail(golden_some, tmp_path):
     cand.mkdir()
     outs = _outputs("gqa")
     np.savez(cand / "gqa.npz", **{k: a for k, a in outs.items() if k != "output.out"})
-    np.savez(cand / "dropout_keep_mask.npz", **_outputs("dropout_keep_mask"), **{"grad.dropout_mask": np.zeros(1)})
-    np.savez(cand / "bias_with_neg_inf.npz", **{"output.out": np.zeros((2, 2, 3, 5))})  # wrong shape
-    results = verify_golden(golden_some, cand, cases=["gqa", "dropout_keep_mask", "bias_with_neg_inf", "mha_gqa_kdim_vdim"])
+    np.savez(
+        cand / "dropout_keep_mask.npz",
+        **_outputs("dropout_keep_mask"),
+        **{"grad.dropout_mask": np.zeros(1)},
+    )
+    np.savez(
+        cand / "bias_with_neg_inf.npz", **{"output.out": np.zeros((2, 2, 3, 5))}
+    )  # wrong shape
+    results = verify_golden(
+        golden_some,
+        cand,
+        cases=["gqa", "dropout_keep_mask", "bias_with_neg_inf", "mha_gqa_kdim_vdim"],
+    )
     failed = {(r.case, r.key): r.message for r in results if not r.passed}
     assert "no output.out" in failed[("gqa", "output.out")]
-    assert "not an output, gradient or intermediate" in failed[("dropout_keep_mask", "grad.dropout_mask")]
+    assert (
+        "not an output, gradient or intermediate"
+        in failed[("dropout_keep_mask", "grad.dropout_mask")]
+    )
     assert "shape [2, 2, 3, 5]" in failed[("bias_with_neg_inf", "output.out")]
     assert "no mha_gqa_kdim_vdim.npz" in failed[("mha_gqa_kdim_vdim", "output.out")]
-    assert all(r.passed for r in results if r.case == "gqa" and r.key != "output.out")  # the grads it has
+    assert all(
+        r.passed for r in results if r.case == "gqa" and r.key != "output.out"
+    )  # the grads it has
 
 
 def _naive_candidate(align_override=None):
@@ -231,8 +297,9 @@ def test_callable_candidate_independent_implementation(golden_all):
     """tests/naive.py, written from the conventions with loops, gets only what the golden set holds."""
     names = [c.name for c in cases("sdpa")]
     results = verify_golden(golden_all, _naive_candidate(), cases=names)
-    assert [r.case for r in results] == names and all(r.passed for r in results), \
-        [r.message for r in results if not r.passed]
+    assert [r.case for r in results] == names and all(r.passed for r in results), [
+        r.message for r in results if not r.passed
+    ]
     # the wrong causal/window alignment fails exactly the cases that use bottom_right (all have T != S)
     results = verify_golden(golden_all, _naive_candidate("top_left"), cases=names)
     bottom_right = {c.name for c in cases("sdpa") if c.options.get("align") == "bottom_right"}
@@ -252,7 +319,9 @@ def test_callable_gets_copies(golden_some):
 
         return scaled_dot_product_attention(**inputs, **options)
 
-    assert all(r.passed for r in verify_golden(golden_some, vandal, cases=["gqa", "bias_with_neg_inf"]))
+    assert all(
+        r.passed for r in verify_golden(golden_some, vandal, cases=["gqa", "bias_with_neg_inf"])
+    )
     assert all(r.passed for r in verify_golden(golden_some))  # the stored arrays are untouched
 
 
@@ -265,7 +334,9 @@ def test_low_precision_candidate_uses_the_budget_rule(golden_some):
         def candidate(name, inputs, options, cotangent):
             scale = options.get("scale") or 1 / math.sqrt(inputs["q"].shape[-1])
             opts = {**options, "scale": scale * scale_factor}
-            base = sdpa_baseline(**inputs, dout=cotangent, precision="bfloat16", reorder=True, **opts)
+            base = sdpa_baseline(
+                **inputs, dout=cotangent, precision="bfloat16", reorder=True, **opts
+            )
             return {"output.out": base.out, **{f"grad.{n}": g for n, g in base.grads.items()}}
 
         return candidate
@@ -273,8 +344,15 @@ def test_low_precision_candidate_uses_the_budget_rule(golden_some):
     names = ["gqa", "bias_with_neg_inf", "dropout_keep_mask"]
     assert not any(r.passed for r in verify_golden(golden_some, bf16(), cases=names))
     results = verify_golden(golden_some, bf16(), cases=names, precision="bfloat16")
-    assert all(r.passed for r in results) and all(r.rule.startswith("budget bfloat16") for r in results)
-    assert {r.key for r in results if r.case == "gqa"} == {"output.out", "grad.q", "grad.k", "grad.v"}
+    assert all(r.passed for r in results) and all(
+        r.rule.startswith("budget bfloat16") for r in results
+    )
+    assert {r.key for r in results if r.case == "gqa"} == {
+        "output.out",
+        "grad.q",
+        "grad.k",
+        "grad.v",
+    }
     results = verify_golden(golden_some, bf16(1.05), cases=names, precision="bfloat16")
     assert {r.case for r in results if not r.passed and r.key == "output.out"} == set(names)
     assert "OVER BUDGET" in next(r.message for r in results if not r.passed)
@@ -287,13 +365,17 @@ def _entry_data_span(blob: bytes, key: str) -> tuple[int, int]:
     """Byte range of an array's data (after the .npy header) inside the archive."""
     with zipfile.ZipFile(io.BytesIO(blob)) as zf:
         info = zf.getinfo(f"{key}.npy")
-    name_len, extra_len = struct.unpack("<HH", blob[info.header_offset + 26:info.header_offset + 30])
+    name_len, extra_len = struct.unpack(
+        "<HH", blob[info.header_offset + 26 : info.header_offset + 30]
+    )
     start = info.header_offset + 30 + name_len + extra_len
-    (header_len,) = struct.unpack("<H", blob[start + 8:start + 10])
+    (header_len,) = struct.unpack("<H", blob[start + 8 : start + 10])
     return start + 10 + header_len, start + info.file_size
 
 
-def _rezip(path: Path, *, drop=(), add=None, compression=zipfile.ZIP_STORED, npy_version=None) -> None:
+def _rezip(
+    path: Path, *, drop=(), add=None, compression=zipfile.ZIP_STORED, npy_version=None
+) -> None:
     with zipfile.ZipFile(path) as zf:
         entries = [(i.filename, zf.read(i)) for i in zf.infolist()]
     with zipfile.ZipFile(path, "w", compression=compression) as zf:
@@ -337,39 +419,118 @@ def _case(m, name):
 CORRUPTIONS = {
     # name: (corrupt(d), expected file, expected array or None, words in the problem)
     "flipped byte in an array": (_flip_byte_in_array, "gqa.npz", "grad.k", ("CRC",)),
-    "truncated archive": (lambda d: (d / "gqa.npz").write_bytes((d / "gqa.npz").read_bytes()[:-100]),
-                          "gqa.npz", None, ("bytes, manifest.json says", "truncated")),
+    "truncated archive": (
+        lambda d: (d / "gqa.npz").write_bytes((d / "gqa.npz").read_bytes()[:-100]),
+        "gqa.npz",
+        None,
+        ("bytes, manifest.json says", "truncated"),
+    ),
     "deleted file": (lambda d: (d / "gqa.npz").unlink(), "gqa.npz", None, ("missing file",)),
-    "array missing from the file": (lambda d: _rezip(d / "gqa.npz", drop=("grad.v",)), "gqa.npz", "grad.v",
-                                    ("missing from the file",)),
-    "array added to the file": (lambda d: _rezip(d / "gqa.npz", add={"grad.extra": np.zeros(3)}), "gqa.npz",
-                                "grad.extra", ("not listed in manifest.json",)),
-    "npy version 2.0": (lambda d: _rewrite_gqa_q(d, npy_version=(2, 0)), "gqa.npz", "input.q",
-                        (".npy version 2.0",)),
-    "Fortran order": (lambda d: _rewrite_gqa_q(d, np.asfortranarray), "gqa.npz", "input.q", ("Fortran order",)),
-    "recompressed archive": (lambda d: _rezip(d / "gqa.npz", compression=zipfile.ZIP_DEFLATED), "gqa.npz",
-                             "input.q", ("compressed",)),
-    "deleted manifest": (lambda d: (d / MANIFEST_NAME).unlink(), MANIFEST_NAME, None, ("missing file",)),
-    "edited array checksum": (lambda d: _edit_manifest(d, lambda m: _array(m, "gqa", "grad.q").update(sha256="0" * 64)),
-                              "gqa.npz", "grad.q", ("sha256", "corrupt data")),
-    "edited array shape": (lambda d: _edit_manifest(d, lambda m: _array(m, "gqa", "intermediate.probs").update(shape=[2, 4, 5, 3])),
-                           "gqa.npz", "intermediate.probs", ("shape [2, 4, 3, 5] but manifest.json says [2, 4, 5, 3]",)),
-    "edited dtype": (lambda d: _edit_manifest(d, lambda m: _array(m, "padding_empty_rows_zero", "option.mask").update(dtype="<f8")),
-                     "padding_empty_rows_zero.npz", "option.mask", ("dtype |b1 but manifest.json says <f8",)),
-    "edited dims": (lambda d: _edit_manifest(d, lambda m: _case(m, "gqa")["dims"].update(T=4)),
-                    MANIFEST_NAME, None, ("case 'gqa'", "dims imply")),
-    "unknown format version": (lambda d: _edit_manifest(d, lambda m: m.update(format_version=2)),
-                               MANIFEST_NAME, None, ("unknown format_version 2",)),
-    "malformed JSON": (lambda d: (d / MANIFEST_NAME).write_text((d / MANIFEST_NAME).read_text()[:-30]),
-                       MANIFEST_NAME, None, ("malformed JSON",)),
-    "repeated JSON key": (lambda d: (d / MANIFEST_NAME).write_text(
-        (d / MANIFEST_NAME).read_text().replace('"kind": "sdpa",', '"kind": "sdpa", "kind": "mha",', 1)),
-        MANIFEST_NAME, None, ("malformed JSON", "repeats the key(s) ['kind']")),
-    "NaN literal": (lambda d: (d / MANIFEST_NAME).write_text(
-        re.sub(r'"scale_used": [0-9.e-]+', '"scale_used": NaN', (d / MANIFEST_NAME).read_text(), count=1)),
-        MANIFEST_NAME, None, ("malformed JSON", "NaN")),
-    "case removed from the manifest": (lambda d: _edit_manifest(d, lambda m: m["cases"].remove(_case(m, "gqa"))),
-                                       "gqa.npz", None, ("not listed in manifest.json",)),
+    "array missing from the file": (
+        lambda d: _rezip(d / "gqa.npz", drop=("grad.v",)),
+        "gqa.npz",
+        "grad.v",
+        ("missing from the file",),
+    ),
+    "array added to the file": (
+        lambda d: _rezip(d / "gqa.npz", add={"grad.extra": np.zeros(3)}),
+        "gqa.npz",
+        "grad.extra",
+        ("not listed in manifest.json",),
+    ),
+    "npy version 2.0": (
+        lambda d: _rewrite_gqa_q(d, npy_version=(2, 0)),
+        "gqa.npz",
+        "input.q",
+        (".npy version 2.0",),
+    ),
+    "Fortran order": (
+        lambda d: _rewrite_gqa_q(d, np.asfortranarray),
+        "gqa.npz",
+        "input.q",
+        ("Fortran order",),
+    ),
+    "recompressed archive": (
+        lambda d: _rezip(d / "gqa.npz", compression=zipfile.ZIP_DEFLATED),
+        "gqa.npz",
+        "input.q",
+        ("compressed",),
+    ),
+    "deleted manifest": (
+        lambda d: (d / MANIFEST_NAME).unlink(),
+        MANIFEST_NAME,
+        None,
+        ("missing file",),
+    ),
+    "edited array checksum": (
+        lambda d: _edit_manifest(d, lambda m: _array(m, "gqa", "grad.q").update(sha256="0" * 64)),
+        "gqa.npz",
+        "grad.q",
+        ("sha256", "corrupt data"),
+    ),
+    "edited array shape": (
+        lambda d: _edit_manifest(
+            d, lambda m: _array(m, "gqa", "intermediate.probs").update(shape=[2, 4, 5, 3])
+        ),
+        "gqa.npz",
+        "intermediate.probs",
+        ("shape [2, 4, 3, 5] but manifest.json says [2, 4, 5, 3]",),
+    ),
+    "edited dtype": (
+        lambda d: _edit_manifest(
+            d, lambda m: _array(m, "padding_empty_rows_zero", "option.mask").update(dtype="<f8")
+        ),
+        "padding_empty_rows_zero.npz",
+        "option.mask",
+        ("dtype |b1 but manifest.json says <f8",),
+    ),
+    "edited dims": (
+        lambda d: _edit_manifest(d, lambda m: _case(m, "gqa")["dims"].update(T=4)),
+        MANIFEST_NAME,
+        None,
+        ("case 'gqa'", "dims imply"),
+    ),
+    "unknown format version": (
+        lambda d: _edit_manifest(d, lambda m: m.update(format_version=2)),
+        MANIFEST_NAME,
+        None,
+        ("unknown format_version 2",),
+    ),
+    "malformed JSON": (
+        lambda d: (d / MANIFEST_NAME).write_text((d / MANIFEST_NAME).read_text()[:-30]),
+        MANIFEST_NAME,
+        None,
+        ("malformed JSON",),
+    ),
+    "repeated JSON key": (
+        lambda d: (d / MANIFEST_NAME).write_text(
+            (d / MANIFEST_NAME)
+            .read_text()
+            .replace('"kind": "sdpa",', '"kind": "sdpa", "kind": "mha",', 1)
+        ),
+        MANIFEST_NAME,
+        None,
+        ("malformed JSON", "repeats the key(s) ['kind']"),
+    ),
+    "NaN literal": (
+        lambda d: (d / MANIFEST_NAME).write_text(
+            re.sub(
+                r'"scale_used": [0-9.e-]+',
+                '"scale_used": NaN',
+                (d / MANIFEST_NAME).read_text(),
+                count=1,
+            )
+        ),
+        MANIFEST_NAME,
+        None,
+        ("malformed JSON", "NaN"),
+    ),
+    "case removed from the manifest": (
+        lambda d: _edit_manifest(d, lambda m: m["cases"].remove(_case(m, "gqa"))),
+        "gqa.npz",
+        None,
+        ("not listed in manifest.json",),
+    ),
 }
 
 
@@ -390,7 +551,11 @@ def test_corruption_is_reported(golden_some, kind):
 
 def test_a_changed_file_is_reported_with_the_array_that_changed(golden_some):
     """Rewriting an array (valid zip, valid CRC) is caught by the file and the array checksums."""
-    _rezip(golden_some / "gqa.npz", drop=("grad.k",), add={"grad.k": get_case("gqa").build().reference().grads["k"] * 2})
+    _rezip(
+        golden_some / "gqa.npz",
+        drop=("grad.k",),
+        add={"grad.k": get_case("gqa").build().reference().grads["k"] * 2},
+    )
     with pytest.raises(GoldenError) as err:
         read_golden(golden_some)
     by = {(p.file, p.array): p.what for p in err.value.problems}
@@ -420,17 +585,18 @@ def test_a_file_changed_after_reading_is_not_served(golden_some):
 def _read_zip_by_hand(blob: bytes) -> dict[str, bytes]:
     """Entries of a stored zip: end-of-central-directory -> central directory -> local headers."""
     eocd = blob.rfind(b"PK\x05\x06")
-    n_entries, cd_size, cd_offset = struct.unpack("<HII", blob[eocd + 10:eocd + 20])
+    n_entries, cd_size, cd_offset = struct.unpack("<HII", blob[eocd + 10 : eocd + 20])
     entries, pos = {}, cd_offset
     for _ in range(n_entries):
         (sig, method, crc, csize, usize, nlen, xlen, clen, local) = struct.unpack(
-            "<I6xH4xIIIHHH8xI", blob[pos:pos + 46])
+            "<I6xH4xIIIHHH8xI", blob[pos : pos + 46]
+        )
         assert sig == 0x02014B50 and method == 0 and csize == usize  # stored, uncompressed
-        name = blob[pos + 46:pos + 46 + nlen].decode("ascii")
+        name = blob[pos + 46 : pos + 46 + nlen].decode("ascii")
         pos += 46 + nlen + xlen + clen
-        lsig, lnlen, lxlen = struct.unpack("<I22xHH", blob[local:local + 30])
+        lsig, lnlen, lxlen = struct.unpack("<I22xHH", blob[local : local + 30])
         assert lsig == 0x04034B50
-        data = blob[local + 30 + lnlen + lxlen:local + 30 + lnlen + lxlen + csize]
+        data = blob[local + 30 + lnlen + lxlen : local + 30 + lnlen + lxlen + csize]
         assert zlib.crc32(data) == crc
         entries[name] = data
     return entries
@@ -440,12 +606,14 @@ def _parse_npy_by_hand(raw: bytes):
     """(descr, shape, data bytes) by the 10-byte prefix and the header dict."""
     assert raw[:6] == b"\x93NUMPY" and raw[6:8] == b"\x01\x00"
     (header_len,) = struct.unpack("<H", raw[8:10])
-    header = raw[10:10 + header_len].decode("latin1")
+    header = raw[10 : 10 + header_len].decode("latin1")
     assert (10 + header_len) % 64 == 0 and header.endswith("\n")
     descr = re.search(r"'descr': '([^']*)'", header).group(1)
     assert re.search(r"'fortran_order': False", header)
-    shape = tuple(int(n) for n in re.findall(r"\d+", re.search(r"'shape': \(([^)]*)\)", header).group(1)))
-    return descr, shape, raw[10 + header_len:]
+    shape = tuple(
+        int(n) for n in re.findall(r"\d+", re.search(r"'shape': \(([^)]*)\)", header).group(1))
+    )
+    return descr, shape, raw[10 + header_len :]
 
 
 @pytest.mark.parametrize("name", ["padding_empty_rows_zero", "mha_mqa_no_bias_attention_bias"])
@@ -501,7 +669,9 @@ def test_a_case_that_fails_leaves_the_directory_as_it_was(tmp_path):
     d = tmp_path / "g"
     write_golden(d, ["plain"])
     before = {p.name: p.read_bytes() for p in d.iterdir()}
-    broken = Case("broken", "sdpa", "an invalid option", get_case("plain").dims, {"align": "middle"})
+    broken = Case(
+        "broken", "sdpa", "an invalid option", get_case("plain").dims, {"align": "middle"}
+    )
     with pytest.raises(ValueError, match="align"):
         write_golden(d, ["gqa", broken], overwrite=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
@@ -560,7 +730,9 @@ def test_cli_round_trip(tmp_path, capsys):
     assert main(["verify", str(d), "--candidate", str(cand), "--quiet", "--json"]) == 1
     doc = _strict_json(capsys.readouterr().out)
     assert doc["command"] == "verify" and doc["passed"] is False
-    assert [(r["case"], r["key"]) for r in doc["results"] if not r["passed"]] == [("plain", "grad.v")]
+    assert [(r["case"], r["key"]) for r in doc["results"] if not r["passed"]] == [
+        ("plain", "grad.v")
+    ]
 
 
 def test_cli_json_and_progress(tmp_path, capsys):
@@ -568,12 +740,19 @@ def test_cli_json_and_progress(tmp_path, capsys):
     assert main(["golden", str(d), "--cases", "one_element", "--json"]) == 0
     captured = capsys.readouterr()
     doc = _strict_json(captured.out)
-    assert doc["passed"] and doc["cases"][0]["name"] == "one_element" and len(doc["manifest_sha256"]) == 64
+    assert (
+        doc["passed"]
+        and doc["cases"][0]["name"] == "one_element"
+        and len(doc["manifest_sha256"]) == 64
+    )
     assert "computing one_element (1/1)" in captured.err  # progress on stderr, not in the JSON
     assert main(["verify", str(d), "--json"]) == 0
     captured = capsys.readouterr()
     doc = _strict_json(captured.out)
-    assert doc["passed"] and doc["manifest_sha256"] == hashlib.sha256((d / MANIFEST_NAME).read_bytes()).hexdigest()
+    assert (
+        doc["passed"]
+        and doc["manifest_sha256"] == hashlib.sha256((d / MANIFEST_NAME).read_bytes()).hexdigest()
+    )
     assert "verifying one_element (1/1)" in captured.err
 
 
@@ -590,7 +769,10 @@ def test_cli_reports_corruption_and_refusals(tmp_path, capsys):
     assert "gqa.npz: array 'grad.k'" in out and "not valid" in out
     assert main(["verify", str(d), "--quiet", "--json"]) == 1
     doc = _strict_json(capsys.readouterr().out)
-    assert not doc["passed"] and {"file": "gqa.npz", "array": "grad.k"}.items() <= doc["problems"][0].items()
+    assert (
+        not doc["passed"]
+        and {"file": "gqa.npz", "array": "grad.k"}.items() <= doc["problems"][0].items()
+    )
 
 
 def test_cli_help(capsys):

@@ -5,6 +5,7 @@ package was split into layers. Every stored output, gradient and intermediate mu
 by today's code to rtol 2e-15, atol 1e-16: the redesign changed where the code lives, not what it
 computes.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,19 @@ def test_fixture_tolerance_catches_a_few_ulps():
 
     def stored(scale):
         def candidate(name, inputs, options, cotangent):
-            return {"output.out": golden[name].arrays()["output.out"] * (scale if name == "gqa" else 1.0)}
+            return {
+                "output.out": golden[name].arrays()["output.out"]
+                * (scale if name == "gqa" else 1.0)
+            }
+
         return candidate
 
     assert all(r.passed for r in verify_golden(golden, stored(1.0), rtol=RTOL, atol=ATOL))
-    bad = [(r.case, r.key) for r in verify_golden(golden, stored(1 + 4e-15), rtol=RTOL, atol=ATOL)
-           if not r.passed]
+    bad = [
+        (r.case, r.key)
+        for r in verify_golden(golden, stored(1 + 4e-15), rtol=RTOL, atol=ATOL)
+        if not r.passed
+    ]
     assert bad == [("gqa", "output.out")]
 
 

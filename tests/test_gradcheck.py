@@ -1,4 +1,5 @@
 """The checker is itself tested: exact on known derivatives, and it rejects known-wrong backwards."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,11 @@ import pytest
 
 import attention_ref as ar
 from attention_ref.gradcheck import (
-    check_directional, check_vjp, error_report, fd_noise_floor, numerical_vjp,
+    check_directional,
+    check_vjp,
+    error_report,
+    fd_noise_floor,
+    numerical_vjp,
 )
 
 T, S = 4, 6  # T != S so a causal alignment bug shows
@@ -44,7 +49,9 @@ def test_softmax_checker_accepts_right_and_rejects_diagonal_only(rng):
     bad = check_vjp(ar.softmax, {"x": x}, c, {"x": diagonal_only_softmax_backward(c, p)})
     assert good.passed and not bad.passed
     assert bad.reports["x"].rel_error > 1e-2  # wrong by O(1), not by noise
-    bad_dir = check_directional(ar.softmax, {"x": x}, c, {"x": diagonal_only_softmax_backward(c, p)}, rng=rng)
+    bad_dir = check_directional(
+        ar.softmax, {"x": x}, c, {"x": diagonal_only_softmax_backward(c, p)}, rng=rng
+    )
     assert not bad_dir.passed
 
 
@@ -64,7 +71,11 @@ def test_all_ones_cotangent_cannot_see_a_wrong_softmax_backward(rng):
 
 
 def test_checker_rejects_a_causal_mask_aligned_the_wrong_way(rng):
-    q, k, v = rng.normal(size=(2, 2, T, 3)), rng.normal(size=(2, 2, S, 3)), rng.normal(size=(2, 2, S, 5))
+    q, k, v = (
+        rng.normal(size=(2, 2, T, 3)),
+        rng.normal(size=(2, 2, S, 3)),
+        rng.normal(size=(2, 2, S, 5)),
+    )
     c = rng.normal(size=(2, 2, T, 5))
 
     def forward(**kw):
@@ -76,24 +87,44 @@ def test_checker_rejects_a_causal_mask_aligned_the_wrong_way(rng):
     assert check_vjp(forward, inputs, c, {"q": right.dq, "k": right.dk, "v": right.dv}).passed
     result = check_vjp(forward, inputs, c, {"q": wrong.dq, "k": wrong.dk, "v": wrong.dv})
     assert not any(r.passed(result.rtol, result.atol) for r in result.reports.values()), result
-    assert not check_directional(forward, inputs, c, {"q": wrong.dq, "k": wrong.dk, "v": wrong.dv}, rng=rng).passed
+    assert not check_directional(
+        forward, inputs, c, {"q": wrong.dq, "k": wrong.dk, "v": wrong.dv}, rng=rng
+    ).passed
 
 
 def test_checker_rejects_gqa_gradients_not_summed_over_the_group(rng):
-    q, k, v = rng.normal(size=(2, 4, T, 3)), rng.normal(size=(2, 2, S, 3)), rng.normal(size=(2, 2, S, 5))
+    q, k, v = (
+        rng.normal(size=(2, 4, T, 3)),
+        rng.normal(size=(2, 2, S, 3)),
+        rng.normal(size=(2, 2, S, 5)),
+    )
     c = rng.normal(size=(2, 4, T, 5))
-    g_rep = ar.scaled_dot_product_attention_backward(c, q, np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1))
+    g_rep = ar.scaled_dot_product_attention_backward(
+        c, q, np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)
+    )
     first_of_group = g_rep.dk[:, ::2]  # forgot to sum over the group's query heads
-    result = check_vjp(lambda k: ar.scaled_dot_product_attention(q, k, v), {"k": k}, c, {"k": first_of_group})
+    result = check_vjp(
+        lambda k: ar.scaled_dot_product_attention(q, k, v), {"k": k}, c, {"k": first_of_group}
+    )
     assert not result.passed
 
 
 def test_checker_rejects_a_scale_off_by_one_percent(rng):
-    q, k, v = rng.normal(size=(2, 2, T, 3)), rng.normal(size=(2, 2, S, 3)), rng.normal(size=(2, 2, S, 5))
+    q, k, v = (
+        rng.normal(size=(2, 2, T, 3)),
+        rng.normal(size=(2, 2, S, 3)),
+        rng.normal(size=(2, 2, S, 5)),
+    )
     c = rng.normal(size=(2, 2, T, 5))
     g = ar.scaled_dot_product_attention_backward(c, q, k, v)
-    result = check_directional(lambda q: ar.scaled_dot_product_attention(q, k, v), {"q": q}, c,
-                               {"q": 1.01 * g.dq}, rng=rng, num_directions=2)
+    result = check_directional(
+        lambda q: ar.scaled_dot_product_attention(q, k, v),
+        {"q": q},
+        c,
+        {"q": 1.01 * g.dq},
+        rng=rng,
+        num_directions=2,
+    )
     assert not result.passed
 
 
@@ -121,8 +152,12 @@ def test_noise_floor_scales_with_f_and_c(rng):
             for eps in (1e-6, 1e-4):
                 x, b = rng.normal(size=12), offset * rng.normal(size=40)
                 c = c_size * rng.normal(size=40)
-                fd = np.array([(A @ (x + eps * e) + b - (A @ (x - eps * e) + b)) @ c / (2 * eps)
-                               for e in np.eye(12)])  # (G1), by hand
+                fd = np.array(
+                    [
+                        (A @ (x + eps * e) + b - (A @ (x - eps * e) + b)) @ c / (2 * eps)
+                        for e in np.eye(12)
+                    ]
+                )  # (G1), by hand
                 error = float(np.max(np.abs(fd - A.T @ c)))  # A^T c: exact to ~1e-16 of it
                 floor = fd_noise_floor(A @ x + b, c, eps)
                 assert 1e-4 * floor < error <= floor, (offset, c_size, eps, error, floor)
@@ -130,7 +165,9 @@ def test_noise_floor_scales_with_f_and_c(rng):
 
 def test_checker_reports_name_and_location_in_its_table(rng):
     x, c = rng.normal(size=(2, S)), rng.normal(size=(2, S))
-    result = check_vjp(ar.softmax, {"x": x}, c, {"x": diagonal_only_softmax_backward(c, ar.softmax(x))})
+    result = check_vjp(
+        ar.softmax, {"x": x}, c, {"x": diagonal_only_softmax_backward(c, ar.softmax(x))}
+    )
     text = str(result)
     assert text.startswith("FAIL dx:") and "at (" in text
     assert result.worst[0] == "x"

@@ -8,6 +8,7 @@ The faces (``attention_ref/__init__.py``, ``testing.py``, ``cases.py``, ``golden
 ``gradcheck.py``, ``__main__.py``) only re-export and may import any layer; no layer imports a
 face. ``_version.py`` is readable by all. Each sub-package's docstring says what it may import.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,7 +32,9 @@ def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("attention_ref")]
+            found += [
+                (node.lineno, a.name) for a in node.names if a.name.startswith("attention_ref")
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -87,12 +90,16 @@ def test_every_layer_is_a_package_with_a_docstring_saying_what_it_may_import():
     for name in LAYERS:
         init = PACKAGE / name / "__init__.py"
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
-        assert "May import" in doc or "may import" in doc, f"{init}: docstring must say what it may import"
+        assert "May import" in doc or "may import" in doc, (
+            f"{init}: docstring must say what it may import"
+        )
 
 
 def test_no_module_outside_the_layers_but_the_faces():
     top = {p.stem for p in PACKAGE.glob("*.py")}
-    assert top <= FACES | SHARED, f"modules at the top level that are not faces: {sorted(top - FACES - SHARED)}"
+    assert top <= FACES | SHARED, (
+        f"modules at the top level that are not faces: {sorted(top - FACES - SHARED)}"
+    )
 
 
 def test_imports_go_down_the_layers():
@@ -104,13 +111,16 @@ def test_imports_go_down_the_layers():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("source, module, expected", [
-    ("from ..oracle.cases import cases", "attention_ref.core.mha", 1),        # core -> oracle: up
-    ("from .. import golden", "attention_ref.variants.flash", 1),             # a layer -> a face
-    ("import attention_ref.cli", "attention_ref.oracle.check", 1),            # absolute, up
-    ("from ..core.attention import sdpa_forward", "attention_ref.oracle.exact", 0),
-    ("from .scores import apply_mask", "attention_ref.core.attention", 0),
-    ("from .._version import __version__", "attention_ref.core.mha", 0),
-])
+@pytest.mark.parametrize(
+    "source, module, expected",
+    [
+        ("from ..oracle.cases import cases", "attention_ref.core.mha", 1),  # core -> oracle: up
+        ("from .. import golden", "attention_ref.variants.flash", 1),  # a layer -> a face
+        ("import attention_ref.cli", "attention_ref.oracle.check", 1),  # absolute, up
+        ("from ..core.attention import sdpa_forward", "attention_ref.oracle.exact", 0),
+        ("from .scores import apply_mask", "attention_ref.core.attention", 0),
+        ("from .._version import __version__", "attention_ref.core.mha", 0),
+    ],
+)
 def test_the_checker_catches_an_upward_import(source, module, expected):
     assert len(violations(source, module)) == expected

@@ -1,4 +1,5 @@
 """Mask builders against the definitions of docs/conventions.md, written as loops."""
+
 from __future__ import annotations
 
 import itertools
@@ -40,6 +41,10 @@ def test_attention_mask_intersects_and_returns_none_when_nothing_is_masked():
     assert ar.attention_mask(3, 5) is None
     keep = np.array([True, True, True, False, True])
     m = ar.attention_mask(3, 5, mask=keep, causal=True, align="bottom_right", window=(1, None))
-    expected = keep[None, :] & ar.causal_mask(3, 5, align="bottom_right") & ar.window_mask(3, 5, (1, None), align="bottom_right")
+    expected = (
+        keep[None, :]
+        & ar.causal_mask(3, 5, align="bottom_right")
+        & ar.window_mask(3, 5, (1, None), align="bottom_right")
+    )
     np.testing.assert_array_equal(m, expected)
     assert m.shape == (3, 5)

@@ -2,6 +2,7 @@
 that must say the same thing, and each ends by asserting what it taught: its last cell fails when
 a bug in what it taught is planted in attention_ref. The suite executes them (pytest --nbmake,
 from setup.cfg's addopts)."""
+
 from __future__ import annotations
 
 import re
@@ -25,13 +26,17 @@ def test_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} cell {i} has outputs"
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name} cell {i} has outputs"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_paired_text_form_is_in_sync(path):
     md = path.with_suffix(".md")
-    assert md.exists(), f"{md.name} missing: run `jupytext --sync {path.relative_to(path.parents[1])}`"
+    assert md.exists(), (
+        f"{md.name} missing: run `jupytext --sync {path.relative_to(path.parents[1])}`"
+    )
     nb_cells = [(c.cell_type, c.source.strip()) for c in nbformat.read(path, as_version=4).cells]
     md_cells = [(c.cell_type, c.source.strip()) for c in jupytext.read(md).cells]
     assert md_cells == nb_cells, f"{md.name} and {path.name} differ: run `jupytext --sync`"
@@ -85,59 +90,84 @@ def _scaled(factor: str, field: str = "") -> str:
 #: Per notebook (file stem), the bugs its last cell must catch: each notebook runs with the bug
 #: planted and must fail with an AssertionError raised by its last cell, at ``caught_by``.
 PLANTED_BUGS: dict[str, list[Bug]] = {
-    "01_shapes_and_projections": [Bug(
-        "split_heads is x.reshape(H, T, Dk): right shape, entries from the wrong heads",
-        '_plant("attention_ref.split_heads", lambda f: lambda x, num_heads, **kw: '
-        "_np.reshape(x, _np.shape(x)[:-2] + (num_heads, _np.shape(x)[-2], -1)))",
-        "assert np.array_equal(q[:, h], q_flat[:, :, h * Dk:(h + 1) * Dk])")],
-    "02_softmax_and_stability": [Bug(
-        "softmax_backward 1% too large",
-        f'_plant("attention_ref.softmax_backward", {_scaled("1.01")})',
-        "assert np.allclose(J.T @ dp, softmax_backward(dp, p))")],
-    "03_scaled_dot_product_attention": [Bug(
-        "default scale 1/Dk instead of 1/sqrt(Dk)",
-        "def _scale_1_over_dk(f):\n"
-        "    def sdpa_forward(q, k, v, **kw):\n"
-        '        if kw.get("scale") is None and kw.get("options") is None:\n'
-        '            kw["scale"] = 1.0 / _np.shape(q)[-1]\n'
-        "        return f(q, k, v, **kw)\n"
-        "    return sdpa_forward\n"
-        '_plant("attention_ref.sdpa_forward", _scale_1_over_dk)',
-        "assert np.all(np.abs(var_scaled - 1) <= band)")],
-    "04_masks": [Bug(
-        'causal_mask ignores align: "bottom_right" built as "top_left"',
-        '_plant("attention_ref.causal_mask", lambda f: lambda T, S, **kw: f(T, S))',
-        'assert causal_mask(3, 6, align="bottom_right")[0, 3]')],
-    "05_backward_by_hand": [
-        Bug("softcap_backward (A14) 1% too large, in the stages and in sdpa_backward",
-            f'_plant("attention_ref.core.scores.softcap_backward", {_scaled("1.01")})',
-            "assert all(passed for _, passed in checks.values())"),
-        Bug("sdpa_backward's dq 1% too large (the stages are right)",
-            f'_plant("attention_ref.sdpa_backward", {_scaled("1.01", "dq")})',
-            "assert all(r.rel_error <= 1e-14 for r in same.values())"),
+    "01_shapes_and_projections": [
+        Bug(
+            "split_heads is x.reshape(H, T, Dk): right shape, entries from the wrong heads",
+            '_plant("attention_ref.split_heads", lambda f: lambda x, num_heads, **kw: '
+            "_np.reshape(x, _np.shape(x)[:-2] + (num_heads, _np.shape(x)[-2], -1)))",
+            "assert np.array_equal(q[:, h], q_flat[:, :, h * Dk:(h + 1) * Dk])",
+        )
     ],
-    "06_multi_head_attention": [Bug(
-        "sdpa_backward's dk 1% too large (reaches mha_backward's dkey, dw_k)",
-        f'_plant("attention_ref.sdpa_backward", {_scaled("1.01", "dk")})',
-        "assert result.passed")],
-    "07_attention_ref_as_oracle": [Bug(
-        "check_budget judges only NaN/Inf placement, not the size of the error",
-        '_plant("attention_ref.testing.check_budget", lambda f: lambda *a, **kw: '
-        "(lambda r: r._replace(passed=r.candidate.nonfinite_mismatch "
-        "<= r.baseline.nonfinite_mismatch))(f(*a, **kw)))",
-        "assert {n for n, r in buggy32.items() if not r.passed} == set(exact) - MASK_BLIND",
-        needs_torch=True)],
-    "08_online_softmax_and_tiling": [Bug(
-        "online_softmax_update forgets the rescale e^(m - m') of l and acc",
-        "def _no_rescale(f):\n"
-        "    def online_softmax_update(state, *a, **kw):\n"
-        "        new = f(state, *a, **kw)\n"
-        "        kept = 1 - _np.exp(state.row_max - new.row_max)  # undo the rescale\n"
-        "        return new._replace(row_sum=new.row_sum + kept * state.row_sum,\n"
-        "                            acc=new.acc + kept * state.acc)\n"
-        "    return online_softmax_update\n"
-        '_plant("attention_ref.variants.flash.online_softmax_update", _no_rescale)',
-        "assert online_err.rel_error <= 1e-15")],
+    "02_softmax_and_stability": [
+        Bug(
+            "softmax_backward 1% too large",
+            f'_plant("attention_ref.softmax_backward", {_scaled("1.01")})',
+            "assert np.allclose(J.T @ dp, softmax_backward(dp, p))",
+        )
+    ],
+    "03_scaled_dot_product_attention": [
+        Bug(
+            "default scale 1/Dk instead of 1/sqrt(Dk)",
+            "def _scale_1_over_dk(f):\n"
+            "    def sdpa_forward(q, k, v, **kw):\n"
+            '        if kw.get("scale") is None and kw.get("options") is None:\n'
+            '            kw["scale"] = 1.0 / _np.shape(q)[-1]\n'
+            "        return f(q, k, v, **kw)\n"
+            "    return sdpa_forward\n"
+            '_plant("attention_ref.sdpa_forward", _scale_1_over_dk)',
+            "assert np.all(np.abs(var_scaled - 1) <= band)",
+        )
+    ],
+    "04_masks": [
+        Bug(
+            'causal_mask ignores align: "bottom_right" built as "top_left"',
+            '_plant("attention_ref.causal_mask", lambda f: lambda T, S, **kw: f(T, S))',
+            'assert causal_mask(3, 6, align="bottom_right")[0, 3]',
+        )
+    ],
+    "05_backward_by_hand": [
+        Bug(
+            "softcap_backward (A14) 1% too large, in the stages and in sdpa_backward",
+            f'_plant("attention_ref.core.scores.softcap_backward", {_scaled("1.01")})',
+            "assert all(passed for _, passed in checks.values())",
+        ),
+        Bug(
+            "sdpa_backward's dq 1% too large (the stages are right)",
+            f'_plant("attention_ref.sdpa_backward", {_scaled("1.01", "dq")})',
+            "assert all(r.rel_error <= 1e-14 for r in same.values())",
+        ),
+    ],
+    "06_multi_head_attention": [
+        Bug(
+            "sdpa_backward's dk 1% too large (reaches mha_backward's dkey, dw_k)",
+            f'_plant("attention_ref.sdpa_backward", {_scaled("1.01", "dk")})',
+            "assert result.passed",
+        )
+    ],
+    "07_attention_ref_as_oracle": [
+        Bug(
+            "check_budget judges only NaN/Inf placement, not the size of the error",
+            '_plant("attention_ref.testing.check_budget", lambda f: lambda *a, **kw: '
+            "(lambda r: r._replace(passed=r.candidate.nonfinite_mismatch "
+            "<= r.baseline.nonfinite_mismatch))(f(*a, **kw)))",
+            "assert {n for n, r in buggy32.items() if not r.passed} == set(exact) - MASK_BLIND",
+            needs_torch=True,
+        )
+    ],
+    "08_online_softmax_and_tiling": [
+        Bug(
+            "online_softmax_update forgets the rescale e^(m - m') of l and acc",
+            "def _no_rescale(f):\n"
+            "    def online_softmax_update(state, *a, **kw):\n"
+            "        new = f(state, *a, **kw)\n"
+            "        kept = 1 - _np.exp(state.row_max - new.row_max)  # undo the rescale\n"
+            "        return new._replace(row_sum=new.row_sum + kept * state.row_sum,\n"
+            "                            acc=new.acc + kept * state.acc)\n"
+            "    return online_softmax_update\n"
+            '_plant("attention_ref.variants.flash.online_softmax_update", _no_rescale)',
+            "assert online_err.rel_error <= 1e-15",
+        )
+    ],
 }
 
 
@@ -149,8 +179,9 @@ def _run_with_bug(path: Path, plant: str) -> tuple[int | None, int, str, str]:
 
     nb = nbformat.read(path, as_version=4)
     nb.cells.insert(0, nbformat.v4.new_code_cell(PLANT_SETUP + "\n" + plant + "\n"))
-    client = NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     code = [c for c in nb.cells if c.cell_type == "code"]
     try:
         client.execute()
@@ -180,5 +211,6 @@ def test_ends_by_asserting_what_it_taught(path):
         assert cell is not None, f"{path.name} passed with a planted bug: {bug.what}"
         assert (cell, ename) == (last, "AssertionError"), (
             f"{path.name} with {bug.what}: expected an AssertionError in the last code cell "
-            f"({last}); got {ename or 'no error'} in cell {cell} (-1: the planting): {line}")
+            f"({last}); got {ename or 'no error'} in cell {cell} (-1: the planting): {line}"
+        )
         assert bug.caught_by in line, f"{path.name} with {bug.what}: failed at {line!r}"

@@ -7,6 +7,7 @@
   builders), its tiles put side by side give the dense form, and sequence lengths match masks
   built by hand.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,31 +26,58 @@ B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 6
 
 @pytest.fixture
 def qkv(rng):
-    return (rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)),
-            rng.normal(size=(B, HKV, S, DV)), rng.normal(size=(B, H, T, DV)))
+    return (
+        rng.normal(size=(B, H, T, DK)),
+        rng.normal(size=(B, HKV, S, DK)),
+        rng.normal(size=(B, HKV, S, DV)),
+        rng.normal(size=(B, H, T, DV)),
+    )
 
 
 def test_fields_are_the_options_every_path_documents():
     assert AttentionOptions.names() == (
-        "mask", "bias", "causal", "align", "window", "softcap", "scale", "dropout_p",
-        "dropout_mask", "empty_rows", "dtype")
+        "mask",
+        "bias",
+        "causal",
+        "align",
+        "window",
+        "softcap",
+        "scale",
+        "dropout_p",
+        "dropout_mask",
+        "empty_rows",
+        "dtype",
+    )
     # golden files record every scalar option, taken from the one definition
     from attention_ref.oracle.golden import _scalar_defaults
 
-    assert set(_scalar_defaults("sdpa")) == {"causal", "align", "window", "softcap", "scale",
-                                             "dropout_p", "empty_rows"}
-    assert set(_scalar_defaults("mha")) == set(_scalar_defaults("sdpa")) | {"num_heads", "num_kv_heads"}
+    assert set(_scalar_defaults("sdpa")) == {
+        "causal",
+        "align",
+        "window",
+        "softcap",
+        "scale",
+        "dropout_p",
+        "empty_rows",
+    }
+    assert set(_scalar_defaults("mha")) == set(_scalar_defaults("sdpa")) | {
+        "num_heads",
+        "num_kv_heads",
+    }
 
 
 def test_one_object_equals_keywords_on_every_path(qkv, rng):
     q, k, v, dout = qkv
     bias = rng.normal(size=(1, H, T, S))
-    kw = dict(causal=True, align="bottom_right", window=(3, None), softcap=2.5, scale=0.4,
-              bias=bias)
+    kw = dict(
+        causal=True, align="bottom_right", window=(3, None), softcap=2.5, scale=0.4, bias=bias
+    )
     opts = AttentionOptions(**kw)
     same = np.testing.assert_array_equal
-    same(ar.scaled_dot_product_attention(q, k, v, options=opts),
-         ar.scaled_dot_product_attention(q, k, v, **kw))
+    same(
+        ar.scaled_dot_product_attention(q, k, v, options=opts),
+        ar.scaled_dot_product_attention(q, k, v, **kw),
+    )
     g1 = ar.scaled_dot_product_attention_backward(dout, q, k, v, options=opts)
     g2 = ar.scaled_dot_product_attention_backward(dout, q, k, v, **kw)
     for a, b in zip(g1, g2):
@@ -57,8 +85,10 @@ def test_one_object_equals_keywords_on_every_path(qkv, rng):
     f1 = flash.flash_attention_forward(q, k, v, options=opts, block_q=2, block_k=2)
     f2 = flash.flash_attention_forward(q, k, v, block_q=2, block_k=2, **kw)
     same(f1.out, f2.out)
-    same(flash.flash_attention_backward(dout, q, k, v, f1.out, f1.logsumexp, options=opts).dq,
-         flash.flash_attention_backward(dout, q, k, v, f1.out, f1.logsumexp, **kw).dq)
+    same(
+        flash.flash_attention_backward(dout, q, k, v, f1.out, f1.logsumexp, options=opts).dq,
+        flash.flash_attention_backward(dout, q, k, v, f1.out, f1.logsumexp, **kw).dq,
+    )
     base1 = sdpa_baseline(q, k, v, dout, precision="bfloat16", options=opts)
     base2 = sdpa_baseline(q, k, v, dout, precision="bfloat16", **kw)
     same(base1.out, base2.out)
@@ -68,10 +98,14 @@ def test_one_object_equals_keywords_on_every_path(qkv, rng):
     same(e1.out, e2.out)
     packed = dict(causal=True, align="bottom_right", softcap=2.5)
     qp, kp, vp = q[0].swapaxes(0, 1), k[0].swapaxes(0, 1), v[0].swapaxes(0, 1)  # (T, H, Dk) ...
-    same(varlen.varlen_attention(qp, kp, vp, [0, T], [0, S], options=AttentionOptions(**packed)),
-         varlen.varlen_attention(qp, kp, vp, [0, T], [0, S], **packed))
+    same(
+        varlen.varlen_attention(qp, kp, vp, [0, T], [0, S], options=AttentionOptions(**packed)),
+        varlen.varlen_attention(qp, kp, vp, [0, T], [0, S], **packed),
+    )
     cache = decode.KVCache.empty((B,), num_kv_heads=HKV, head_dim=DK, v_head_dim=DV)
-    d1 = decode.decode_step(q, cache, k[:, :, :T], v[:, :, :T], options=AttentionOptions(softcap=2.5))
+    d1 = decode.decode_step(
+        q, cache, k[:, :, :T], v[:, :, :T], options=AttentionOptions(softcap=2.5)
+    )
     d2 = decode.decode_step(q, cache, k[:, :, :T], v[:, :, :T], softcap=2.5)
     same(d1.out, d2.out)
 
@@ -81,39 +115,65 @@ def test_a_keyword_overrides_the_object(qkv):
     opts = AttentionOptions(causal=True, scale=0.1)
     np.testing.assert_array_equal(
         ar.scaled_dot_product_attention(q, k, v, options=opts, scale=0.7),
-        ar.scaled_dot_product_attention(q, k, v, causal=True, scale=0.7))
+        ar.scaled_dot_product_attention(q, k, v, causal=True, scale=0.7),
+    )
     assert opts.scale == 0.1  # the object is unchanged (frozen)
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.causal = False  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("call", [
-    lambda q, k, v: ar.scaled_dot_product_attention(q, k, v, is_causal=True),
-    lambda q, k, v: flash.flash_attention_forward(q, k, v, is_causal=True),
-    lambda q, k, v: exact.exact_sdpa(q[:1], k[:1], v[:1], is_causal=True),
-    lambda q, k, v: ar.scaled_dot_product_attention(q, k, v, options={"causal": True}),
-], ids=["plain", "tiled", "exact", "options-dict"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda q, k, v: ar.scaled_dot_product_attention(q, k, v, is_causal=True),
+        lambda q, k, v: flash.flash_attention_forward(q, k, v, is_causal=True),
+        lambda q, k, v: exact.exact_sdpa(q[:1], k[:1], v[:1], is_causal=True),
+        lambda q, k, v: ar.scaled_dot_product_attention(q, k, v, options={"causal": True}),
+    ],
+    ids=["plain", "tiled", "exact", "options-dict"],
+)
 def test_unknown_option_is_a_type_error_naming_it(qkv, call):
     q, k, v, _ = qkv
     with pytest.raises(TypeError, match="is_causal|options must be an AttentionOptions"):
         call(q, k, v)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda q, k, v: flash.flash_attention_forward(q, k, v, dropout_p=0.1,
-                                                   dropout_mask=np.ones((B, H, T, S), bool)),
-     "tiled path does not support dropout"),
-    (lambda q, k, v: varlen.varlen_attention(q[0].swapaxes(0, 1), k[0].swapaxes(0, 1),
-                                             v[0].swapaxes(0, 1), [0, T], [0, S],
-                                             mask=np.ones((T, S), bool)),
-     "varlen attention does not support mask"),
-    (lambda q, k, v: decode.decode_step(
-        q, decode.KVCache.empty((B,), HKV, DK, DV), k[:, :, :T], v[:, :, :T],
-        mask=np.ones((T, T), bool)),
-     "decode_step does not support mask"),
-    (lambda q, k, v: exact.exact_sdpa(q[:1], k[:1], v[:1], dtype=np.float32),
-     "exact reference does not support dtype"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda q, k, v: flash.flash_attention_forward(
+                q, k, v, dropout_p=0.1, dropout_mask=np.ones((B, H, T, S), bool)
+            ),
+            "tiled path does not support dropout",
+        ),
+        (
+            lambda q, k, v: varlen.varlen_attention(
+                q[0].swapaxes(0, 1),
+                k[0].swapaxes(0, 1),
+                v[0].swapaxes(0, 1),
+                [0, T],
+                [0, S],
+                mask=np.ones((T, S), bool),
+            ),
+            "varlen attention does not support mask",
+        ),
+        (
+            lambda q, k, v: decode.decode_step(
+                q,
+                decode.KVCache.empty((B,), HKV, DK, DV),
+                k[:, :, :T],
+                v[:, :, :T],
+                mask=np.ones((T, T), bool),
+            ),
+            "decode_step does not support mask",
+        ),
+        (
+            lambda q, k, v: exact.exact_sdpa(q[:1], k[:1], v[:1], dtype=np.float32),
+            "exact reference does not support dtype",
+        ),
+    ],
+)
 def test_a_path_refuses_what_it_cannot_compute_by_name(qkv, call, match):
     q, k, v, _ = qkv
     with pytest.raises(ValueError, match=match):
@@ -154,11 +214,16 @@ def loops(T_, S_, mask, causal, align, window, bias):
 def test_dense_and_tiles_equal_the_definition(rng, T_, S_, align):
     for trial in range(6):
         mask = rng.random((T_, S_)) > 0.3 if trial % 2 else None
-        bias = np.where(rng.random((T_, S_)) > 0.8, -np.inf, rng.normal(size=(T_, S_))) if trial % 3 == 0 else None
+        bias = (
+            np.where(rng.random((T_, S_)) > 0.8, -np.inf, rng.normal(size=(T_, S_)))
+            if trial % 3 == 0
+            else None
+        )
         causal = bool(trial % 2)
         window = [(1, None), (None, 2), (2, 1), None, (0, 0), (3, None)][trial]
-        pairs = AllowedPairs.build(T_, S_, mask=mask, causal=causal, align=align, window=window,
-                                   bias=bias)
+        pairs = AllowedPairs.build(
+            T_, S_, mask=mask, causal=causal, align=align, window=window, bias=bias
+        )
         want = loops(T_, S_, mask, causal, align, window, bias)
         dense = pairs.dense()
         got = np.ones((T_, S_), bool) if dense is None else np.broadcast_to(dense, (T_, S_))
@@ -179,7 +244,7 @@ def test_sequence_lengths_are_masks_built_by_hand():
     pairs = AllowedPairs.build(3, 5, key_lengths=klen, query_lengths=qlen)
     want = np.zeros((2, 1, 3, 5), dtype=bool)
     for b in range(2):
-        want[b, 0, :qlen[b], :klen[b]] = True
+        want[b, 0, : qlen[b], : klen[b]] = True
     np.testing.assert_array_equal(np.broadcast_to(pairs.dense(), want.shape), want)
     with pytest.raises(ValueError, match="key_lengths must be in"):
         AllowedPairs.build(3, 5, key_lengths=np.array([6]))

@@ -1,4 +1,5 @@
 """Projection (linear) and head split/merge: definitions, round trips, backwards by FD."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,7 @@ def test_split_heads_layout(rng):
     y = ar.split_heads(x, 4)
     assert y.shape == (2, 4, 3, 3)
     for h in range(4):  # head h owns columns h*Dh:(h+1)*Dh
-        np.testing.assert_array_equal(y[:, h], x[..., h * 3:(h + 1) * 3])
+        np.testing.assert_array_equal(y[:, h], x[..., h * 3 : (h + 1) * 3])
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 6])
@@ -49,6 +50,8 @@ def test_merge_inverts_split_and_split_inverts_merge(rng, num_heads):
 
 def test_head_backwards_match_finite_differences(rng):
     x, c = rng.normal(size=(2, 3, 6)), rng.normal(size=(2, 3, 3, 2))
-    assert check_vjp(lambda x: ar.split_heads(x, 3), {"x": x}, c, {"x": ar.split_heads_backward(c)}).passed
+    assert check_vjp(
+        lambda x: ar.split_heads(x, 3), {"x": x}, c, {"x": ar.split_heads_backward(c)}
+    ).passed
     z, c2 = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 4, 6))
     assert check_vjp(ar.merge_heads, {"x": z}, c2, {"x": ar.merge_heads_backward(c2, 3)}).passed

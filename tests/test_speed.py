@@ -1,5 +1,6 @@
 """The fast plain path: in-place updates never reach the caller's arrays or the trace; the
 softmax and its backward's shortcuts equal the literal stages; ``benchmarks/speed.py --quick`` runs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attention_ref import sdpa_backward, sdpa_forward, softmax
+from attention_ref import causal_mask, sdpa_backward, sdpa_forward, softmax
 from attention_ref.core.attention import dropout_backward
-from attention_ref import causal_mask
 from attention_ref.core.scores import apply_mask_backward
 from attention_ref.core.softmax import softmax_grad
 
@@ -26,19 +26,27 @@ OPTION_SETS = {
 
 
 def _snapshot(trace) -> dict[str, np.ndarray]:
-    return {name: np.array(value, copy=True) for name, value in trace._asdict().items()
-            if isinstance(value, np.ndarray)}
+    return {
+        name: np.array(value, copy=True)
+        for name, value in trace._asdict().items()
+        if isinstance(value, np.ndarray)
+    }
 
 
 def _assert_unchanged(trace, snapshot: dict[str, np.ndarray]) -> None:
     for field, before in snapshot.items():
-        np.testing.assert_array_equal(getattr(trace, field), before, err_msg=f"trace.{field} was written")
+        np.testing.assert_array_equal(
+            getattr(trace, field), before, err_msg=f"trace.{field} was written"
+        )
 
 
 def test_the_trace_check_catches_a_write(rng):
     """The comparison below is not vacuous: one entry written into the trace's weights fails it."""
-    trace = sdpa_forward(rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)),
-                         rng.normal(size=(B, HKV, S, DV)))
+    trace = sdpa_forward(
+        rng.normal(size=(B, H, T, DK)),
+        rng.normal(size=(B, HKV, S, DK)),
+        rng.normal(size=(B, HKV, S, DV)),
+    )
     snapshot = _snapshot(trace)
     trace.probs[1, 2, 0, 3] += 0.5  # what an in-place softmax backward on the wrong array would do
     with pytest.raises(AssertionError, match="trace.probs"):
@@ -49,7 +57,11 @@ def test_the_trace_check_catches_a_write(rng):
 def test_backward_writes_neither_the_trace_nor_the_inputs(rng, name):
     """sdpa_backward updates its own (..., H, T, S) gradient in place: the trace and dout stay as
     they were, and a second backward on the same trace gives the same gradients."""
-    q, k, v = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)), rng.normal(size=(B, HKV, S, DV))
+    q, k, v = (
+        rng.normal(size=(B, H, T, DK)),
+        rng.normal(size=(B, HKV, S, DK)),
+        rng.normal(size=(B, HKV, S, DV)),
+    )
     dout = rng.normal(size=(B, H, T, DV))
     options = dict(OPTION_SETS[name])
     if options.get("dropout_p"):
@@ -98,7 +110,11 @@ def test_softmax_of_logits_equals_softmax_of_masked_scores(rng):
     masked scores (exp(fill - max) underflows to exactly 0), even where a masked logit would
     overflow exp or is a -inf bias. Forgetting to zero the masked weights fails it."""
     fill = np.finfo(np.float64).min
-    q, k, v = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)), rng.normal(size=(B, HKV, S, DV))
+    q, k, v = (
+        rng.normal(size=(B, H, T, DK)),
+        rng.normal(size=(B, HKV, S, DK)),
+        rng.normal(size=(B, HKV, S, DV)),
+    )
     mask = rng.random((B, 1, T, S)) < 0.5
     mask[..., 0] = True  # every row has an allowed key
     bias = 30 * rng.normal(size=(H, T, S))  # large scores: some allowed weights underflow too
@@ -118,13 +134,27 @@ def test_softmax_of_logits_equals_softmax_of_masked_scores(rng):
 def test_backward_shortcuts_equal_the_stage_by_stage_backward(rng, empty_rows):
     """sdpa_backward zeroes masked gradients only on empty rows (elsewhere P = 0 there, so (A11)
     gave 0 already): equal to the literal stages, (A12) on every masked entry, to rounding."""
-    q, k, v = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK)), rng.normal(size=(B, HKV, S, DV))
+    q, k, v = (
+        rng.normal(size=(B, H, T, DK)),
+        rng.normal(size=(B, HKV, S, DK)),
+        rng.normal(size=(B, HKV, S, DV)),
+    )
     dout = rng.normal(size=(B, H, T, DV))
     mask = rng.random((B, 1, T, S)) < 0.6
     mask[0, 0, 1] = False  # one empty row in each head of batch 0
     keep = rng.random((B, H, T, S)) >= 0.2
-    trace = sdpa_forward(q, k, v, mask=mask, bias=rng.normal(size=(H, T, S)), causal=True,
-                         align="bottom_right", dropout_p=0.2, dropout_mask=keep, empty_rows=empty_rows)
+    trace = sdpa_forward(
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=rng.normal(size=(H, T, S)),
+        causal=True,
+        align="bottom_right",
+        dropout_p=0.2,
+        dropout_mask=keep,
+        empty_rows=empty_rows,
+    )
     got = sdpa_backward(dout, trace)
     # The literal stages, (A8)-(A16), on the same trace:
     dprobs = (dout @ trace.v.repeat(H // HKV, axis=-3).swapaxes(-1, -2)) * keep / 0.8  # (A8), (A10)
@@ -147,9 +177,13 @@ def test_speed_benchmark_quick_prints_ratios():
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert any(line.startswith("threads:") for line in lines), run.stdout
-    assert any(line.startswith("Every contender's dq, dk, dv equal ours to 1e-10 of their "
-                               "largest entry (torch SDPA, torch math, tiled")
-               for line in lines), run.stdout
+    assert any(
+        line.startswith(
+            "Every contender's dq, dk, dv equal ours to 1e-10 of their "
+            "largest entry (torch SDPA, torch math, tiled"
+        )
+        for line in lines
+    ), run.stdout
     rows = [line for line in lines if line.startswith("| none ") or line.startswith("| causal ")]
     assert len(rows) == 2, run.stdout
     for row in rows:
@@ -166,17 +200,24 @@ def test_speed_benchmark_quick_prints_ratios():
 def _run_speed_quick(*args: str, plant: str = "") -> subprocess.CompletedProcess:
     """``benchmarks/speed.py --quick *args`` in a fresh interpreter, after running ``plant``."""
     speed = str(ROOT / "benchmarks" / "speed.py")
-    code = (f"{plant}\nimport runpy, sys\nsys.argv = [{speed!r}, '--quick', *{list(args)!r}]\n"
-            f"runpy.run_path({speed!r}, run_name='__main__')\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    code = (
+        f"{plant}\nimport runpy, sys\nsys.argv = [{speed!r}, '--quick', *{list(args)!r}]\n"
+        f"runpy.run_path({speed!r}, run_name='__main__')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 #: A gradient 1% wrong, planted before the benchmark runs: which function, which of its
 #: gradients, and the contenders' gradients the benchmark must then report as differing.
 SPEED_BUGS = {
-    "ours": ("attention_ref", "sdpa_backward", "dk",
-             {"torch SDPA dk", "torch math dk", "tiled dk"}),
+    "ours": (
+        "attention_ref",
+        "sdpa_backward",
+        "dk",
+        {"torch SDPA dk", "torch math dk", "tiled dk"},
+    ),
     "tiled": ("attention_ref.variants.flash", "flash_attention_backward", "dq", {"tiled dq"}),
 }
 
@@ -192,17 +233,22 @@ def test_speed_benchmark_stops_on_a_wrong_contender(wrong):
 
     require_torch()
     module, name, field, expected = SPEED_BUGS[wrong]
-    plant = (f"import importlib\nmodule = importlib.import_module({module!r})\n"
-             f"right = getattr(module, {name!r})\n"
-             f"def wrong(*args, **kwargs):\n"
-             f"    grads = right(*args, **kwargs)\n"
-             f"    return grads._replace({field}=1.01 * grads.{field})\n"
-             f"setattr(module, {name!r}, wrong)\n")
+    plant = (
+        f"import importlib\nmodule = importlib.import_module({module!r})\n"
+        f"right = getattr(module, {name!r})\n"
+        f"def wrong(*args, **kwargs):\n"
+        f"    grads = right(*args, **kwargs)\n"
+        f"    return grads._replace({field}=1.01 * grads.{field})\n"
+        f"setattr(module, {name!r}, wrong)\n"
+    )
     run = _run_speed_quick("--no-growth", "--repeats", "1", plant=plant)
     assert run.returncode == 1, (run.stdout, run.stderr)
     assert "stopped before timing" in run.stderr, run.stderr
-    reported = re.findall(r"^  (.+ d[qkv]) \(mask none\): max abs diff vs ours (\S+) = (\S+) of",
-                          run.stderr, flags=re.M)
+    reported = re.findall(
+        r"^  (.+ d[qkv]) \(mask none\): max abs diff vs ours (\S+) = (\S+) of",
+        run.stderr,
+        flags=re.M,
+    )
     assert {contender for contender, _, _ in reported} == expected, run.stderr
     for _, _, relative in reported:  # 1% of the gradient entries: about 1e-2 of the largest
         assert 1e-4 < float(relative) <= 1.01e-2, run.stderr

@@ -1,4 +1,5 @@
 """Stable softmax and logsumexp: scipy agreement, properties, extreme logits, backwards by FD."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,10 +15,17 @@ SCIPY_RTOL = 1e-14  # two max-shifted float64 evaluations of the same formula
 @pytest.mark.parametrize("axis", [-1, 0, 1])
 def test_softmax_and_logsumexp_agree_with_scipy(rng, axis):
     x = 5 * rng.normal(size=(3, 4, 5))
-    np.testing.assert_allclose(ar.softmax(x, axis=axis), scipy.special.softmax(x, axis=axis), rtol=SCIPY_RTOL)
-    np.testing.assert_allclose(ar.logsumexp(x, axis=axis), scipy.special.logsumexp(x, axis=axis), rtol=SCIPY_RTOL)
-    np.testing.assert_allclose(ar.logsumexp(x, axis=axis, keepdims=True),
-                               scipy.special.logsumexp(x, axis=axis, keepdims=True), rtol=SCIPY_RTOL)
+    np.testing.assert_allclose(
+        ar.softmax(x, axis=axis), scipy.special.softmax(x, axis=axis), rtol=SCIPY_RTOL
+    )
+    np.testing.assert_allclose(
+        ar.logsumexp(x, axis=axis), scipy.special.logsumexp(x, axis=axis), rtol=SCIPY_RTOL
+    )
+    np.testing.assert_allclose(
+        ar.logsumexp(x, axis=axis, keepdims=True),
+        scipy.special.logsumexp(x, axis=axis, keepdims=True),
+        rtol=SCIPY_RTOL,
+    )
 
 
 def test_rows_sum_to_one_and_are_shift_invariant(rng):
@@ -34,7 +42,9 @@ def test_logits_scaled_to_1e4_neither_overflow_nor_nan(rng):
     p, lse = ar.softmax(x), ar.logsumexp(x)
     assert np.all(np.isfinite(p)) and np.all(np.isfinite(lse))
     np.testing.assert_allclose(p.sum(axis=-1), 1.0, rtol=1e-15)
-    np.testing.assert_array_equal(lse, x.max(axis=-1))  # the other terms are below float64 resolution
+    np.testing.assert_array_equal(
+        lse, x.max(axis=-1)
+    )  # the other terms are below float64 resolution
     g = ar.softmax_backward(rng.normal(size=x.shape), p)
     assert np.all(np.isfinite(g))
 
@@ -62,7 +72,9 @@ def test_logsumexp_backward_matches_finite_differences(rng, keepdims):
     x = 2 * rng.normal(size=(3, 5))
     c = rng.normal(size=(3, 1) if keepdims else (3,))
     g = ar.logsumexp_backward(c, x, axis=-1, keepdims=keepdims)
-    assert check_vjp(lambda x: ar.logsumexp(x, axis=-1, keepdims=keepdims), {"x": x}, c, {"x": g}).passed
+    assert check_vjp(
+        lambda x: ar.logsumexp(x, axis=-1, keepdims=keepdims), {"x": x}, c, {"x": g}
+    ).passed
 
 
 def test_softmax_backward_equals_the_dense_jacobian_product(rng):

@@ -1,17 +1,24 @@
 """Each internal stage of attention has its own finite-difference check (random cotangents,
 GQA with Hkv < H, T != S, Dk != Dv, batch > 1), not only through the composite."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from attention_ref.core.attention import dropout_backward, dropout_forward
-from attention_ref.gradcheck import check_vjp
 from attention_ref.core.masks import causal_mask
 from attention_ref.core.scores import (
-    add_bias_backward, apply_mask, apply_mask_backward, scaled_scores,
-    scaled_scores_backward, softcap_backward, softcap_forward, weighted_values,
+    add_bias_backward,
+    apply_mask,
+    apply_mask_backward,
+    scaled_scores,
+    scaled_scores_backward,
+    softcap_backward,
+    softcap_forward,
+    weighted_values,
     weighted_values_backward,
 )
+from attention_ref.gradcheck import check_vjp
 
 B, H, HKV, T, S, DK, DV = 2, 4, 2, 3, 5, 4, 6
 SCALE = 0.7
@@ -21,7 +28,9 @@ def test_scaled_scores_backward(rng):
     q, k = rng.normal(size=(B, H, T, DK)), rng.normal(size=(B, HKV, S, DK))
     c = rng.normal(size=(B, H, T, S))
     dq, dk = scaled_scores_backward(c, q, k, SCALE)
-    result = check_vjp(lambda q, k: scaled_scores(q, k, SCALE), {"q": q, "k": k}, c, {"q": dq, "k": dk})
+    result = check_vjp(
+        lambda q, k: scaled_scores(q, k, SCALE), {"q": q, "k": k}, c, {"q": dq, "k": dk}
+    )
     assert result.passed, f"\n{result}"
 
 

@@ -5,12 +5,14 @@ attention written here, PyTorch's bfloat16/float16 SDPA on the CPU, the reordere
 candidates with planted bugs (scale off by 1%, a causal mask off by one position), and show the
 rule passing the first and failing the second.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from conftest import require_torch
 
 from attention_ref import scaled_dot_product_attention as sdpa
 from attention_ref.cases import cases, get_case
@@ -28,14 +30,15 @@ from attention_ref.testing import (
     round_to_bfloat16,
     sdpa_baseline,
 )
-from conftest import require_torch
 
 # ----------------------------------------------------------------------------- bfloat16 emulation
 
 
 def test_bfloat16_rounding_by_hand():
     # spacing of bfloat16 at 1 is 2^-7: 1 + 2^-8 is a tie between 1 (even) and 1 + 2^-7 (odd)
-    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 2.0**-130, 0.0, -0.0])
+    x = np.array(
+        [1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8), 2.0**-130, 0.0, -0.0]
+    )
     want = [1.0, 1.0, 1 + 2**-6, 1 + 2**-7, -1.0, 2.0**-130, 0.0, -0.0]
     got = round_to_bfloat16(x)
     assert got.dtype == np.float32 and got.tolist() == want
@@ -84,21 +87,25 @@ def test_noise_floor_is_two_ulps_of_the_output_plus_point_three(rng):
     assert noise_floor([np.nan, np.inf], "float32") == 0.0  # nothing finite: no floor
     # np.spacing: the gap above a value of that dtype; bfloat16 keeps float32's exponent and 16
     # fewer significand bits, so its gap is float32's times 2^16
-    spacing = {"float64": lambda x: np.spacing(np.float64(x)),
-               "float32": lambda x: np.spacing(np.float32(x)),
-               "float16": lambda x: np.spacing(np.float16(x)),
-               "bfloat16": lambda x: np.spacing(np.float32(x)) * 2.0**16}
+    spacing = {
+        "float64": lambda x: np.spacing(np.float64(x)),
+        "float32": lambda x: np.spacing(np.float32(x)),
+        "float16": lambda x: np.spacing(np.float16(x)),
+        "bfloat16": lambda x: np.spacing(np.float32(x)) * 2.0**16,
+    }
     for m in rng.uniform(0.0, 1.0, 60) * 10.0 ** rng.integers(-4, 4, 60):  # max|r| over 8 decades
         r = m * rng.uniform(-1, 1, 5)
         top = float(np.max(np.abs(r))) + 0.3
         for precision, gap in spacing.items():
             assert noise_floor(r, precision) == 2 * float(gap(top)), (precision, top)
+
     # the empirical form, on 10^5 entries per case, each precision's own arithmetic; the last
     # subtraction is exact in float64
     def numpy_empirical(dtype):
         def fl_fl(r):
             rp = r.astype(dtype)
             return ((rp + 0.3) - 0.3).astype(np.float64), rp.astype(np.float64)  # NEP 50: in dtype
+
         return fl_fl
 
     def bfloat16_empirical(r):
@@ -106,8 +113,12 @@ def test_noise_floor_is_two_ulps_of_the_output_plus_point_three(rng):
         rp = torch.from_numpy(r).to(torch.bfloat16)
         return (rp + 0.3 - 0.3).double().numpy(), rp.double().numpy()
 
-    forms = {"float64": numpy_empirical(np.float64), "float32": numpy_empirical(np.float32),
-             "float16": numpy_empirical(np.float16), "bfloat16": bfloat16_empirical}
+    forms = {
+        "float64": numpy_empirical(np.float64),
+        "float32": numpy_empirical(np.float32),
+        "float16": numpy_empirical(np.float16),
+        "bfloat16": bfloat16_empirical,
+    }
     for precision, fl_fl in forms.items():
         ratios = {}
         for m in (0.01, 0.2, 0.69, 1.0, 1.5, 3.0, 200.0):  # 0.69, 1.5: r fills m + 0.3's binade
@@ -187,31 +198,47 @@ def _float32_attention(q, k, v, *, scale=None, causal=False, shift=0):
 
 @pytest.fixture
 def qkv(rng):
-    return rng.normal(size=(2, 4, 32, 16)), rng.normal(size=(2, 4, 40, 16)), rng.normal(size=(2, 4, 40, 16))
+    return (
+        rng.normal(size=(2, 4, 32, 16)),
+        rng.normal(size=(2, 4, 40, 16)),
+        rng.normal(size=(2, 4, 40, 16)),
+    )
 
 
 def test_budget_passes_an_honest_float32_candidate_and_fails_planted_bugs(qkv):
     q, k, v = qkv
     ref = sdpa(q, k, v, causal=True)
     base = sdpa(q, k, v, causal=True, dtype=np.float32)  # the baseline: the reference in float32
-    report = assert_within_budget(_float32_attention(q, k, v, causal=True), ref, base, precision="float32")
+    report = assert_within_budget(
+        _float32_attention(q, k, v, causal=True), ref, base, precision="float32"
+    )
     assert report.ratio < OUTPUT_BUDGET
-    scale_bug = check_budget(_float32_attention(q, k, v, causal=True, scale=1.01 / 4), ref, base, precision="float32")
-    mask_bug = check_budget(_float32_attention(q, k, v, causal=True, shift=1), ref, base, precision="float32")
+    scale_bug = check_budget(
+        _float32_attention(q, k, v, causal=True, scale=1.01 / 4), ref, base, precision="float32"
+    )
+    mask_bug = check_budget(
+        _float32_attention(q, k, v, causal=True, shift=1), ref, base, precision="float32"
+    )
     assert not scale_bug.passed and scale_bug.ratio > 1e3
     assert not mask_bug.passed and mask_bug.ratio > 1e3
     with pytest.raises(AssertionError, match="OVER BUDGET"):
-        assert_within_budget(_float32_attention(q, k, v, causal=True, shift=1), ref, base, precision="float32")
+        assert_within_budget(
+            _float32_attention(q, k, v, causal=True, shift=1), ref, base, precision="float32"
+        )
 
 
 def test_budget_with_an_emulated_bfloat16_candidate(qkv):
     q, k, v = qkv
     ref = sdpa(q, k, v, causal=True)
     base = sdpa_baseline(q, k, v, precision="bfloat16", causal=True)
-    honest = sdpa_baseline(q * 1.0, k, v, precision="bfloat16", causal=True, reorder=True, scale=0.3)
+    honest = sdpa_baseline(
+        q * 1.0, k, v, precision="bfloat16", causal=True, reorder=True, scale=0.3
+    )
     ref_03 = sdpa(q, k, v, causal=True, scale=0.3)
     base_03 = sdpa_baseline(q, k, v, precision="bfloat16", causal=True, scale=0.3)
-    assert check_budget(honest.out, ref_03, base_03.out, precision="bfloat16").passed  # a different order passes
+    assert check_budget(
+        honest.out, ref_03, base_03.out, precision="bfloat16"
+    ).passed  # a different order passes
     # a causal mask shifted by one position is far outside a bfloat16 budget
     shifted = sdpa_baseline(q, k, v, precision="bfloat16", mask=np.tri(32, 40, k=1, dtype=bool))
     report = check_budget(shifted.out, ref, base.out, precision="bfloat16")
@@ -229,16 +256,29 @@ def test_reordered_baseline_is_within_budget_on_every_case(case, precision):
 
     data = case.build()
     if case.kind == "sdpa":
-        cand = sdpa_baseline(**data.inputs, dout=data.cotangent, precision=precision, reorder=True, **data.options)
+        cand = sdpa_baseline(
+            **data.inputs, dout=data.cotangent, precision=precision, reorder=True, **data.options
+        )
     else:
         w = {n: a for n, a in data.inputs.items() if n.startswith(("w_", "b_"))}
         extra = {"bias": data.inputs["bias"]} if "bias" in data.inputs else {}
-        cand = mha_baseline(data.inputs["query"], data.inputs["key"], data.inputs["value"], MultiHeadParams(**w),
-                            data.cotangent, precision=precision, reorder=True, **extra, **data.options)
+        cand = mha_baseline(
+            data.inputs["query"],
+            data.inputs["key"],
+            data.inputs["value"],
+            MultiHeadParams(**w),
+            data.cotangent,
+            precision=precision,
+            reorder=True,
+            **extra,
+            **data.options,
+        )
     reports = budget_reports(data, cand.out, cand.grads, precision=precision)
     assert len(reports) == 1 + len(data.inputs)
     assert all(r.passed for r in reports), "\n".join(map(str, reports))
-    assert [r.rtol_budget for r in reports] == [OUTPUT_BUDGET] + [GRADIENT_BUDGET] * len(data.inputs)
+    assert [r.rtol_budget for r in reports] == [OUTPUT_BUDGET] + [GRADIENT_BUDGET] * len(
+        data.inputs
+    )
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
@@ -259,16 +299,31 @@ def test_budget_on_torch_low_precision_sdpa(dtype_name, qkv):
     base = sdpa_baseline(q, k, v, data_dout, precision=dtype_name, causal=True)
     assert base.grads is not None
     assert_within_budget(out, ref_out, base.out, precision=dtype_name, name="out")
-    for name, theirs, ref in (("q", tq.grad, ref_g.dq), ("k", tk.grad, ref_g.dk), ("v", tv.grad, ref_g.dv)):
-        assert_within_budget(theirs, ref, base.grads[name], precision=dtype_name, rtol_budget=GRADIENT_BUDGET,
-                             name="d" + name)
+    for name, theirs, ref in (
+        ("q", tq.grad, ref_g.dq),
+        ("k", tk.grad, ref_g.dk),
+        ("v", tv.grad, ref_g.dv),
+    ):
+        assert_within_budget(
+            theirs,
+            ref,
+            base.grads[name],
+            precision=dtype_name,
+            rtol_budget=GRADIENT_BUDGET,
+            name="d" + name,
+        )
 
 
 def test_budget_report_reads_without_a_debugger(qkv):
     q, k, v = qkv
     ref = sdpa(q, k, v)
-    r = check_budget(_float32_attention(q, k, v, scale=0.3), ref, sdpa(q, k, v, dtype=np.float32),
-                     precision="float32", name="out")
+    r = check_budget(
+        _float32_attention(q, k, v, scale=0.3),
+        ref,
+        sdpa(q, k, v, dtype=np.float32),
+        precision="float32",
+        name="out",
+    )
     text = str(r)
     assert text.startswith("out: OVER BUDGET (float32): candidate error")
     assert "2 x baseline error" in text and "at index" in text and "ratio" in text

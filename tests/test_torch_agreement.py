@@ -16,6 +16,7 @@ Every gradient is a vector-Jacobian product with a random cotangent (``out.backw
 conversion shows here as a disagreement. The tests skip without torch, and fail when
 ``ATTENTION_REF_REQUIRE_TORCH=1``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Mapping
 
 import numpy as np
 import pytest
+from conftest import require_torch
 
 from attention_ref import (
     causal_mask,
@@ -40,7 +42,6 @@ from attention_ref.adapters.torch import (
     torch_sdpa_kwargs,
 )
 from attention_ref.gradcheck import error_report
-from conftest import require_torch
 
 #: Pass threshold on max|ours - torch| / max|torch|. Both sides compute the same float64 formulas in
 #: different summation orders: a few ulps (u = 1.1e-16) per reduction over at most a few dozen terms
@@ -72,16 +73,22 @@ def assert_agree(
         if name in scale_from:
             scale = max(scale, float(np.abs(theirs[scale_from[name]]).max()))
         if finite and not (np.isfinite(actual).all() and np.isfinite(expected).all()):
-            failures.append(f"{name}: non-finite entries (ours {int((~np.isfinite(actual)).sum())}, "
-                            f"torch {int((~np.isfinite(expected)).sum())})")
+            failures.append(
+                f"{name}: non-finite entries (ours {int((~np.isfinite(actual)).sum())}, "
+                f"torch {int((~np.isfinite(expected)).sum())})"
+            )
         elif report.nonfinite_mismatch or report.max_abs_error > TORCH_RTOL * scale:
-            failures.append(f"{name}: {report}" + (f"; measured against {scale:.2e}" if name in scale_from else ""))
+            failures.append(
+                f"{name}: {report}"
+                + (f"; measured against {scale:.2e}" if name in scale_from else "")
+            )
     assert not failures, "disagreement with torch:\n" + "\n".join(failures)
 
 
 # ---------------------------------------------------------------------------------------------
 # scaled_dot_product_attention vs torch.nn.functional.scaled_dot_product_attention
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SdpaCase:
@@ -93,9 +100,13 @@ class SdpaCase:
     S: int = 5
     Dk: int = 6
     Dv: int = 4
-    mask: str = "none"  # "none", "bool" (True = may attend) or "float" (additive, some -inf entries)
+    mask: str = (
+        "none"  # "none", "bool" (True = may attend) or "float" (additive, some -inf entries)
+    )
     mask_dims: str = "BHTS"  # the mask's shape in glossary letters, "1" for a broadcast axis
-    causal: str | None = None  # None, "top_left" (torch is_causal) or "bottom_right" (causal_lower_right)
+    causal: str | None = (
+        None  # None, "top_left" (torch is_causal) or "bottom_right" (causal_lower_right)
+    )
     empty_row: bool = False  # mask out every key of one query row
 
 
@@ -150,22 +161,42 @@ def sdpa_both(torch, case: SdpaCase, rng: np.random.Generator):
     mask, bias = _sdpa_mask(case, rng)
     dout = rng.normal(size=(case.B, case.H, case.T, case.Dv))
 
-    options = dict(mask=mask, bias=bias, causal=case.causal is not None, align=case.causal or "top_left")
+    options = dict(
+        mask=mask, bias=bias, causal=case.causal is not None, align=case.causal or "top_left"
+    )
     g = scaled_dot_product_attention_backward(dout, q, k, v, **options)
-    ours = {"out": scaled_dot_product_attention(q, k, v, **options), "dq": g.dq, "dk": g.dk, "dv": g.dv}
+    ours = {
+        "out": scaled_dot_product_attention(q, k, v, **options),
+        "dq": g.dq,
+        "dk": g.dk,
+        "dv": g.dv,
+    }
     if bias is not None:
         ours["dbias"] = g.dbias
 
-    leaves = {name: torch.tensor(a, requires_grad=True)
-              for name, a in (("q", q), ("k", k), ("v", v), ("bias", bias)) if a is not None}
+    leaves = {
+        name: torch.tensor(a, requires_grad=True)
+        for name, a in (("q", q), ("k", k), ("v", v), ("bias", bias))
+        if a is not None
+    }
     # is_causal (top_left), causal_lower_right (bottom_right, T <= S) or an explicit mask (T > S),
     # a boolean attn_mask or the float one built from the bias leaf (so its gradient is torch's)
-    kwargs = torch_sdpa_kwargs(case.T, case.S, num_heads=case.H, num_kv_heads=case.Hkv,
-                               **{**options, "bias": leaves.get("bias")})
+    kwargs = torch_sdpa_kwargs(
+        case.T,
+        case.S,
+        num_heads=case.H,
+        num_kv_heads=case.Hkv,
+        **{**options, "bias": leaves.get("bias")},
+    )
     with sdpa_kernel(SDPBackend.MATH):
-        out = torch.nn.functional.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            leaves["q"], leaves["k"], leaves["v"], **kwargs
+        )
     out.backward(torch.from_numpy(dout))
-    theirs = {"out": out.detach().numpy(), **{f"d{name}": t.grad.numpy() for name, t in leaves.items()}}
+    theirs = {
+        "out": out.detach().numpy(),
+        **{f"d{name}": t.grad.numpy() for name, t in leaves.items()},
+    }
     return ours, theirs
 
 
@@ -179,6 +210,7 @@ def test_sdpa_agrees_with_torch(case, rng):
 # multi_head_attention vs torch.nn.MultiheadAttention
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class MhaCase:
     name: str
@@ -191,9 +223,13 @@ class MhaCase:
     kdim: int | None = None  # key input width (None: E, packed in_proj_weight)
     vdim: int | None = None  # value input width
     bias: bool = True
-    key_padding: str = "none"  # "none", "tail" (the last keys of batch element 1) or "all" (all of them)
+    key_padding: str = (
+        "none"  # "none", "tail" (the last keys of batch element 1) or "all" (all of them)
+    )
     causal: bool = False  # torch: a boolean attn_mask, True (= ignore) above the diagonal
-    need_weights: bool = False  # torch's explicit-softmax path, which also returns head-averaged weights
+    need_weights: bool = (
+        False  # torch's explicit-softmax path, which also returns head-averaged weights
+    )
     empty_rows: str = "zero"  # our policy for the fully padded batch element of key_padding="all"
     grads: bool = True
 
@@ -203,17 +239,40 @@ MHA_CASES = [
     MhaCase("self-no_bias", T=5, S=5, bias=False),
     MhaCase("self-causal-key_padding", T=5, S=5, causal=True, key_padding="tail"),
     MhaCase("cross-packed-T<S-key_padding", kind="cross", T=3, S=6, key_padding="tail"),
-    MhaCase("cross-kdim_vdim-bias-key_padding", kind="cross", H=4, T=3, S=7, kdim=6, vdim=5, key_padding="tail"),
+    MhaCase(
+        "cross-kdim_vdim-bias-key_padding",
+        kind="cross",
+        H=4,
+        T=3,
+        S=7,
+        kdim=6,
+        vdim=5,
+        key_padding="tail",
+    ),
     MhaCase("cross-kdim_vdim-no_bias-T>S", kind="cross", T=6, S=3, kdim=5, vdim=3, bias=False),
-    MhaCase("cross-kdim_vdim-need_weights", kind="cross", H=4, T=3, S=5, kdim=6, vdim=5,
-            key_padding="tail", need_weights=True),
+    MhaCase(
+        "cross-kdim_vdim-need_weights",
+        kind="cross",
+        H=4,
+        T=3,
+        S=5,
+        kdim=6,
+        vdim=5,
+        key_padding="tail",
+        need_weights=True,
+    ),
     # A fully padded batch element: torch's SDPA path (need_weights=False) gives zero rows, our "zero".
     MhaCase("fully_padded-need_weights_False-zero", key_padding="all"),
     # torch's explicit softmax (need_weights=True) gives NaN rows and NaN weights, our "nan". Forward
     # only: torch's NaN also reaches dquery/dkey and every in_proj gradient (its -inf mask is added
     # to the scores), ours reaches dvalue only (masked entries pass no gradient, see sdpa_backward).
-    MhaCase("fully_padded-need_weights_True-nan", key_padding="all", need_weights=True,
-            empty_rows="nan", grads=False),
+    MhaCase(
+        "fully_padded-need_weights_True-nan",
+        key_padding="all",
+        need_weights=True,
+        empty_rows="nan",
+        grads=False,
+    ),
 ]
 
 
@@ -221,8 +280,15 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     """Run ours and nn.MultiheadAttention on the same weights, inputs and cotangent."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    module = torch.nn.MultiheadAttention(case.E, case.H, bias=case.bias, kdim=case.kdim, vdim=case.vdim,
-                                         batch_first=True, dtype=torch.float64)
+    module = torch.nn.MultiheadAttention(
+        case.E,
+        case.H,
+        bias=case.bias,
+        kdim=case.kdim,
+        vdim=case.vdim,
+        batch_first=True,
+        dtype=torch.float64,
+    )
     with torch.no_grad():  # random weights, and nonzero biases (torch initialises them to 0)
         for p in module.parameters():
             p.copy_(torch.from_numpy(0.5 * rng.normal(size=tuple(p.shape))))
@@ -238,14 +304,20 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
     key_padding_mask = None  # torch polarity: True = ignore
     if case.key_padding != "none":
         key_padding_mask = np.zeros((case.B, case.S), dtype=bool)
-        key_padding_mask[1, {"tail": case.S - 2, "all": 0}[case.key_padding]:] = True
+        key_padding_mask[1, {"tail": case.S - 2, "all": 0}[case.key_padding] :] = True
     dout = rng.normal(size=(case.B, case.T, case.E))
 
-    options = dict(num_heads=case.H, causal=case.causal, empty_rows=case.empty_rows,
-                   mask=None if key_padding_mask is None else mask_from_key_padding_mask(key_padding_mask))  # (B, 1, 1, S)
+    options = dict(
+        num_heads=case.H,
+        causal=case.causal,
+        empty_rows=case.empty_rows,
+        mask=None if key_padding_mask is None else mask_from_key_padding_mask(key_padding_mask),
+    )  # (B, 1, 1, S)
     ours = {"out": multi_head_attention(query, key, value, params, **options)}
     if case.need_weights:
-        ours["weights"] = mha_forward(query, key, value, params, **options).attention.probs.mean(axis=1)
+        ours["weights"] = mha_forward(query, key, value, params, **options).attention.probs.mean(
+            axis=1
+        )
     if case.grads:
         g = multi_head_attention_backward(dout, query, key, value, params, **options)
         if case.kind == "self":
@@ -254,15 +326,28 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
             ours.update(dquery=g.dquery, dkey=g.dkey, dvalue=g.dvalue)
         ours.update({f"d{name}": a for name, a in g.dparams.as_dict().items()})
 
-    inputs = {name: torch.tensor(a, requires_grad=True) for name, a in (("query", query), ("key", key), ("value", value))}
+    inputs = {
+        name: torch.tensor(a, requires_grad=True)
+        for name, a in (("query", query), ("key", key), ("value", value))
+    }
     if case.kind == "self":
         inputs["key"] = inputs["value"] = inputs["query"]
-    attn_mask = torch.from_numpy(ignore_mask_from_mask(causal_mask(case.T, case.S))) if case.causal else None  # True = ignore
+    attn_mask = (
+        torch.from_numpy(ignore_mask_from_mask(causal_mask(case.T, case.S)))
+        if case.causal
+        else None
+    )  # True = ignore
     with sdpa_kernel(SDPBackend.MATH):
-        out, weights = module(inputs["query"], inputs["key"], inputs["value"],
-                              key_padding_mask=None if key_padding_mask is None else torch.from_numpy(key_padding_mask),
-                              attn_mask=attn_mask,
-                              need_weights=case.need_weights)
+        out, weights = module(
+            inputs["query"],
+            inputs["key"],
+            inputs["value"],
+            key_padding_mask=None
+            if key_padding_mask is None
+            else torch.from_numpy(key_padding_mask),
+            attn_mask=attn_mask,
+            need_weights=case.need_weights,
+        )
     theirs = {"out": out.detach().numpy()}
     if case.need_weights:
         theirs["weights"] = weights.detach().numpy()
@@ -272,7 +357,9 @@ def mha_both(torch, case: MhaCase, rng: np.random.Generator):
             theirs["dx"] = inputs["query"].grad.numpy()
         else:
             theirs.update({f"d{name}": t.grad.numpy() for name, t in inputs.items()})
-        theirs.update({f"d{name}": a for name, a in param_grads_from_torch(module).as_dict().items()})
+        theirs.update(
+            {f"d{name}": a for name, a in param_grads_from_torch(module).as_dict().items()}
+        )
     return ours, theirs
 
 
@@ -281,4 +368,6 @@ def test_mha_agrees_with_torch(case, rng):
     torch = require_torch()
     # The key bias's gradient is 0 in exact arithmetic (it adds q . b_k to a whole row of scores,
     # and softmax is shift-invariant), so both sides hold round-off: measure it against d(w_k).
-    assert_agree(*mha_both(torch, case, rng), finite=case.empty_rows != "nan", scale_from={"db_k": "dw_k"})
+    assert_agree(
+        *mha_both(torch, case, rng), finite=case.empty_rows != "nan", scale_from={"db_k": "dw_k"}
+    )

@@ -1,4 +1,5 @@
 """The package ships py.typed: its type hints must check (mypy settings in setup.cfg)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_package_type_checks_with_mypy():
-    result = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "setup.cfg")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "setup.cfg")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

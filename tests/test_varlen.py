@@ -2,6 +2,7 @@
 dense attention with the block-diagonal mask, to an independent loop implementation and to
 finite differences; empty sequences; errors for malformed offsets. Also runs the code blocks of
 docs/decoding_and_varlen.md."""
+
 from __future__ import annotations
 
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from naive import naive_attention
 from scipy.special import logsumexp as scipy_logsumexp
 
 import attention_ref as ar
@@ -21,7 +23,6 @@ from attention_ref.variants.varlen import (
     varlen_backward,
     varlen_forward,
 )
-from naive import naive_attention
 
 #: Agreement with per-sequence runs, the dense block-diagonal call and the naive loops: float64
 #: evaluations of one formula, summed in different orders (or with extra exact zeros), so they
@@ -37,16 +38,58 @@ DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "decoding_and_varlen.
 # H > 1, Hkv < H, Dk != Dv and several sequences, unless an edge case is the point.
 CASES = [
     ("self-attention causal", [3, 1, 4], [3, 1, 4], 4, 2, 5, 3, {"causal": True}),
-    ("T_b != S_b causal bottom_right", [2, 1, 3], [4, 2, 3], 4, 2, 5, 3,
-     {"causal": True, "align": "bottom_right"}),
+    (
+        "T_b != S_b causal bottom_right",
+        [2, 1, 3],
+        [4, 2, 3],
+        4,
+        2,
+        5,
+        3,
+        {"causal": True, "align": "bottom_right"},
+    ),
     ("T_b != S_b causal top_left", [2, 3, 1], [4, 2, 3], 4, 2, 5, 3, {"causal": True}),
-    ("T_b > S_b bottom_right: empty rows", [3, 2], [1, 4], 2, 1, 3, 4,
-     {"causal": True, "align": "bottom_right"}),
-    ("window bottom_right", [3, 2, 4], [5, 2, 6], 4, 2, 5, 3, {"window": (1, 0), "align": "bottom_right"}),
-    ("window + causal top_left, MQA", [4, 3], [5, 3], 3, 1, 4, 2, {"window": (2, None), "causal": True}),
+    (
+        "T_b > S_b bottom_right: empty rows",
+        [3, 2],
+        [1, 4],
+        2,
+        1,
+        3,
+        4,
+        {"causal": True, "align": "bottom_right"},
+    ),
+    (
+        "window bottom_right",
+        [3, 2, 4],
+        [5, 2, 6],
+        4,
+        2,
+        5,
+        3,
+        {"window": (1, 0), "align": "bottom_right"},
+    ),
+    (
+        "window + causal top_left, MQA",
+        [4, 3],
+        [5, 3],
+        3,
+        1,
+        4,
+        2,
+        {"window": (2, None), "causal": True},
+    ),
     ("softcap and scale, no mask", [2, 3], [4, 1], 4, 2, 5, 3, {"softcap": 1.5, "scale": 0.7}),
-    ("empty sequences in the middle", [2, 0, 3, 1, 2], [3, 2, 4, 0, 2], 4, 2, 5, 3,
-     {"causal": True, "align": "bottom_right"}),
+    (
+        "empty sequences in the middle",
+        [2, 0, 3, 1, 2],
+        [3, 2, 4, 0, 2],
+        4,
+        2,
+        5,
+        3,
+        {"causal": True, "align": "bottom_right"},
+    ),
     ("length-1 sequences", [1, 1, 1], [1, 1, 1], 2, 2, 3, 2, {"causal": True}),
     ("MHA Hkv = H", [2, 3], [3, 2], 3, 3, 2, 4, {}),
 ]
@@ -106,8 +149,12 @@ def test_forward_equals_naive_loops(rng, _id, lq, lk, H, Hkv, Dk, Dv, opts):
     for b in range(len(lq)):
         rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         if lq[b] and lk[b]:
-            one = naive_attention(heads_first(q[rows])[None], heads_first(k[keys])[None],
-                                  heads_first(v[keys])[None], **opts)  # (1, H, T_b, Dv)
+            one = naive_attention(
+                heads_first(q[rows])[None],
+                heads_first(k[keys])[None],
+                heads_first(v[keys])[None],
+                **opts,
+            )  # (1, H, T_b, Dv)
             expected[rows] = heads_first(one[0])
     assert_close(out, expected, "naive loops")
 
@@ -151,14 +198,20 @@ def test_causal_over_the_packed_axis_is_caught(rng):
     lq, lk = [2, 3, 1], [4, 2, 3]
     q, k, v, cu_q, cu_k = make_packed(rng, lq, lk, 4, 2, 5, 3)
     wrong_mask = block_diagonal_mask(cu_q, cu_k) & ar.causal_mask(q.shape[0], k.shape[0])
-    wrong = ar.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), mask=wrong_mask)
+    wrong = ar.scaled_dot_product_attention(
+        heads_first(q), heads_first(k), heads_first(v), mask=wrong_mask
+    )
     out = varlen_attention(q, k, v, cu_q, cu_k, causal=True)
     assert error_report(heads_first(wrong), out).rel_error > WRONG_MIN
     # with T_b == S_b the same trick is right: the test is not rejecting it for the wrong reason
     q, k, v, cu_q, cu_k = make_packed(rng, lq, lq, 4, 2, 5, 3)
     same_mask = block_diagonal_mask(cu_q, cu_k) & ar.causal_mask(q.shape[0], k.shape[0])
-    same = ar.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), mask=same_mask)
-    assert_close(heads_first(same), varlen_attention(q, k, v, cu_q, cu_k, causal=True), "T_b == S_b")
+    same = ar.scaled_dot_product_attention(
+        heads_first(q), heads_first(k), heads_first(v), mask=same_mask
+    )
+    assert_close(
+        heads_first(same), varlen_attention(q, k, v, cu_q, cu_k, causal=True), "T_b == S_b"
+    )
 
 
 def tiny_case(rng):
@@ -166,8 +219,11 @@ def tiny_case(rng):
     return make_packed(rng, [2, 0, 1, 2], [3, 1, 2, 0], 2, 1, 2, 3)
 
 
-@pytest.mark.parametrize("opts", [{"causal": True, "align": "bottom_right"}, {"softcap": 2.0, "window": (0, 1)}],
-                         ids=["causal bottom_right", "softcap window"])
+@pytest.mark.parametrize(
+    "opts",
+    [{"causal": True, "align": "bottom_right"}, {"softcap": 2.0, "window": (0, 1)}],
+    ids=["causal bottom_right", "softcap window"],
+)
 def test_packed_backward_matches_finite_differences(rng, opts):
     q, k, v, cu_q, cu_k = tiny_case(rng)
     c = rng.normal(size=(q.shape[0], 2, 3))  # random cotangent
@@ -176,13 +232,21 @@ def test_packed_backward_matches_finite_differences(rng, opts):
     result = check_vjp(f, {"q": q, "k": k, "v": v}, c, {"q": g.dq, "k": g.dk, "v": g.dv})
     assert result.passed, f"\n{result}"
     # the check can fail: a key gradient shifted by one packed row (an off-by-one offset) is rejected
-    shifted = check_vjp(f, {"q": q, "k": k, "v": v}, c, {"q": g.dq, "k": np.roll(g.dk, 1, axis=0), "v": g.dv},
-                        wrt=("k",))
+    shifted = check_vjp(
+        f,
+        {"q": q, "k": k, "v": v},
+        c,
+        {"q": g.dq, "k": np.roll(g.dk, 1, axis=0), "v": g.dv},
+        wrt=("k",),
+    )
     assert not shifted.passed
 
 
-@pytest.mark.parametrize("opts", [{"causal": True, "align": "bottom_right"}, {"softcap": 2.0, "window": (0, 1)}],
-                         ids=["causal bottom_right", "softcap window"])
+@pytest.mark.parametrize(
+    "opts",
+    [{"causal": True, "align": "bottom_right"}, {"softcap": 2.0, "window": (0, 1)}],
+    ids=["causal bottom_right", "softcap window"],
+)
 def test_packed_backward_matches_the_complex_step(rng, opts):
     """The complex step (G4) takes no difference, so it holds the backward to ~1e-15, not ~1e-8."""
     q, k, v, cu_q, cu_k = tiny_case(rng)
@@ -201,14 +265,16 @@ def test_empty_sequences(rng):
     assert tr.traces[1] is None and tr.traces[3] is None
     assert not tr.out[3:5].any() and np.all(tr.logsumexp[:, 3:5] == -np.inf)
     g = varlen_backward(dout, tr)
-    assert not g.dq[3:5].any()              # sequence 3: queries without keys
+    assert not g.dq[3:5].any()  # sequence 3: queries without keys
     assert not g.dk[3].any() and not g.dv[3].any()  # sequence 1: a key without a query
     assert g.dk[:3].any() and g.dk[4:].any()
 
     nan = varlen_forward(q, k, v, cu_q, cu_k, empty_rows="nan")
     assert np.isnan(nan.out[3:5]).all() and np.isfinite(nan.out[:3]).all()
     assert not varlen_backward(dout, nan).dq[3:5].any()
-    with pytest.raises(ValueError, match=r"empty_rows='raise': sequence 3 \(query rows 3:5, key rows 6:6\)"):
+    with pytest.raises(
+        ValueError, match=r"empty_rows='raise': sequence 3 \(query rows 3:5, key rows 6:6\)"
+    ):
         varlen_attention(q, k, v, cu_q, cu_k, empty_rows="raise")
     with pytest.raises(ValueError, match=r"empty_rows='uniform'.*sequence 3.*no key"):
         varlen_attention(q, k, v, cu_q, cu_k, empty_rows="uniform")
@@ -225,25 +291,38 @@ def test_a_batch_of_empty_sequences_only(rng):
 def test_empty_row_policies_inside_a_sequence(rng):
     """Rows emptied by bottom_right alignment (T_b > S_b) follow the policy inside their sequence;
     the dense block-diagonal call differs under "uniform" (all S_total keys) and "nan" (dv)."""
-    q, k, v, cu_q, cu_k = make_packed(rng, [3, 2], [1, 4], 2, 1, 3, 4)  # sequence 0: rows 0, 1 empty
+    q, k, v, cu_q, cu_k = make_packed(
+        rng, [3, 2], [1, 4], 2, 1, 3, 4
+    )  # sequence 0: rows 0, 1 empty
     opts = {"causal": True, "align": "bottom_right"}
     uniform = varlen_attention(q, k, v, cu_q, cu_k, empty_rows="uniform", **opts)
     np.testing.assert_allclose(uniform[0], np.broadcast_to(v[0:1].mean(axis=0), (2, 4)), rtol=RTOL)
     mask = block_diagonal_mask(cu_q, cu_k, **opts)
-    dense = heads_first(ar.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v),
-                                                        mask=mask, empty_rows="uniform"))
+    dense = heads_first(
+        ar.scaled_dot_product_attention(
+            heads_first(q), heads_first(k), heads_first(v), mask=mask, empty_rows="uniform"
+        )
+    )
     np.testing.assert_allclose(dense[0], np.broadcast_to(v.mean(axis=0), (2, 4)), rtol=RTOL)
-    assert error_report(dense[0], uniform[0]).rel_error > WRONG_MIN   # the documented difference
+    assert error_report(dense[0], uniform[0]).rel_error > WRONG_MIN  # the documented difference
     assert_close(dense[2:], uniform[2:], "rows with keys agree")
 
     dout = rng.normal(size=(5, 2, 4))
     g = varlen_attention_backward(dout, q, k, v, cu_q, cu_k, empty_rows="nan", **opts)
     assert np.isnan(g.dv[0]).all() and np.isfinite(g.dv[1:]).all()  # only sequence 0's keys
     assert np.isfinite(g.dq).all() and np.isfinite(g.dk).all()
-    gd = ar.scaled_dot_product_attention_backward(heads_first(dout), heads_first(q), heads_first(k),
-                                                  heads_first(v), mask=mask, empty_rows="nan")
+    gd = ar.scaled_dot_product_attention_backward(
+        heads_first(dout),
+        heads_first(q),
+        heads_first(k),
+        heads_first(v),
+        mask=mask,
+        empty_rows="nan",
+    )
     assert np.isnan(gd.dv).all()  # dense: every key of the head
-    with pytest.raises(ValueError, match=r"^sequence 0 \(query rows 0:3, key rows 0:1\): empty_rows='raise'"):
+    with pytest.raises(
+        ValueError, match=r"^sequence 0 \(query rows 0:3, key rows 0:1\): empty_rows='raise'"
+    ):
         varlen_attention(q, k, v, cu_q, cu_k, empty_rows="raise", **opts)
 
 
@@ -280,22 +359,20 @@ def test_block_diagonal_mask_matches_xformers_semantics():
     """Expected masks written by hand from xformers' definitions (BlockDiagonalMask,
     BlockDiagonalCausalMask, BlockDiagonalCausalFromBottomRightMask), not from the code."""
     cu_q, cu_k = [0, 2, 2, 3], [0, 3, 4, 6]  # (T_b, S_b) = (2, 3), (0, 1), (1, 2)
-    plain = np.array([[1, 1, 1, 0, 0, 0],
-                      [1, 1, 1, 0, 0, 0],
-                      [0, 0, 0, 0, 1, 1]], dtype=bool)
-    top_left = np.array([[1, 0, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0, 0],
-                         [0, 0, 0, 0, 1, 0]], dtype=bool)
-    bottom_right = np.array([[1, 1, 0, 0, 0, 0],
-                             [1, 1, 1, 0, 0, 0],
-                             [0, 0, 0, 0, 1, 1]], dtype=bool)
+    plain = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=bool)
+    top_left = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0]], dtype=bool)
+    bottom_right = np.array(
+        [[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=bool
+    )
     np.testing.assert_array_equal(block_diagonal_mask(cu_q, cu_k), plain)
     np.testing.assert_array_equal(block_diagonal_mask(cu_q, cu_k, causal=True), top_left)
-    np.testing.assert_array_equal(block_diagonal_mask(cu_q, cu_k, causal=True, align="bottom_right"), bottom_right)
+    np.testing.assert_array_equal(
+        block_diagonal_mask(cu_q, cu_k, causal=True, align="bottom_right"), bottom_right
+    )
     window = block_diagonal_mask(cu_q, cu_k, window=(0, 1), align="bottom_right")
-    np.testing.assert_array_equal(window, np.array([[0, 1, 1, 0, 0, 0],
-                                                    [0, 0, 1, 0, 0, 0],
-                                                    [0, 0, 0, 0, 0, 1]], dtype=bool))
+    np.testing.assert_array_equal(
+        window, np.array([[0, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=bool)
+    )
 
 
 def test_cu_seqlens_from_lengths():
@@ -305,32 +382,97 @@ def test_cu_seqlens_from_lengths():
         cu_seqlens_from_lengths([2, -1])
     with pytest.raises(TypeError, match="lengths must hold integers; got dtype float64"):
         cu_seqlens_from_lengths([2.0, 1.0])
-    with pytest.raises(ValueError, match=r"lengths must be 1-D with B >= 1 entries, shape \(B,\); got shape \(\)"):
+    with pytest.raises(
+        ValueError, match=r"lengths must be 1-D with B >= 1 entries, shape \(B,\); got shape \(\)"
+    ):
         cu_seqlens_from_lengths(3)
 
 
 # Each: (id, cu_seqlens_q, cu_seqlens_k, error, message regex). Packed: T_total = 5, S_total = 6.
 OFFSET_ERRORS = [
-    ("q not from 0", [1, 2, 5], [0, 3, 6], ValueError, r"cu_seqlens_q\[0\] must be 0 .*got cu_seqlens_q\[0\] = 1"),
-    ("k not from 0", [0, 2, 5], [2, 3, 6], ValueError, r"cu_seqlens_k\[0\] must be 0 .*got cu_seqlens_k\[0\] = 2"),
-    ("q decreasing", [0, 4, 2, 5], [0, 2, 3, 6], ValueError,
-     r"cu_seqlens_q must be non-decreasing .*got cu_seqlens_q\[2\] = 2 < cu_seqlens_q\[1\] = 4"),
-    ("k decreasing (uint)", [0, 2, 5], np.array([0, 4, 3, 6][:3], dtype=np.uint8), ValueError,
-     r"cu_seqlens_k must be non-decreasing .*got cu_seqlens_k\[2\] = 3 < cu_seqlens_k\[1\] = 4"),
-    ("q last != T_total", [0, 2, 4], [0, 3, 6], ValueError,
-     r"cu_seqlens_q\[-1\] must equal the packed length q.shape\[0\] \(T_total\) = 5; got cu_seqlens_q\[-1\] = 4"),
-    ("k last != S_total", [0, 2, 5], [0, 3, 7], ValueError,
-     r"cu_seqlens_k\[-1\] must equal the packed length k.shape\[0\] \(S_total\) = 6; got cu_seqlens_k\[-1\] = 7"),
-    ("different B", [0, 2, 5], [0, 1, 3, 6], ValueError,
-     r"same number of sequences B; got B = 2 \(cu_seqlens_q has 3 entries\) and B = 3 \(cu_seqlens_k has 4 entries\)"),
-    ("float offsets", [0.0, 2.0, 5.0], [0, 3, 6], TypeError, r"cu_seqlens_q must hold integers .*got dtype float64"),
-    ("bool offsets", [0, 2, 5], np.array([False, True]), TypeError, r"cu_seqlens_k must hold integers .*got dtype bool"),
-    ("2-D offsets", [[0, 2, 5]], [0, 3, 6], ValueError, r"cu_seqlens_q must be 1-D, shape \(B \+ 1,\); got shape \(1, 3\)"),
-    ("one entry", [0, 2, 5], [6], ValueError, r"cu_seqlens_k must have B \+ 1 >= 2 entries .*got 1 entries: \[6\]"),
+    (
+        "q not from 0",
+        [1, 2, 5],
+        [0, 3, 6],
+        ValueError,
+        r"cu_seqlens_q\[0\] must be 0 .*got cu_seqlens_q\[0\] = 1",
+    ),
+    (
+        "k not from 0",
+        [0, 2, 5],
+        [2, 3, 6],
+        ValueError,
+        r"cu_seqlens_k\[0\] must be 0 .*got cu_seqlens_k\[0\] = 2",
+    ),
+    (
+        "q decreasing",
+        [0, 4, 2, 5],
+        [0, 2, 3, 6],
+        ValueError,
+        r"cu_seqlens_q must be non-decreasing .*got cu_seqlens_q\[2\] = 2 < cu_seqlens_q\[1\] = 4",
+    ),
+    (
+        "k decreasing (uint)",
+        [0, 2, 5],
+        np.array([0, 4, 3, 6][:3], dtype=np.uint8),
+        ValueError,
+        r"cu_seqlens_k must be non-decreasing .*got cu_seqlens_k\[2\] = 3 < cu_seqlens_k\[1\] = 4",
+    ),
+    (
+        "q last != T_total",
+        [0, 2, 4],
+        [0, 3, 6],
+        ValueError,
+        r"cu_seqlens_q\[-1\] must equal the packed length q.shape\[0\] \(T_total\) = 5; got cu_seqlens_q\[-1\] = 4",
+    ),
+    (
+        "k last != S_total",
+        [0, 2, 5],
+        [0, 3, 7],
+        ValueError,
+        r"cu_seqlens_k\[-1\] must equal the packed length k.shape\[0\] \(S_total\) = 6; got cu_seqlens_k\[-1\] = 7",
+    ),
+    (
+        "different B",
+        [0, 2, 5],
+        [0, 1, 3, 6],
+        ValueError,
+        r"same number of sequences B; got B = 2 \(cu_seqlens_q has 3 entries\) and B = 3 \(cu_seqlens_k has 4 entries\)",
+    ),
+    (
+        "float offsets",
+        [0.0, 2.0, 5.0],
+        [0, 3, 6],
+        TypeError,
+        r"cu_seqlens_q must hold integers .*got dtype float64",
+    ),
+    (
+        "bool offsets",
+        [0, 2, 5],
+        np.array([False, True]),
+        TypeError,
+        r"cu_seqlens_k must hold integers .*got dtype bool",
+    ),
+    (
+        "2-D offsets",
+        [[0, 2, 5]],
+        [0, 3, 6],
+        ValueError,
+        r"cu_seqlens_q must be 1-D, shape \(B \+ 1,\); got shape \(1, 3\)",
+    ),
+    (
+        "one entry",
+        [0, 2, 5],
+        [6],
+        ValueError,
+        r"cu_seqlens_k must have B \+ 1 >= 2 entries .*got 1 entries: \[6\]",
+    ),
 ]
 
 
-@pytest.mark.parametrize("_id, cu_q, cu_k, error, message", OFFSET_ERRORS, ids=[e[0] for e in OFFSET_ERRORS])
+@pytest.mark.parametrize(
+    "_id, cu_q, cu_k, error, message", OFFSET_ERRORS, ids=[e[0] for e in OFFSET_ERRORS]
+)
 def test_malformed_offsets_are_refused(rng, _id, cu_q, cu_k, error, message):
     q, k, v = rng.normal(size=(5, 2, 3)), rng.normal(size=(6, 1, 3)), rng.normal(size=(6, 1, 4))
     with pytest.raises(error, match=message):
@@ -340,18 +482,44 @@ def test_malformed_offsets_are_refused(rng, _id, cu_q, cu_k, error, message):
 
 
 SHAPE_ERRORS = [
-    ("q 4-D", (1, 5, 2, 3), (6, 1, 3), (6, 1, 4), r"q must be packed as \(T_total, H, Dk\) \(3 dims, no batch axis\); got shape \(1, 5, 2, 3\)"),
+    (
+        "q 4-D",
+        (1, 5, 2, 3),
+        (6, 1, 3),
+        (6, 1, 4),
+        r"q must be packed as \(T_total, H, Dk\) \(3 dims, no batch axis\); got shape \(1, 5, 2, 3\)",
+    ),
     ("k Dk", (5, 2, 3), (6, 1, 2), (6, 1, 4), r"k must have Dk=3 like q; got k.shape=\(6, 1, 2\)"),
-    ("v rows", (5, 2, 3), (6, 1, 3), (5, 1, 4), r"v must have the same \(S_total, Hkv\) as k = \(6, 1\); got v.shape=\(5, 1, 4\)"),
-    ("H % Hkv", (5, 3, 3), (6, 2, 3), (6, 2, 4), r"q's head count H=3 must be a multiple of k's Hkv=2"),
-    ("no heads", (5, 0, 3), (6, 1, 3), (6, 1, 4), r"q must have at least one head and a width >= 1"),
+    (
+        "v rows",
+        (5, 2, 3),
+        (6, 1, 3),
+        (5, 1, 4),
+        r"v must have the same \(S_total, Hkv\) as k = \(6, 1\); got v.shape=\(5, 1, 4\)",
+    ),
+    (
+        "H % Hkv",
+        (5, 3, 3),
+        (6, 2, 3),
+        (6, 2, 4),
+        r"q's head count H=3 must be a multiple of k's Hkv=2",
+    ),
+    (
+        "no heads",
+        (5, 0, 3),
+        (6, 1, 3),
+        (6, 1, 4),
+        r"q must have at least one head and a width >= 1",
+    ),
 ]
 
 
 @pytest.mark.parametrize("_id, qs, ks, vs, message", SHAPE_ERRORS, ids=[e[0] for e in SHAPE_ERRORS])
 def test_mismatched_shapes_are_refused(rng, _id, qs, ks, vs, message):
     with pytest.raises(ValueError, match=message):
-        varlen_attention(rng.normal(size=qs), rng.normal(size=ks), rng.normal(size=vs), [0, 5], [0, 6])
+        varlen_attention(
+            rng.normal(size=qs), rng.normal(size=ks), rng.normal(size=vs), [0, 5], [0, 6]
+        )
 
 
 def test_options_and_dout_are_checked(rng):
@@ -366,7 +534,10 @@ def test_options_and_dout_are_checked(rng):
     with pytest.raises(ValueError, match=r"softcap must be > 0; got 0.0"):
         varlen_attention(q, k, v, [0, 0], [0, 2], softcap=0.0)
     tr = varlen_forward(rng.normal(size=(3, 2, 3)), k, v, [0, 3], [0, 2])
-    with pytest.raises(ValueError, match=r"dout must have the packed output's shape \(T_total, H, Dv\) = \(3, 2, 4\); got \(2, 3, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"dout must have the packed output's shape \(T_total, H, Dv\) = \(3, 2, 4\); got \(2, 3, 4\)",
+    ):
         varlen_backward(rng.normal(size=(2, 3, 4)), tr)
     with pytest.raises(TypeError, match="trace must be the VarlenTrace"):
         varlen_backward(rng.normal(size=(3, 2, 4)), tr.traces[0])
@@ -374,7 +545,9 @@ def test_options_and_dout_are_checked(rng):
 
 def test_guide_page_examples_run():
     """The ```python blocks of docs/decoding_and_varlen.md, top to bottom in one namespace."""
-    blocks = re.findall(r"^```python\n(.*?)^```", DOCS_PAGE.read_text(encoding="utf-8"), flags=re.S | re.M)
+    blocks = re.findall(
+        r"^```python\n(.*?)^```", DOCS_PAGE.read_text(encoding="utf-8"), flags=re.S | re.M
+    )
     assert len(blocks) >= 3
     namespace: dict = {"__name__": "docs_decoding_and_varlen"}
     for i, block in enumerate(blocks, start=1):

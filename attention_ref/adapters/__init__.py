@@ -22,6 +22,7 @@ Mapping tables and the framework behaviours measured: ``docs/adapters.md``.
 Layer 3 of attention_ref. May import: numpy and ``attention_ref.core`` (and each framework,
 lazily); the oracle tools above drive the adapters, never the other way round.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -36,8 +37,8 @@ from ..core._validate import (
     resolve_dtype,
 )
 from ..core.attention import AttentionGrads
-from ..core.mha import MultiHeadGrads
 from ..core.masks import AllowedPairs, query_offset
+from ..core.mha import MultiHeadGrads
 from ..core.options import AttentionOptions
 
 __all__ = ["UnsupportedOption", "FrameworkRun"]
@@ -86,8 +87,12 @@ class FrameworkRun(NamedTuple):
     a NumPy array of its own (no memory shared with the inputs or the framework).
     """
 
-    out: np.ndarray  #: (B, H, T, Dv) from the attention runners, (B, T, D_out) from the multi-head runners
-    grads: AttentionGrads | MultiHeadGrads | None  #: gradients for the cotangent ``dout``; None without one
+    out: (
+        np.ndarray
+    )  #: (B, H, T, Dv) from the attention runners, (B, T, D_out) from the multi-head runners
+    grads: (
+        AttentionGrads | MultiHeadGrads | None
+    )  #: gradients for the cotangent ``dout``; None without one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,12 +127,15 @@ class _Options(NamedTuple):
     align: str
     window: tuple[int | None, int | None] | None
     scale: float | None
-    structural: np.ndarray | None  # mask & causal & window, broadcastable to (..., T, S); None = all
+    structural: (
+        np.ndarray | None
+    )  # mask & causal & window, broadcastable to (..., T, S); None = all
     allowed: np.ndarray | None  # structural & (bias != -inf)
 
 
-def _prepare(framework: str, policy: str, no_dropout: str, T: int, S: int,
-             options: AttentionOptions) -> _Options:
+def _prepare(
+    framework: str, policy: str, no_dropout: str, T: int, S: int, options: AttentionOptions
+) -> _Options:
     """Validate the options, refuse what ``framework`` cannot express, and build the masks.
 
     ``policy`` is what the framework does with a fully masked row; a different ``empty_rows`` is
@@ -140,19 +148,31 @@ def _prepare(framework: str, policy: str, no_dropout: str, T: int, S: int,
     if bias is not None:
         bias = as_float("bias", _numpy(bias), np.dtype(np.float64))
         if bias.ndim < 2:
-            raise ValueError(f"bias must have shape (..., T, S) (2 or more dims); got shape {bias.shape}")
+            raise ValueError(
+                f"bias must have shape (..., T, S) (2 or more dims); got shape {bias.shape}"
+            )
     keep = options.dropout_mask
-    keep = None if keep is None or isinstance(keep, np.random.Generator) else np.asarray(_numpy(keep))
+    keep = (
+        None if keep is None or isinstance(keep, np.random.Generator) else np.asarray(_numpy(keep))
+    )
     lead = [x.shape[:-2] for x in (mask, bias, keep) if x is not None and x.ndim >= 2]
     try:
         scores_shape = np.broadcast_shapes(*lead) + (T, S) if lead else (T, S)
     except ValueError:
         scores_shape = (T, S)  # the mask and bias disagree: validate reports it
     opt = options.replace(mask=mask, bias=bias).validate(scores_shape)
-    mask, bias, causal, align, window, empty_rows = (opt.mask, opt.bias, opt.causal, opt.align,
-                                                     opt.window, opt.empty_rows)
+    mask, bias, causal, align, window, empty_rows = (
+        opt.mask,
+        opt.bias,
+        opt.causal,
+        opt.align,
+        opt.window,
+        opt.empty_rows,
+    )
     if opt.softcap is not None:
-        raise UnsupportedOption("softcap", framework, "it has no soft-cap (cap * tanh(s / cap)) of the scores")
+        raise UnsupportedOption(
+            "softcap", framework, "it has no soft-cap (cap * tanh(s / cap)) of the scores"
+        )
     if opt.dropout_p > 0:
         raise UnsupportedOption("dropout_p", framework, no_dropout)
 
@@ -167,7 +187,8 @@ def _prepare(framework: str, policy: str, no_dropout: str, T: int, S: int,
         if empty.any():
             first = tuple(int(i) for i in np.argwhere(empty)[0])
             raise UnsupportedOption(
-                "empty_rows", framework,
+                "empty_rows",
+                framework,
                 f"{int(empty.sum())} query row(s) have no key to attend (the first at index {first} "
                 f"of the combined mask's (..., T) rows); it gives such a row {policy!r}, not "
                 f"{empty_rows!r} (pass empty_rows={policy!r} to compare with it)",
@@ -185,7 +206,9 @@ def _head_arrays(q: Any, k: Any, v: Any, dt: np.dtype, ndim: int | None = None):
         if ndim is not None:
             layout = layout.replace("...", "B")
             if arr.ndim != ndim:
-                raise ValueError(f"{name} must have shape {layout} ({ndim} dims); got shape {arr.shape}")
+                raise ValueError(
+                    f"{name} must have shape {layout} ({ndim} dims); got shape {arr.shape}"
+                )
         check_ndim(name, arr, 3, layout)
         check_nonempty(name, arr, layout)
         arrays[name] = arr
@@ -195,7 +218,9 @@ def _head_arrays(q: Any, k: Any, v: Any, dt: np.dtype, ndim: int | None = None):
             f"q, k and v must have the same batch dims; got q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}"
         )
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have Dk={q.shape[-1]} like q; got k.shape={k.shape}, q.shape={q.shape}")
+        raise ValueError(
+            f"k must have Dk={q.shape[-1]} like q; got k.shape={k.shape}, q.shape={q.shape}"
+        )
     if v.shape[-3:-1] != k.shape[-3:-1]:
         raise ValueError(f"v must have k's (Hkv, S) = {k.shape[-3:-1]}; got v.shape={v.shape}")
     if q.shape[-3] % k.shape[-3]:

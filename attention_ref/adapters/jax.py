@@ -23,6 +23,7 @@ the reference is an error-budget comparison (see ``docs/adapters.md``), not a 1e
 Importing this module does not import jax. Behaviour measured with jax 0.10.2 (CPU, the XLA
 implementation): ``docs/adapters.md``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,8 @@ from numpy.typing import ArrayLike
 
 from ..core._validate import as_float, check_positive_int
 from ..core.attention import AttentionGrads
-from ..core.mha import MultiHeadGrads, MultiHeadParams
 from ..core.masks import attention_mask, causal_mask, window_mask
+from ..core.mha import MultiHeadGrads, MultiHeadParams
 from ..core.options import AttentionOptions
 from . import (
     FrameworkRun,
@@ -49,9 +50,18 @@ from . import (
 )
 
 __all__ = [
-    "JAX_VERSION_CHECKED", "JAX_EMPTY_ROWS", "JAX_QUERY_PADDING_ROWS", "JAX_ALIGN",
-    "JAX_SOFTMAX_DTYPE", "bthd_from_bhtd", "bhtd_from_bthd", "mask_from_seq_lengths",
-    "jax_dpa_kwargs", "options_from_jax_kwargs", "run_jax_sdpa", "run_jax_mha",
+    "JAX_VERSION_CHECKED",
+    "JAX_EMPTY_ROWS",
+    "JAX_QUERY_PADDING_ROWS",
+    "JAX_ALIGN",
+    "JAX_SOFTMAX_DTYPE",
+    "bthd_from_bhtd",
+    "bhtd_from_bthd",
+    "mask_from_seq_lengths",
+    "jax_dpa_kwargs",
+    "options_from_jax_kwargs",
+    "run_jax_sdpa",
+    "run_jax_mha",
 ]
 
 #: The jax version whose behaviour the constants below and ``docs/adapters.md`` record.
@@ -114,14 +124,36 @@ def _compiled() -> dict[str, Any]:
     """
     jax = _jax()
 
-    def sdpa(a: dict[str, Any], mask: Any, scale: Any, is_causal: bool, local_window_size: Any,
-             implementation: str) -> Any:
+    def sdpa(
+        a: dict[str, Any],
+        mask: Any,
+        scale: Any,
+        is_causal: bool,
+        local_window_size: Any,
+        implementation: str,
+    ) -> Any:
         return jax.nn.dot_product_attention(  # (B, T, H, Dv)
-            a["q"], a["k"], a["v"], bias=a.get("bias"), mask=mask, scale=scale, is_causal=is_causal,
-            local_window_size=local_window_size, implementation=implementation)
+            a["q"],
+            a["k"],
+            a["v"],
+            bias=a.get("bias"),
+            mask=mask,
+            scale=scale,
+            is_causal=is_causal,
+            local_window_size=local_window_size,
+            implementation=implementation,
+        )
 
-    def mha(a: dict[str, Any], mask: Any, scale: Any, is_causal: bool, local_window_size: Any,
-            implementation: str, num_heads: int, num_kv_heads: int) -> Any:
+    def mha(
+        a: dict[str, Any],
+        mask: Any,
+        scale: Any,
+        is_causal: bool,
+        local_window_size: Any,
+        implementation: str,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> Any:
         B, T, _ = a["query"].shape
         S = a["key"].shape[1]
         Dk, Dv = a["w_q"].shape[1] // num_heads, a["w_v"].shape[1] // num_kv_heads
@@ -130,12 +162,24 @@ def _compiled() -> dict[str, Any]:
             y = x @ a[w]  # (B, n, in) @ (in, out) -> (B, n, out)
             return y + a[b] if b in a else y
 
-        q = project(a["query"], "w_q", "b_q").reshape(B, T, num_heads, Dk)  # (M1) in JAX's layout (B, T, H, Dk)
+        q = project(a["query"], "w_q", "b_q").reshape(
+            B, T, num_heads, Dk
+        )  # (M1) in JAX's layout (B, T, H, Dk)
         k = project(a["key"], "w_k", "b_k").reshape(B, S, num_kv_heads, Dk)  # (M2) (B, S, Hkv, Dk)
-        v = project(a["value"], "w_v", "b_v").reshape(B, S, num_kv_heads, Dv)  # (M3) (B, S, Hkv, Dv)
-        context = sdpa({"q": q, "k": k, "v": v, **({"bias": a["bias"]} if "bias" in a else {})}, mask,
-                       scale, is_causal, local_window_size, implementation)  # (B, T, H, Dv)   (M4)
-        return project(context.reshape(B, T, num_heads * Dv), "w_o", "b_o")  # (M5), (M6): (B, T, H*Dv) -> (B, T, D_out)
+        v = project(a["value"], "w_v", "b_v").reshape(
+            B, S, num_kv_heads, Dv
+        )  # (M3) (B, S, Hkv, Dv)
+        context = sdpa(
+            {"q": q, "k": k, "v": v, **({"bias": a["bias"]} if "bias" in a else {})},
+            mask,
+            scale,
+            is_causal,
+            local_window_size,
+            implementation,
+        )  # (B, T, H, Dv)   (M4)
+        return project(
+            context.reshape(B, T, num_heads * Dv), "w_o", "b_o"
+        )  # (M5), (M6): (B, T, H*Dv) -> (B, T, D_out)
 
     def with_vjp(f: Any) -> Any:
         def f_vjp(a: dict[str, Any], mask: Any, cotangent: Any, **static: Any) -> Any:
@@ -145,14 +189,21 @@ def _compiled() -> dict[str, Any]:
         return f_vjp
 
     mha_static = _STATIC + ("num_heads", "num_kv_heads")
-    return {"sdpa": jax.jit(sdpa, static_argnames=_STATIC),
-            "sdpa_vjp": jax.jit(with_vjp(sdpa), static_argnames=_STATIC),
-            "mha": jax.jit(mha, static_argnames=mha_static),
-            "mha_vjp": jax.jit(with_vjp(mha), static_argnames=mha_static)}
+    return {
+        "sdpa": jax.jit(sdpa, static_argnames=_STATIC),
+        "sdpa_vjp": jax.jit(with_vjp(sdpa), static_argnames=_STATIC),
+        "mha": jax.jit(mha, static_argnames=mha_static),
+        "mha_vjp": jax.jit(with_vjp(mha), static_argnames=mha_static),
+    }
 
 
-def _call(jax: Any, name: str, arrays: dict[str, np.ndarray], kwargs: dict[str, Any],
-          cotangent: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+def _call(
+    jax: Any,
+    name: str,
+    arrays: dict[str, np.ndarray],
+    kwargs: dict[str, Any],
+    cotangent: np.ndarray | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
     """Run a compiled function inside ``enable_x64``; NumPy copies of the output and the gradients."""
     static = {n: v for n, v in kwargs.items() if n not in ("mask", "bias")}
     with _x64(jax):
@@ -197,7 +248,9 @@ def bthd_from_bhtd(x: ArrayLike) -> np.ndarray:
     """
     arr = np.asarray(x)
     if arr.ndim < 3:
-        raise ValueError(f"x must have shape (..., H, T, D) (3 or more dims); got shape {arr.shape}")
+        raise ValueError(
+            f"x must have shape (..., H, T, D) (3 or more dims); got shape {arr.shape}"
+        )
     return arr.swapaxes(-3, -2).copy()  # (..., H, T, D) -> (..., T, H, D)
 
 
@@ -222,14 +275,18 @@ def bhtd_from_bthd(x: ArrayLike) -> np.ndarray:
     """
     arr = np.asarray(x)
     if arr.ndim < 3:
-        raise ValueError(f"x must have shape (..., T, H, D) (3 or more dims); got shape {arr.shape}")
+        raise ValueError(
+            f"x must have shape (..., T, H, D) (3 or more dims); got shape {arr.shape}"
+        )
     return arr.swapaxes(-3, -2).copy()  # (..., T, H, D) -> (..., H, T, D)
 
 
 def _lengths(name: str, x: Any) -> np.ndarray:
     arr = np.asarray(_numpy(x))
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise TypeError(f"{name} must be a 1-D integer array of shape (B,); got dtype {arr.dtype}, shape {arr.shape}")
+        raise TypeError(
+            f"{name} must be a 1-D integer array of shape (B,); got dtype {arr.dtype}, shape {arr.shape}"
+        )
     return arr
 
 
@@ -278,9 +335,15 @@ def mask_from_seq_lengths(
     T = check_positive_int("T", T)
     S = check_positive_int("S", S)
     if query_seq_lengths is None and key_value_seq_lengths is None:
-        raise ValueError("mask_from_seq_lengths needs query_seq_lengths, key_value_seq_lengths or both; got neither")
+        raise ValueError(
+            "mask_from_seq_lengths needs query_seq_lengths, key_value_seq_lengths or both; got neither"
+        )
     ql = None if query_seq_lengths is None else _lengths("query_seq_lengths", query_seq_lengths)
-    kl = None if key_value_seq_lengths is None else _lengths("key_value_seq_lengths", key_value_seq_lengths)
+    kl = (
+        None
+        if key_value_seq_lengths is None
+        else _lengths("key_value_seq_lengths", key_value_seq_lengths)
+    )
     if ql is not None and kl is not None and ql.shape != kl.shape:
         raise ValueError(
             f"query_seq_lengths and key_value_seq_lengths must have the same shape (B,); got "
@@ -289,7 +352,9 @@ def mask_from_seq_lengths(
     B = [x for x in (ql, kl) if x is not None][0].shape[0]
     allowed = np.ones((B, T, S), dtype=bool)
     if ql is not None:
-        allowed &= np.arange(T)[None, :, None] < ql[:, None, None]  # (B, T, 1): query i < its length
+        allowed &= (
+            np.arange(T)[None, :, None] < ql[:, None, None]
+        )  # (B, T, 1): query i < its length
     if kl is not None:
         allowed &= np.arange(S)[None, None, :] < kl[:, None, None]  # (B, 1, S): key j < its length
     return allowed[:, None, :, :]  # (B, T, S) -> (B, 1, T, S)
@@ -303,7 +368,9 @@ def mask_from_seq_lengths(
 def _four_d(name: str, arr: np.ndarray) -> np.ndarray:
     """``arr`` with leading 1s up to 4 dims, as JAX wants masks and biases."""
     if arr.ndim > 4:
-        raise UnsupportedOption(name, _DPA, f"it takes 4-D (B, H, T, S) masks and biases; got shape {arr.shape}")
+        raise UnsupportedOption(
+            name, _DPA, f"it takes 4-D (B, H, T, S) masks and biases; got shape {arr.shape}"
+        )
     return arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
 
 
@@ -463,9 +530,19 @@ def options_from_jax_kwargs(
         raise TypeError(f"is_causal must be a bool; got {is_causal!r}")
     window: tuple[int, int] | None = None
     if local_window_size is not None:
-        sides = (local_window_size, local_window_size) if isinstance(local_window_size, (int, np.integer)) else local_window_size
-        if (not isinstance(sides, (tuple, list)) or len(sides) != 2
-                or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in sides)):
+        sides = (
+            (local_window_size, local_window_size)
+            if isinstance(local_window_size, (int, np.integer))
+            else local_window_size
+        )
+        if (
+            not isinstance(sides, (tuple, list))
+            or len(sides) != 2
+            or not all(
+                isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0
+                for n in sides
+            )
+        ):
             raise ValueError(
                 f"local_window_size must be a non-negative int or a pair (left, right) of them; got {local_window_size!r}"
             )
@@ -473,25 +550,33 @@ def options_from_jax_kwargs(
     m = None if mask is None else _four_d("mask", _bool_array("mask", mask, "True = takes part"))
     b = None
     if bias is not None:
-        b = _four_d("bias", np.array(as_float("bias", _numpy(bias), np.dtype(np.float64)), copy=True))
+        b = _four_d(
+            "bias", np.array(as_float("bias", _numpy(bias), np.dtype(np.float64)), copy=True)
+        )
         if (np.isnan(b) | np.isposinf(b)).any():
             raise ValueError("bias must be finite or -inf; got NaN or +inf entries")
     padded = None
     if query_seq_lengths is not None or key_value_seq_lengths is not None:
-        lengths = mask_from_seq_lengths(T, S, query_seq_lengths=query_seq_lengths,
-                                        key_value_seq_lengths=key_value_seq_lengths)  # (B, 1, T, S)
+        lengths = mask_from_seq_lengths(
+            T, S, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths
+        )  # (B, 1, T, S)
         m = lengths if m is None else m & lengths
         if query_seq_lengths is not None:
             q_len = _lengths("query_seq_lengths", query_seq_lengths)
             padded = np.arange(T)[None, None, :] >= q_len[:, None, None]  # (B, 1, T)
 
-    structural = attention_mask(T, S, mask=m, causal=bool(is_causal), window=window)  # JAX's combined mask
+    structural = attention_mask(
+        T, S, mask=m, causal=bool(is_causal), window=window
+    )  # JAX's combined mask
     if b is not None and np.isneginf(b).any():
         taking_part = np.ones((T, S), dtype=bool) if structural is None else structural
-        nan_rows = taking_part.any(axis=-1) & ~(taking_part & ~np.isneginf(b)).any(axis=-1)  # (..., T)
+        nan_rows = taking_part.any(axis=-1) & ~(taking_part & ~np.isneginf(b)).any(
+            axis=-1
+        )  # (..., T)
         if nan_rows.any():
             raise UnsupportedOption(
-                "bias", "attention_ref",
+                "bias",
+                "attention_ref",
                 "a query row whose allowed keys all have a -inf bias is NaN in JAX's softmax; "
                 "the reference treats -inf as masked and applies an empty_rows policy",
             )
@@ -501,13 +586,21 @@ def options_from_jax_kwargs(
         if padded is not None and padded.any():
             if (empty & ~padded).any():
                 raise UnsupportedOption(
-                    "query_seq_lengths", "attention_ref",
+                    "query_seq_lengths",
+                    "attention_ref",
                     "JAX zeroes the query rows beyond query_seq_lengths but gives other fully masked "
                     "rows uniform weights; one empty_rows policy cannot express both",
                 )
             empty_rows = JAX_QUERY_PADDING_ROWS
-    return {"mask": m, "bias": b, "causal": bool(is_causal), "align": JAX_ALIGN, "window": window,
-            "scale": scale, "empty_rows": empty_rows}
+    return {
+        "mask": m,
+        "bias": b,
+        "causal": bool(is_causal),
+        "align": JAX_ALIGN,
+        "window": window,
+        "scale": scale,
+        "empty_rows": empty_rows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,15 +667,39 @@ def run_jax_sdpa(
     (dtype('float64'), (2, 2, 5, 8))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
-        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    (
+        mask,
+        bias,
+        causal,
+        align,
+        window,
+        softcap,
+        scale,
+        dropout_p,
+        dropout_mask,
+        empty_rows,
+        dtype,
+    ) = (
+        opts.mask,
+        opts.bias,
+        opts.causal,
+        opts.align,
+        opts.window,
+        opts.softcap,
+        opts.scale,
+        opts.dropout_p,
+        opts.dropout_mask,
+        opts.empty_rows,
+        opts.dtype,
     )
     jax = _jax()
     dt = _dtype(dtype)
     q, k, v = _head_arrays(q, k, v, dt, ndim=4)
     if v.shape[-1] != q.shape[-1]:
         raise UnsupportedOption(
-            "Dv != Dk", _DPA, f"it requires value to have the key's shape (B, S, Hkv, Dk); got Dk={q.shape[-1]}, Dv={v.shape[-1]}"
+            "Dv != Dk",
+            _DPA,
+            f"it requires value to have the key's shape (B, S, Hkv, Dk); got Dk={q.shape[-1]}, Dv={v.shape[-1]}",
         )
     T, S = q.shape[-2], k.shape[-2]
     scores_shape = q.shape[:-1] + (S,)  # (B, H, T, S)
@@ -592,14 +709,33 @@ def run_jax_sdpa(
     _check_full_shape("bias", bias_np, scores_shape)
     dout_arr = None if dout is None else as_float("dout", _numpy(dout), dt)
     if dout_arr is not None and dout_arr.shape != q.shape:
-        raise ValueError(f"dout must have the output's shape (B, H, T, Dv) = {q.shape}; got {dout_arr.shape}")
-    kwargs = jax_dpa_kwargs(T, S, mask=mask_np, bias=bias_np, causal=causal, align=align, window=window,
-                            softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
-                            empty_rows=empty_rows)
-    leaves = {"q": bthd_from_bhtd(q), "k": bthd_from_bhtd(k), "v": bthd_from_bhtd(v)}  # (B, T, H, Dk), (B, S, Hkv, Dk), (B, S, Hkv, Dv)
+        raise ValueError(
+            f"dout must have the output's shape (B, H, T, Dv) = {q.shape}; got {dout_arr.shape}"
+        )
+    kwargs = jax_dpa_kwargs(
+        T,
+        S,
+        mask=mask_np,
+        bias=bias_np,
+        causal=causal,
+        align=align,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+    )
+    leaves = {
+        "q": bthd_from_bhtd(q),
+        "k": bthd_from_bhtd(k),
+        "v": bthd_from_bhtd(v),
+    }  # (B, T, H, Dk), (B, S, Hkv, Dk), (B, S, Hkv, Dv)
     if kwargs["bias"] is not None:
         leaves["bias"] = kwargs["bias"].astype(dt)  # (B, H, T, S), broadcastable
-    out, g = _call(jax, "sdpa", leaves, kwargs, None if dout_arr is None else bthd_from_bhtd(dout_arr))
+    out, g = _call(
+        jax, "sdpa", leaves, kwargs, None if dout_arr is None else bthd_from_bhtd(dout_arr)
+    )
     out = bhtd_from_bthd(out)  # (B, T, H, Dv) -> (B, H, T, Dv)
     if g is None:
         return FrameworkRun(out=out, grads=None)
@@ -672,8 +808,30 @@ def run_jax_mha(
     ((2, 3, 8), (2, 7, 5), (6, 4))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
-        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    (
+        mask,
+        bias,
+        causal,
+        align,
+        window,
+        softcap,
+        scale,
+        dropout_p,
+        dropout_mask,
+        empty_rows,
+        dtype,
+    ) = (
+        opts.mask,
+        opts.bias,
+        opts.causal,
+        opts.align,
+        opts.window,
+        opts.softcap,
+        opts.scale,
+        opts.dropout_p,
+        opts.dropout_mask,
+        opts.empty_rows,
+        opts.dtype,
     )
     jax = _jax()
     dt = _dtype(dtype)
@@ -683,27 +841,37 @@ def run_jax_mha(
         raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hkv}")
     if not isinstance(params, MultiHeadParams):
         raise TypeError(f"params must be a MultiHeadParams; got {type(params).__name__}")
-    arrays = {name: as_float(f"params.{name}", value, dt) for name, value in params.as_dict().items()}
+    arrays = {
+        name: as_float(f"params.{name}", value, dt) for name, value in params.as_dict().items()
+    }
     for name in ("w_q", "w_k", "w_v", "w_o"):
         if name not in arrays or arrays[name].ndim != 2:
-            raise ValueError(f"params.{name} must be an array of shape (in, out); got {getattr(params, name)!r:.60}")
+            raise ValueError(
+                f"params.{name} must be an array of shape (in, out); got {getattr(params, name)!r:.60}"
+            )
     w_q, w_k, w_v, w_o = arrays["w_q"], arrays["w_k"], arrays["w_v"], arrays["w_o"]
     if w_q.shape[1] % H or w_v.shape[1] % Hkv:
-        raise ValueError(f"params.w_q's columns must split into H={H} heads and w_v's into Hkv={Hkv}; got {w_q.shape}, {w_v.shape}")
+        raise ValueError(
+            f"params.w_q's columns must split into H={H} heads and w_v's into Hkv={Hkv}; got {w_q.shape}, {w_v.shape}"
+        )
     Dk, Dv = w_q.shape[1] // H, w_v.shape[1] // Hkv
     if w_k.shape[1] != Hkv * Dk:
         raise ValueError(f"params.w_k must have Hkv*Dk = {Hkv * Dk} columns; got shape {w_k.shape}")
     if w_o.shape[0] != H * Dv:
         raise ValueError(f"params.w_o must have H*Dv = {H * Dv} rows; got shape {w_o.shape}")
     if Dv != Dk:
-        raise UnsupportedOption("Dv != Dk", _DPA, f"it requires value heads of the key's width; got Dk={Dk}, Dv={Dv}")
+        raise UnsupportedOption(
+            "Dv != Dk", _DPA, f"it requires value heads of the key's width; got Dk={Dk}, Dv={Dv}"
+        )
     for b, w in (("b_q", w_q), ("b_k", w_k), ("b_v", w_v), ("b_o", w_o)):
         if b in arrays and arrays[b].shape != (w.shape[1],):
             raise ValueError(f"params.{b} must have shape ({w.shape[1]},); got {arrays[b].shape}")
     for name, x, w in (("query", query, w_q), ("key", key, w_k), ("value", value, w_v)):
         arr = as_float(name, _numpy(x), dt)
         if arr.ndim != 3 or arr.size == 0 or arr.shape[-1] != w.shape[0]:
-            raise ValueError(f"{name} must have shape (B, positions, {w.shape[0]}) (from params.w_{name[0]}); got shape {arr.shape}")
+            raise ValueError(
+                f"{name} must have shape (B, positions, {w.shape[0]}) (from params.w_{name[0]}); got shape {arr.shape}"
+            )
         arrays[name] = arr
     B, T, S = arrays["query"].shape[0], arrays["query"].shape[1], arrays["key"].shape[1]
     if arrays["key"].shape[:2] != (B, S) or arrays["value"].shape[:2] != (B, S):
@@ -722,17 +890,42 @@ def run_jax_mha(
         bias_np = None
     dout_arr = None if dout is None else as_float("dout", _numpy(dout), dt)
     if dout_arr is not None and dout_arr.shape != (B, T, w_o.shape[1]):
-        raise ValueError(f"dout must have the output's shape (B, T, D_out) = {(B, T, w_o.shape[1])}; got {dout_arr.shape}")
-    kwargs = jax_dpa_kwargs(T, S, mask=mask_np, bias=bias_np, causal=causal, align=align, window=window,
-                            softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=dropout_mask,
-                            empty_rows=empty_rows)
+        raise ValueError(
+            f"dout must have the output's shape (B, T, D_out) = {(B, T, w_o.shape[1])}; got {dout_arr.shape}"
+        )
+    kwargs = jax_dpa_kwargs(
+        T,
+        S,
+        mask=mask_np,
+        bias=bias_np,
+        causal=causal,
+        align=align,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+    )
     if kwargs["bias"] is not None:
         arrays["bias"] = kwargs["bias"].astype(dt)
     out, g = _call(jax, "mha", arrays, {**kwargs, "num_heads": H, "num_kv_heads": Hkv}, dout_arr)
     if g is None:
         return FrameworkRun(out=out, grads=None)
-    dparams = MultiHeadParams(w_q=g["w_q"], w_k=g["w_k"], w_v=g["w_v"], w_o=g["w_o"],
-                              b_q=g.get("b_q"), b_k=g.get("b_k"), b_v=g.get("b_v"), b_o=g.get("b_o"))
+    dparams = MultiHeadParams(
+        w_q=g["w_q"],
+        w_k=g["w_k"],
+        w_v=g["w_v"],
+        w_o=g["w_o"],
+        b_q=g.get("b_q"),
+        b_k=g.get("b_k"),
+        b_v=g.get("b_v"),
+        b_o=g.get("b_o"),
+    )
     dbias = None if bias_shape is None else g["bias"].reshape(bias_shape)
-    return FrameworkRun(out=out, grads=MultiHeadGrads(dquery=g["query"], dkey=g["key"], dvalue=g["value"],
-                                                      dparams=dparams, dbias=dbias))
+    return FrameworkRun(
+        out=out,
+        grads=MultiHeadGrads(
+            dquery=g["query"], dkey=g["key"], dvalue=g["value"], dparams=dparams, dbias=dbias
+        ),
+    )

@@ -21,6 +21,7 @@ r"""PyTorch adapters: weights, mask polarity, the option mapping, and runners.
 Importing this module does not import torch; the functions that need it import it when called.
 Mapping tables and the behaviours measured with torch 2.13.0: ``docs/adapters.md``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,8 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from ..core._validate import as_float, check_broadcastable, check_positive_int
 from ..core.attention import AttentionGrads
-from ..core.mha import MultiHeadGrads, MultiHeadParams
 from ..core.masks import attention_mask
+from ..core.mha import MultiHeadGrads, MultiHeadParams
 from ..core.options import AttentionOptions
 from . import (
     FrameworkRun,
@@ -48,11 +49,22 @@ from . import (
 )
 
 __all__ = [
-    "TORCH_VERSION_CHECKED", "TORCH_SDPA_EMPTY_ROWS", "TORCH_MHA_EMPTY_ROWS",
-    "mask_from_key_padding_mask", "key_padding_mask_from_mask", "mask_from_ignore_mask",
-    "ignore_mask_from_mask", "mask_and_bias_from_additive_mask", "additive_mask_from_mask",
-    "params_from_torch", "param_grads_from_torch", "params_to_torch",
-    "torch_sdpa_kwargs", "torch_mha_kwargs", "run_torch_sdpa", "run_torch_mha",
+    "TORCH_VERSION_CHECKED",
+    "TORCH_SDPA_EMPTY_ROWS",
+    "TORCH_MHA_EMPTY_ROWS",
+    "mask_from_key_padding_mask",
+    "key_padding_mask_from_mask",
+    "mask_from_ignore_mask",
+    "ignore_mask_from_mask",
+    "mask_and_bias_from_additive_mask",
+    "additive_mask_from_mask",
+    "params_from_torch",
+    "param_grads_from_torch",
+    "params_to_torch",
+    "torch_sdpa_kwargs",
+    "torch_mha_kwargs",
+    "run_torch_sdpa",
+    "run_torch_mha",
 ]
 
 #: The torch version whose behaviour the constants below and ``docs/adapters.md`` record.
@@ -71,8 +83,10 @@ TORCH_MHA_EMPTY_ROWS = "zero"
 
 _SDPA = "torch F.scaled_dot_product_attention"
 _MHA = "torch nn.MultiheadAttention"
-_NO_DROPOUT = ("torch draws the dropout keep-mask from its own RNG; the reference's explicit "
-               "dropout_mask cannot be passed to it")
+_NO_DROPOUT = (
+    "torch draws the dropout keep-mask from its own RNG; the reference's explicit "
+    "dropout_mask cannot be passed to it"
+)
 _IGNORE = "nn.MultiheadAttention polarity: True = ignore"
 _ATTEND = "True = may attend"
 
@@ -222,7 +236,9 @@ def mask_from_ignore_mask(attn_mask: ArrayLike, *, num_heads: int | None = None)
     if ignore.ndim == 2:
         return ~ignore
     if ignore.ndim != 3:
-        raise ValueError(f"attn_mask must have shape (T, S) or (B*H, T, S); got shape {ignore.shape}")
+        raise ValueError(
+            f"attn_mask must have shape (T, S) or (B*H, T, S); got shape {ignore.shape}"
+        )
     if num_heads is None:
         raise ValueError(
             f"num_heads is needed to split a 3-D attn_mask (B*H, T, S); got attn_mask.shape={ignore.shape}"
@@ -232,7 +248,9 @@ def mask_from_ignore_mask(attn_mask: ArrayLike, *, num_heads: int | None = None)
         raise ValueError(
             f"attn_mask's first axis (B*H) must be a multiple of num_heads={H}; got shape {ignore.shape}"
         )
-    return ~ignore.reshape(ignore.shape[0] // H, H, *ignore.shape[1:])  # (B*H, T, S) -> (B, H, T, S)
+    return ~ignore.reshape(
+        ignore.shape[0] // H, H, *ignore.shape[1:]
+    )  # (B*H, T, S) -> (B, H, T, S)
 
 
 def ignore_mask_from_mask(mask: ArrayLike) -> np.ndarray:
@@ -261,7 +279,9 @@ def ignore_mask_from_mask(mask: ArrayLike) -> np.ndarray:
     if m.ndim == 2:
         return ~m
     if m.ndim != 4:
-        raise ValueError(f"mask must have shape (T, S) or (B, H, T, S) for an attn_mask; got shape {m.shape}")
+        raise ValueError(
+            f"mask must have shape (T, S) or (B, H, T, S) for an attn_mask; got shape {m.shape}"
+        )
     return ~m.reshape(-1, *m.shape[2:])  # (B, H, T, S) -> (B*H, T, S)
 
 
@@ -307,7 +327,9 @@ def mask_and_bias_from_additive_mask(attn_mask: ArrayLike) -> tuple[np.ndarray, 
     return mask, np.where(mask, a, 0.0)
 
 
-def additive_mask_from_mask(mask: ArrayLike | None = None, bias: ArrayLike | None = None) -> np.ndarray:
+def additive_mask_from_mask(
+    mask: ArrayLike | None = None, bias: ArrayLike | None = None
+) -> np.ndarray:
     r"""A reference ``mask`` and/or ``bias`` as one float additive ``attn_mask``: ``bias`` where allowed, ``-inf`` elsewhere.
 
     Parameters
@@ -338,7 +360,9 @@ def additive_mask_from_mask(mask: ArrayLike | None = None, bias: ArrayLike | Non
     try:
         np.broadcast_shapes(m.shape, b.shape)
     except ValueError:
-        raise ValueError(f"mask and bias must broadcast together; got mask.shape={m.shape}, bias.shape={b.shape}") from None
+        raise ValueError(
+            f"mask and bias must broadcast together; got mask.shape={m.shape}, bias.shape={b.shape}"
+        ) from None
     return np.where(m, b, -np.inf)
 
 
@@ -349,16 +373,20 @@ def additive_mask_from_mask(mask: ArrayLike | None = None, bias: ArrayLike | Non
 
 def _check_module(torch: Any, module: Any) -> None:
     if not isinstance(module, torch.nn.MultiheadAttention):
-        raise TypeError(f"module must be a torch.nn.MultiheadAttention; got {type(module).__name__}")
+        raise TypeError(
+            f"module must be a torch.nn.MultiheadAttention; got {type(module).__name__}"
+        )
     if module.bias_k is not None or module.bias_v is not None:
         raise UnsupportedOption(
-            "add_bias_kv=True", "attention_ref.MultiHeadParams",
+            "add_bias_kv=True",
+            "attention_ref.MultiHeadParams",
             "the module appends learned bias rows to the keys and values (S grows by 1), which "
             "has no counterpart in the reference",
         )
     if module.add_zero_attn:
         raise UnsupportedOption(
-            "add_zero_attn=True", "attention_ref.MultiHeadParams",
+            "add_zero_attn=True",
+            "attention_ref.MultiHeadParams",
             "the module appends a zero key and value (S grows by 1), which has no counterpart in "
             "the reference",
         )
@@ -370,14 +398,20 @@ def _module_arrays(module: Any, *, grad: bool, dt: np.dtype) -> MultiHeadParams:
     def get(name: str, t: Any) -> np.ndarray:
         if grad:
             if t.grad is None:
-                raise ValueError(f"module.{name}.grad is None: run backward through the module first")
+                raise ValueError(
+                    f"module.{name}.grad is None: run backward through the module first"
+                )
             t = t.grad
         return np.array(t.detach().cpu().numpy(), dtype=dt, copy=True)
 
     if module._qkv_same_embed_dim:
-        w_q, w_k, w_v = np.split(get("in_proj_weight", module.in_proj_weight), 3)  # (3E, E) -> 3 x (E, E), rows q, k, v
+        w_q, w_k, w_v = np.split(
+            get("in_proj_weight", module.in_proj_weight), 3
+        )  # (3E, E) -> 3 x (E, E), rows q, k, v
     else:
-        w_q, w_k, w_v = (get(f"{n}_proj_weight", getattr(module, f"{n}_proj_weight")) for n in "qkv")
+        w_q, w_k, w_v = (
+            get(f"{n}_proj_weight", getattr(module, f"{n}_proj_weight")) for n in "qkv"
+        )
     b_q = b_k = b_v = b_o = None
     if module.in_proj_bias is not None:
         b_q, b_k, b_v = np.split(get("in_proj_bias", module.in_proj_bias), 3)  # (3E,) -> 3 x (E,)
@@ -385,7 +419,14 @@ def _module_arrays(module: Any, *, grad: bool, dt: np.dtype) -> MultiHeadParams:
         b_o = get("out_proj.bias", module.out_proj.bias)
     w_o = get("out_proj.weight", module.out_proj.weight)
     return MultiHeadParams(  # (out, in) -> (in, out)
-        w_q=w_q.T.copy(), w_k=w_k.T.copy(), w_v=w_v.T.copy(), w_o=w_o.T.copy(), b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
+        w_q=w_q.T.copy(),
+        w_k=w_k.T.copy(),
+        w_v=w_v.T.copy(),
+        w_o=w_o.T.copy(),
+        b_q=b_q,
+        b_k=b_k,
+        b_v=b_v,
+        b_o=b_o,
     )
 
 
@@ -431,9 +472,14 @@ def params_from_torch(module: Any) -> tuple[MultiHeadParams, dict[str, Any]]:
     torch = _torch()
     _check_module(torch, module)
     params = _module_arrays(module, grad=False, dt=np.dtype(np.float64))
-    config = {"num_heads": int(module.num_heads), "embed_dim": int(module.embed_dim),
-              "kdim": int(module.kdim), "vdim": int(module.vdim),
-              "batch_first": bool(module.batch_first), "dropout": float(module.dropout)}
+    config = {
+        "num_heads": int(module.num_heads),
+        "embed_dim": int(module.embed_dim),
+        "kdim": int(module.kdim),
+        "vdim": int(module.vdim),
+        "batch_first": bool(module.batch_first),
+        "dropout": float(module.dropout),
+    }
     return params, config
 
 
@@ -529,9 +575,11 @@ def params_to_torch(
     H = check_positive_int("num_heads", num_heads)
     if num_kv_heads is not None and check_positive_int("num_kv_heads", num_kv_heads) != H:
         raise UnsupportedOption(
-            f"num_kv_heads={num_kv_heads}", _MHA,
+            f"num_kv_heads={num_kv_heads}",
+            _MHA,
             f"it has one key/value head per query head (Hkv = H = {H}); no grouped-query attention",
         )
+
     def weight(name: str) -> np.ndarray:
         value = getattr(params, name)
         if value is None:
@@ -544,33 +592,41 @@ def params_to_torch(
     w_q, w_k, w_v, w_o = weight("w_q"), weight("w_k"), weight("w_v"), weight("w_o")
     D = w_q.shape[0]
     if w_q.shape[1] % H:
-        raise ValueError(f"params.w_q has {w_q.shape[1]} columns (H*Dk), not divisible by num_heads={H}")
+        raise ValueError(
+            f"params.w_q has {w_q.shape[1]} columns (H*Dk), not divisible by num_heads={H}"
+        )
     Dk = w_q.shape[1] // H
     if w_q.shape[1] != D:
         raise UnsupportedOption(
-            "params.w_q", _MHA,
+            "params.w_q",
+            _MHA,
             f"it projects the query to embed_dim = D = {D} columns (H*Dk = D); w_q has shape {w_q.shape}",
         )
     if w_k.shape[1] != D:
         raise UnsupportedOption(
-            "params.w_k", _MHA,
+            "params.w_k",
+            _MHA,
             f"its key projection has embed_dim = H*Dk = {D} columns (Hkv = H, no grouped-query "
             f"attention); w_k has shape {w_k.shape}",
         )
     if w_v.shape[1] != D:
         raise UnsupportedOption(
-            "params.w_v", _MHA,
+            "params.w_v",
+            _MHA,
             f"its value projection has embed_dim = H*Dv = {D} columns (Dv = Dk = {Dk}); w_v has shape {w_v.shape}",
         )
     if w_o.shape != (D, D):
         raise UnsupportedOption(
-            "params.w_o", _MHA, f"its out_proj maps embed_dim to embed_dim, shape (D, D) = {(D, D)}; w_o has shape {w_o.shape}"
+            "params.w_o",
+            _MHA,
+            f"its out_proj maps embed_dim to embed_dim, shape (D, D) = {(D, D)}; w_o has shape {w_o.shape}",
         )
     names = ("b_q", "b_k", "b_v", "b_o")
     present = [n for n in names if getattr(params, n) is not None]
     if present and len(present) != 4:
         raise UnsupportedOption(
-            "params.b_*", _MHA,
+            "params.b_*",
+            _MHA,
             "one bias flag covers in_proj_bias (query, key, value) and out_proj.bias: all four "
             f"biases or none; got {', '.join(present)} present and "
             f"{', '.join(n for n in names if n not in present)} None",
@@ -581,19 +637,29 @@ def params_to_torch(
             raise ValueError(f"params.{n} must have shape ({D},); got shape {b.shape}")
 
     module = torch.nn.MultiheadAttention(
-        D, H, dropout=0.0, bias=bool(present), kdim=w_k.shape[0], vdim=w_v.shape[0],
-        batch_first=True, dtype=_torch_dtype(torch, dt),
+        D,
+        H,
+        dropout=0.0,
+        bias=bool(present),
+        kdim=w_k.shape[0],
+        vdim=w_v.shape[0],
+        batch_first=True,
+        dtype=_torch_dtype(torch, dt),
     )
     with torch.no_grad():  # (in, out) -> (out, in)
         if module._qkv_same_embed_dim:
-            module.in_proj_weight.copy_(_tensor(torch, np.concatenate([w_q.T, w_k.T, w_v.T])))  # (3D, D)
+            module.in_proj_weight.copy_(
+                _tensor(torch, np.concatenate([w_q.T, w_k.T, w_v.T]))
+            )  # (3D, D)
         else:
             module.q_proj_weight.copy_(_tensor(torch, w_q.T))
             module.k_proj_weight.copy_(_tensor(torch, w_k.T))
             module.v_proj_weight.copy_(_tensor(torch, w_v.T))
         module.out_proj.weight.copy_(_tensor(torch, w_o.T))
         if present:
-            module.in_proj_bias.copy_(_tensor(torch, np.concatenate([biases["b_q"], biases["b_k"], biases["b_v"]])))  # (3D,)
+            module.in_proj_bias.copy_(
+                _tensor(torch, np.concatenate([biases["b_q"], biases["b_k"], biases["b_v"]]))
+            )  # (3D,)
             module.out_proj.bias.copy_(_tensor(torch, biases["b_o"]))
     return module.train()
 
@@ -685,7 +751,10 @@ def torch_sdpa_kwargs(
     if num_kv_heads is not None:
         if num_heads is None:
             raise ValueError(f"num_kv_heads={num_kv_heads} needs num_heads too")
-        H, Hkv = check_positive_int("num_heads", num_heads), check_positive_int("num_kv_heads", num_kv_heads)
+        H, Hkv = (
+            check_positive_int("num_heads", num_heads),
+            check_positive_int("num_kv_heads", num_kv_heads),
+        )
         if H % Hkv:
             raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hkv}")
         gqa = Hkv != H
@@ -704,18 +773,27 @@ def torch_sdpa_kwargs(
 
         attn_mask = causal_lower_right(T, S)  # tril(ones(T, S), diagonal=S - T): bottom-right
     elif p.bias is not None:
-        attn_mask = _bias_tensor(torch, bias, p.bias, tdt)  # (..., H, T, S) float, added to the scores
+        attn_mask = _bias_tensor(
+            torch, bias, p.bias, tdt
+        )  # (..., H, T, S) float, added to the scores
         if p.structural is not None:
             attn_mask = torch.where(_tensor(torch, p.structural), attn_mask, float("-inf"))
     elif p.structural is not None:
         attn_mask = _tensor(torch, p.structural)  # bool, True = takes part
-    return {"attn_mask": attn_mask, "dropout_p": 0.0, "is_causal": is_causal, "scale": p.scale,
-            "enable_gqa": gqa}
+    return {
+        "attn_mask": attn_mask,
+        "dropout_p": 0.0,
+        "is_causal": is_causal,
+        "scale": p.scale,
+        "enable_gqa": gqa,
+    }
 
 
 def _key_padding_or_none(mask: np.ndarray, B: int, S: int) -> np.ndarray | None:
     """``key_padding_mask`` (B, S) when ``mask`` varies only along B and S (shape (b, 1, 1, s)), else None."""
-    m4 = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (b, h, t, s); mask.ndim <= 4 was checked
+    m4 = mask.reshape(
+        (1,) * (4 - mask.ndim) + mask.shape
+    )  # (b, h, t, s); mask.ndim <= 4 was checked
     if m4.shape[1:3] != (1, 1):
         return None
     return key_padding_mask_from_mask(np.broadcast_to(m4, (B, 1, 1, S)))
@@ -794,12 +872,18 @@ def torch_mha_kwargs(
     B = check_positive_int("batch_size", batch_size)
     H = check_positive_int("num_heads", num_heads)
     if scale is not None and head_dim is None:
-        raise ValueError("head_dim (Dk) is needed to check scale against the module's fixed 1 / sqrt(Dk)")
+        raise ValueError(
+            "head_dim (Dk) is needed to check scale against the module's fixed 1 / sqrt(Dk)"
+        )
     p = _prepare(_MHA, TORCH_MHA_EMPTY_ROWS, _NO_DROPOUT, T, S, opts)
     if p.scale is not None:
         fixed = 1.0 / math.sqrt(check_positive_int("head_dim", head_dim))
         if not math.isclose(p.scale, fixed, rel_tol=1e-12):
-            raise UnsupportedOption("scale", _MHA, f"its score scale is fixed at 1/sqrt(Dk) = {fixed!r}; got scale={p.scale!r}")
+            raise UnsupportedOption(
+                "scale",
+                _MHA,
+                f"its score scale is fixed at 1/sqrt(Dk) = {fixed!r}; got scale={p.scale!r}",
+            )
     full = (B, H, T, S)
     for name, arr in (("mask", p.mask), ("bias", p.bias)):
         if arr is not None:
@@ -818,13 +902,19 @@ def torch_mha_kwargs(
         kpm = None if p.mask is None else _key_padding_or_none(p.mask, B, S)
         if kpm is not None:
             key_padding_mask = _tensor(torch, kpm)  # (B, S), True = ignore
-            rest = attention_mask(T, S, causal=p.causal, align=p.align, window=p.window)  # (T, S) or None
+            rest = attention_mask(
+                T, S, causal=p.causal, align=p.align, window=p.window
+            )  # (T, S) or None
         if rest is not None:
             if all(n == 1 for n in rest.shape[:-2]):
                 rest = np.broadcast_to(rest.reshape(rest.shape[-2:]), (T, S))  # (T, S)
             else:
-                rest = np.broadcast_to(rest.reshape((1,) * (4 - rest.ndim) + rest.shape), full)  # (B, H, T, S)
-            attn_mask = _tensor(torch, ignore_mask_from_mask(rest))  # (T, S) or (B*H, T, S), True = ignore
+                rest = np.broadcast_to(
+                    rest.reshape((1,) * (4 - rest.ndim) + rest.shape), full
+                )  # (B, H, T, S)
+            attn_mask = _tensor(
+                torch, ignore_mask_from_mask(rest)
+            )  # (T, S) or (B*H, T, S), True = ignore
     return {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask, "need_weights": False}
 
 
@@ -887,8 +977,30 @@ def run_torch_sdpa(
     (True, (2, 2, 5, 8))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
-        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    (
+        mask,
+        bias,
+        causal,
+        align,
+        window,
+        softcap,
+        scale,
+        dropout_p,
+        dropout_mask,
+        empty_rows,
+        dtype,
+    ) = (
+        opts.mask,
+        opts.bias,
+        opts.causal,
+        opts.align,
+        opts.window,
+        opts.softcap,
+        opts.scale,
+        opts.dropout_p,
+        opts.dropout_mask,
+        opts.empty_rows,
+        opts.dtype,
     )
     torch = _torch()
     dt = _dtype(dtype)
@@ -902,21 +1014,45 @@ def run_torch_sdpa(
     dout_arr = None if dout is None else as_float("dout", _numpy(dout), dt)
     grad = dout_arr is not None
     if dout_arr is not None and dout_arr.shape != q.shape[:-1] + (v.shape[-1],):
-        raise ValueError(f"dout must have the output's shape (..., H, T, Dv) = {q.shape[:-1] + (v.shape[-1],)}; got {dout_arr.shape}")
+        raise ValueError(
+            f"dout must have the output's shape (..., H, T, Dv) = {q.shape[:-1] + (v.shape[-1],)}; got {dout_arr.shape}"
+        )
 
-    leaves = {name: _tensor(torch, a, requires_grad=grad) for name, a in (("q", q), ("k", k), ("v", v))}
+    leaves = {
+        name: _tensor(torch, a, requires_grad=grad) for name, a in (("q", q), ("k", k), ("v", v))
+    }
     if bias_np is not None:
         leaves["bias"] = _tensor(torch, bias_np, requires_grad=grad)
-    kwargs = torch_sdpa_kwargs(T, S, num_heads=H, num_kv_heads=Hkv, mask=mask_np, bias=leaves.get("bias"),
-                               causal=causal, align=align, window=window, softcap=softcap, scale=scale,
-                               dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dt)
+    kwargs = torch_sdpa_kwargs(
+        T,
+        S,
+        num_heads=H,
+        num_kv_heads=Hkv,
+        mask=mask_np,
+        bias=leaves.get("bias"),
+        causal=causal,
+        align=align,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+        dtype=dt,
+    )
     with _math_backend(torch):
-        out = torch.nn.functional.scaled_dot_product_attention(leaves["q"], leaves["k"], leaves["v"], **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            leaves["q"], leaves["k"], leaves["v"], **kwargs
+        )
     grads = None
     if dout_arr is not None:
         out.backward(_tensor(torch, dout_arr))
-        grads = AttentionGrads(dq=_out(leaves["q"].grad), dk=_out(leaves["k"].grad), dv=_out(leaves["v"].grad),
-                               dbias=_out(leaves["bias"].grad) if "bias" in leaves else None)
+        grads = AttentionGrads(
+            dq=_out(leaves["q"].grad),
+            dk=_out(leaves["k"].grad),
+            dv=_out(leaves["v"].grad),
+            dbias=_out(leaves["bias"].grad) if "bias" in leaves else None,
+        )
     return FrameworkRun(out=_out(out), grads=grads)
 
 
@@ -989,8 +1125,30 @@ def run_torch_mha(
     ((2, 7, 6), (6, 8))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (mask, bias, causal, align, window, softcap, scale, dropout_p, dropout_mask, empty_rows, dtype) = (
-        opts.mask, opts.bias, opts.causal, opts.align, opts.window, opts.softcap, opts.scale, opts.dropout_p, opts.dropout_mask, opts.empty_rows, opts.dtype
+    (
+        mask,
+        bias,
+        causal,
+        align,
+        window,
+        softcap,
+        scale,
+        dropout_p,
+        dropout_mask,
+        empty_rows,
+        dtype,
+    ) = (
+        opts.mask,
+        opts.bias,
+        opts.causal,
+        opts.align,
+        opts.window,
+        opts.softcap,
+        opts.scale,
+        opts.dropout_p,
+        opts.dropout_mask,
+        opts.empty_rows,
+        opts.dtype,
     )
     torch = _torch()
     dt = _dtype(dtype)
@@ -1002,7 +1160,9 @@ def run_torch_mha(
     for name, x in (("query", query), ("key", key), ("value", value)):
         arr = as_float(name, _numpy(x), dt)
         if arr.ndim != 3 or arr.size == 0 or arr.shape[-1] != widths[name]:
-            raise ValueError(f"{name} must have shape {layouts[name]} with last axis {widths[name]} (from params); got shape {arr.shape}")
+            raise ValueError(
+                f"{name} must have shape {layouts[name]} with last axis {widths[name]} (from params); got shape {arr.shape}"
+            )
         inputs[name] = arr
     B, T, S = inputs["query"].shape[0], inputs["query"].shape[1], inputs["key"].shape[1]
     if inputs["key"].shape[:2] != (B, S) or inputs["value"].shape[:2] != (B, S):
@@ -1013,22 +1173,41 @@ def run_torch_mha(
     dout_arr = None if dout is None else as_float("dout", _numpy(dout), dt)
     grad = dout_arr is not None
     if dout_arr is not None and dout_arr.shape != (B, T, module.embed_dim):
-        raise ValueError(f"dout must have the output's shape (B, T, D) = {(B, T, module.embed_dim)}; got {dout_arr.shape}")
+        raise ValueError(
+            f"dout must have the output's shape (B, T, D) = {(B, T, module.embed_dim)}; got {dout_arr.shape}"
+        )
     leaves = {name: _tensor(torch, a, requires_grad=grad) for name, a in inputs.items()}
     if bias is not None:
         bias_np = as_float("bias", _numpy(bias), dt)
         check_broadcastable("bias", bias_np, (B, H, T, S), "(B, H, T, S)")
         leaves["bias"] = _tensor(torch, bias_np, requires_grad=grad)
-    kwargs = torch_mha_kwargs(B, T, S, num_heads=H, head_dim=module.head_dim, mask=mask, bias=leaves.get("bias"),
-                              causal=causal, align=align, window=window, softcap=softcap, scale=scale,
-                              dropout_p=dropout_p, dropout_mask=dropout_mask, empty_rows=empty_rows, dtype=dt)
+    kwargs = torch_mha_kwargs(
+        B,
+        T,
+        S,
+        num_heads=H,
+        head_dim=module.head_dim,
+        mask=mask,
+        bias=leaves.get("bias"),
+        causal=causal,
+        align=align,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_mask=dropout_mask,
+        empty_rows=empty_rows,
+        dtype=dt,
+    )
     with _math_backend(torch):
         out, _ = module(leaves["query"], leaves["key"], leaves["value"], **kwargs)
     grads = None
     if dout_arr is not None:
         out.backward(_tensor(torch, dout_arr))
         grads = MultiHeadGrads(
-            dquery=_out(leaves["query"].grad), dkey=_out(leaves["key"].grad), dvalue=_out(leaves["value"].grad),
+            dquery=_out(leaves["query"].grad),
+            dkey=_out(leaves["key"].grad),
+            dvalue=_out(leaves["value"].grad),
             dparams=_module_arrays(module, grad=True, dt=dt),
             dbias=_out(leaves["bias"].grad) if "bias" in leaves else None,
         )

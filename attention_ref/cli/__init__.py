@@ -6,6 +6,7 @@ has ``--help``; ``--json`` prints machine-readable output on stdout, ``--markdow
 ``compare``, ``verify``) prints the table as Markdown, and progress lines go to stderr
 (``--quiet`` silences them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,19 +32,27 @@ def _parser() -> argparse.ArgumentParser:
         "Prints a table: case, function, worst relative error, pass/fail. Exit status 1 if any "
         "gradient fails.",
     )
-    check.add_argument("--seed", type=int, default=0,
-                       help="0 (default): the canonical inputs; another value draws other inputs for the same cases")
-    check.add_argument("--quick", action="store_true", help="leave out the long cases and the realistic-size run")
+    check.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="0 (default): the canonical inputs; another value draws other inputs for the same cases",
+    )
+    check.add_argument(
+        "--quick", action="store_true", help="leave out the long cases and the realistic-size run"
+    )
     _common(check, markdown=True)
 
     lister = sub.add_parser(
-        "cases", help="list the canonical cases",
+        "cases",
+        help="list the canonical cases",
         description="List the canonical cases (attention_ref.cases): name, kind, dimensions, options.",
     )
     lister.add_argument("--json", action="store_true", help="machine-readable output")
 
     golden = sub.add_parser(
-        "golden", help="write golden test vectors (.npz + manifest.json) for implementations outside Python",
+        "golden",
+        help="write golden test vectors (.npz + manifest.json) for implementations outside Python",
         description="Write golden test vectors into DIR: for each canonical case, <case>.npz with its "
         "inputs, options, cotangent, output, gradients and intermediates (uncompressed .npy entries, "
         "little-endian float64 or bool), and manifest.json with the format version, the conventions, "
@@ -51,14 +60,22 @@ def _parser() -> argparse.ArgumentParser:
         "Refuses a non-empty DIR unless --overwrite.",
     )
     golden.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
-    golden.add_argument("--cases", nargs="+", metavar="NAME",
-                        help="only these cases (default: all; 'attention-ref cases' lists them)")
-    golden.add_argument("--overwrite", action="store_true",
-                        help="replace the golden set in a non-empty DIR (its manifest.json and .npz files)")
+    golden.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="NAME",
+        help="only these cases (default: all; 'attention-ref cases' lists them)",
+    )
+    golden.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the golden set in a non-empty DIR (its manifest.json and .npz files)",
+    )
     _common(golden)
 
     verify = sub.add_parser(
-        "verify", help="verify a golden set's checksums, and its outputs or a candidate's",
+        "verify",
+        help="verify a golden set's checksums, and its outputs or a candidate's",
         description="Read the golden set in DIR and verify every checksum, shape and dtype against its "
         "manifest (a corrupt or incomplete set fails). Then, without --candidate, recompute the "
         "reference from the stored inputs and compare the stored outputs, gradients and "
@@ -69,16 +86,26 @@ def _parser() -> argparse.ArgumentParser:
         "on any failure.",
     )
     verify.add_argument("directory", metavar="DIR", help="the golden set")
-    verify.add_argument("--candidate", metavar="DIR2", help="a directory of the implementation's outputs, <case>.npz each")
-    verify.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases (default: all of DIR)")
+    verify.add_argument(
+        "--candidate",
+        metavar="DIR2",
+        help="a directory of the implementation's outputs, <case>.npz each",
+    )
+    verify.add_argument(
+        "--cases", nargs="+", metavar="NAME", help="only these cases (default: all of DIR)"
+    )
     verify.add_argument("--rtol", type=float, help="relative tolerance (default 1e-12 for float64)")
     verify.add_argument("--atol", type=float, help="absolute tolerance (default 1e-14 for float64)")
-    verify.add_argument("--precision", choices=("float32", "float16", "bfloat16"),
-                        help="the candidate's precision: judge output and gradients by the error-budget rule")
+    verify.add_argument(
+        "--precision",
+        choices=("float32", "float16", "bfloat16"),
+        help="the candidate's precision: judge output and gradients by the error-budget rule",
+    )
     _common(verify, markdown=True)
 
     compare = sub.add_parser(
-        "compare", help="run an installed framework's attention on every canonical case and judge it",
+        "compare",
+        help="run an installed framework's attention on every canonical case and judge it",
         description="Run PyTorch's F.scaled_dot_product_attention and nn.MultiheadAttention (torch), or "
         "jax.nn.dot_product_attention and a jnp multi-head attention around it (jax), through the "
         "adapters on every canonical case, forward and backward with the case's random cotangent, and "
@@ -87,8 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         "jax, whose softmax is float32). Fully masked rows follow the framework's convention. Options "
         "the framework cannot express are skipped with the reason. Exit status 1 if any row fails.",
     )
-    compare.add_argument("framework", choices=("torch", "jax"), help="the framework to run (must be installed)")
-    compare.add_argument("--cases", nargs="+", metavar="NAME", help="only these canonical cases (default: all)")
+    compare.add_argument(
+        "framework", choices=("torch", "jax"), help="the framework to run (must be installed)"
+    )
+    compare.add_argument(
+        "--cases", nargs="+", metavar="NAME", help="only these canonical cases (default: all)"
+    )
     _common(compare, markdown=True)
     return parser
 
@@ -97,13 +128,17 @@ def _common(p: argparse.ArgumentParser, markdown: bool = False) -> None:
     """Add ``--quiet`` and ``--json``, and with ``markdown`` also ``--markdown`` (not with both)."""
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     output = p.add_mutually_exclusive_group() if markdown else p
-    output.add_argument("--json", action="store_true",
-                        help="machine-readable JSON on stdout instead of a table")
+    output.add_argument(
+        "--json", action="store_true", help="machine-readable JSON on stdout instead of a table"
+    )
     if markdown:
-        output.add_argument("--markdown", action="store_true",
-                            help="print the table as a Markdown table (GitHub-flavoured: to paste "
-                            "into an issue or a pull request) instead of aligned text; the lines "
-                            "around it are unchanged")
+        output.add_argument(
+            "--markdown",
+            action="store_true",
+            help="print the table as a Markdown table (GitHub-flavoured: to paste "
+            "into an issue or a pull request) instead of aligned text; the lines "
+            "around it are unchanged",
+        )
 
 
 def _list_cases(as_json: bool) -> int:
@@ -111,9 +146,23 @@ def _list_cases(as_json: bool) -> int:
 
     all_cases = cases()
     if as_json:
-        print(json.dumps([{"name": c.name, "kind": c.kind, "description": c.description, "dims": dict(c.dims),
-                           "options": {k: v for k, v in c.options.items()}, "extras": list(c.extras),
-                           "tags": list(c.tags)} for c in all_cases], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": c.name,
+                        "kind": c.kind,
+                        "description": c.description,
+                        "dims": dict(c.dims),
+                        "options": {k: v for k, v in c.options.items()},
+                        "extras": list(c.extras),
+                        "tags": list(c.tags),
+                    }
+                    for c in all_cases
+                ],
+                indent=1,
+            )
+        )
         return 0
     width = max(len(c.name) for c in all_cases)
     for c in all_cases:
@@ -151,21 +200,40 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "compare":
         from ..oracle.conformance import main_compare
 
-        return main_compare(args.framework, args.cases, quiet=args.quiet, as_json=args.json,
-                            markdown=args.markdown)
+        return main_compare(
+            args.framework, args.cases, quiet=args.quiet, as_json=args.json, markdown=args.markdown
+        )
     if args.command in ("golden", "verify"):
         from ..oracle import golden
 
         if args.command == "golden":
-            return golden.main_golden(args.directory, args.cases, overwrite=args.overwrite, quiet=args.quiet,
-                                      as_json=args.json)
-        return golden.main_verify(args.directory, args.candidate, args.cases, rtol=args.rtol, atol=args.atol,
-                                  precision=args.precision, quiet=args.quiet, as_json=args.json,
-                                  markdown=args.markdown)
+            return golden.main_golden(
+                args.directory,
+                args.cases,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                as_json=args.json,
+            )
+        return golden.main_verify(
+            args.directory,
+            args.candidate,
+            args.cases,
+            rtol=args.rtol,
+            atol=args.atol,
+            precision=args.precision,
+            quiet=args.quiet,
+            as_json=args.json,
+            markdown=args.markdown,
+        )
     from ..oracle.check import main_check
 
-    return main_check(seed=args.seed, quiet=args.quiet, as_json=args.json, quick=args.quick,
-                      markdown=args.markdown)
+    return main_check(
+        seed=args.seed,
+        quiet=args.quiet,
+        as_json=args.json,
+        quick=args.quick,
+        markdown=args.markdown,
+    )
 
 
 if __name__ == "__main__":

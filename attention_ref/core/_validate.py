@@ -3,6 +3,7 @@
 Public functions call these at the door; the math below them trusts its callers.
 Every error names the argument, what was expected and what was given.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -107,7 +108,9 @@ def as_bool_mask(name: str, mask: Any, target: tuple[int, ...], layout: str) -> 
 def check_real_scalar(name: str, value: Any, *, positive: bool) -> float:
     """A finite real number, > 0 when ``positive`` else >= 0."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a real number; got {value!r} of type {type(value).__name__}"
+        )
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
@@ -140,9 +143,7 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
         if isinstance(side, (bool, np.bool_)) or not isinstance(side, numbers.Integral):
             raise TypeError(f"{side_name} must be a non-negative int or None; got {side!r}")
         if side < 0:
-            raise ValueError(
-                f"{side_name} must be >= 0 (use None for unbounded); got {int(side)}"
-            )
+            raise ValueError(f"{side_name} must be >= 0 (use None for unbounded); got {int(side)}")
         sides.append(int(side))
     return sides[0], sides[1]
 

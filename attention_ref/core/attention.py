@@ -10,6 +10,7 @@ Two ways in:
 Equations (A1)-(A16) are derived in ``docs/derivations/attention.md``; conventions (mask polarity,
 causal alignment, fully masked rows, GQA) are in ``docs/conventions.md``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -40,6 +41,7 @@ from .scores import (
 )
 from .softmax import softmax_grad, stable_shift
 
+
 class AttentionTrace(NamedTuple):
     """Every intermediate of one :func:`sdpa_forward` call, by name.
 
@@ -54,15 +56,23 @@ class AttentionTrace(NamedTuple):
     scale: float  #: the score scale used (1/sqrt(Dk) unless given)
     softcap: float | None  #: the soft-cap, or None
     bias: np.ndarray | None  #: additive bias, broadcastable to (..., H, T, S)
-    allowed: np.ndarray | None  #: bool, broadcastable to (..., H, T, S) (e.g. (T, S) for causal only); True = may attend; None = all
+    allowed: (
+        np.ndarray | None
+    )  #: bool, broadcastable to (..., H, T, S) (e.g. (T, S) for causal only); True = may attend; None = all
     row_is_empty: np.ndarray  #: (..., H, T) bool: the query row has no key to attend
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
     capped_scores: np.ndarray  #: (..., H, T, S) after the soft-cap, (A2)
-    logits: np.ndarray  #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias)
-    masked_scores: np.ndarray  #: (..., H, T, S) after bias and mask; masked entries hold a finite fill, (A4)
+    logits: (
+        np.ndarray
+    )  #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias)
+    masked_scores: (
+        np.ndarray
+    )  #: (..., H, T, S) after bias and mask; masked entries hold a finite fill, (A4)
     row_max: np.ndarray  #: (..., H, T) max over the allowed scores; -inf for an empty row
-    logsumexp: np.ndarray  #: (..., H, T) log of the sum of exp over allowed scores; -inf for an empty row
+    logsumexp: (
+        np.ndarray
+    )  #: (..., H, T) log of the sum of exp over allowed scores; -inf for an empty row
     probs: np.ndarray  #: (..., H, T, S) attention weights (softmax, empty-row policy applied), (A5)
     dropout_p: float  #: dropout probability
     keep_mask: np.ndarray | None  #: (..., H, T, S) bool dropout keep-mask, or None
@@ -79,12 +89,18 @@ class AttentionGrads(NamedTuple):
     """
 
     dq: np.ndarray  #: (..., H, T, Dk)
-    dk: np.ndarray  #: (..., Hkv, S, Dk), summed over the query heads of each group; a transposed view
-    dv: np.ndarray  #: (..., Hkv, S, Dv), summed over the query heads of each group; a transposed view
+    dk: (
+        np.ndarray
+    )  #: (..., Hkv, S, Dk), summed over the query heads of each group; a transposed view
+    dv: (
+        np.ndarray
+    )  #: (..., Hkv, S, Dv), summed over the query heads of each group; a transposed view
     dbias: np.ndarray | None  #: bias's own shape, or None without a bias
 
 
-def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.Generator) -> np.ndarray:
+def dropout_keep_mask(
+    shape: tuple[int, ...], dropout_p: float, rng: np.random.Generator
+) -> np.ndarray:
     r"""Draw a boolean keep-mask: each entry True with probability ``1 - dropout_p``.
 
     Parameters
@@ -110,7 +126,8 @@ def dropout_keep_mask(shape: tuple[int, ...], dropout_p: float, rng: np.random.G
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
     if not isinstance(shape, tuple) or not all(
-        isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) and n >= 0 for n in shape
+        isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_)) and n >= 0
+        for n in shape
     ):
         raise ValueError(
             f"shape must be a tuple of non-negative ints (the weights' shape (..., H, T, S)); got {shape!r}"
@@ -157,7 +174,11 @@ def check_qkv(q: Any, k: Any, v: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndar
     check_ndim("q", q, 3, "(..., H, T, Dk)")
     check_ndim("k", k, 3, "(..., Hkv, S, Dk)")
     check_ndim("v", v, 3, "(..., Hkv, S, Dv)")
-    for name, x, layout in (("q", q, "(..., H, T, Dk)"), ("k", k, "(..., Hkv, S, Dk)"), ("v", v, "(..., Hkv, S, Dv)")):
+    for name, x, layout in (
+        ("q", q, "(..., H, T, Dk)"),
+        ("k", k, "(..., Hkv, S, Dk)"),
+        ("v", v, "(..., Hkv, S, Dv)"),
+    ):
         check_nonempty(name, x, layout)
     if k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
         raise ValueError(
@@ -165,11 +186,17 @@ def check_qkv(q: Any, k: Any, v: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndar
             f"k.shape={k.shape}, v.shape={v.shape}"
         )
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have Dk={q.shape[-1]} like q; got k.shape={k.shape}, q.shape={q.shape}")
+        raise ValueError(
+            f"k must have Dk={q.shape[-1]} like q; got k.shape={k.shape}, q.shape={q.shape}"
+        )
     if v.shape[-3] != k.shape[-3]:
-        raise ValueError(f"v must have Hkv={k.shape[-3]} heads like k; got v.shape={v.shape}, k.shape={k.shape}")
+        raise ValueError(
+            f"v must have Hkv={k.shape[-3]} heads like k; got v.shape={v.shape}, k.shape={k.shape}"
+        )
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have S={k.shape[-2]} positions like k; got v.shape={v.shape}, k.shape={k.shape}")
+        raise ValueError(
+            f"v must have S={k.shape[-2]} positions like k; got v.shape={v.shape}, k.shape={k.shape}"
+        )
     H, Hkv = q.shape[-3], k.shape[-3]
     if H % Hkv:
         raise ValueError(
@@ -233,7 +260,9 @@ def sdpa_forward(
         row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)  # (..., H, T)
     else:
         allowed = fresh(allowed, mask)
-        row_is_empty = np.broadcast_to(~allowed.any(axis=-1), scores_shape[:-1]).copy()  # (..., H, T)
+        row_is_empty = np.broadcast_to(
+            ~allowed.any(axis=-1), scores_shape[:-1]
+        ).copy()  # (..., H, T)
     if opt.empty_rows == "raise" and row_is_empty.any():
         where = np.argwhere(row_is_empty)
         raise ValueError(
@@ -250,7 +279,9 @@ def sdpa_forward(
     # and the masked weights are set to 0: exp(fill - max) is exactly 0 (A12), but numpy's exp is
     # ~6x slower where it underflows. (A masked logit may overflow exp; it is discarded too.)
     shift = stable_shift(masked, axis=-1)  # (..., H, T, 1) row max over the allowed keys   (S1)
-    probs = logits - shift  # (..., H, T, S) the one new array: exponentiated and normalised in place
+    probs = (
+        logits - shift
+    )  # (..., H, T, S) the one new array: exponentiated and normalised in place
     with np.errstate(over="ignore", invalid="ignore"):
         np.exp(probs, out=probs)  # (S2)
     if allowed is not None:
@@ -277,14 +308,31 @@ def sdpa_forward(
             keep = fresh(keep, dropout_mask)
         dropped = dropout_forward(probs, keep, opt.dropout_p)  # (A6)
 
-    out = weighted_values(dropped, v)  # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
+    out = weighted_values(
+        dropped, v
+    )  # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
 
     return AttentionTrace(
-        q=fresh(q, q_in), k=fresh(k, k_in), v=fresh(v, v_in), scale=opt.score_scale, softcap=opt.softcap,
-        bias=fresh(opt.bias, bias) if opt.bias is not None else None, allowed=allowed,
-        row_is_empty=row_is_empty, empty_rows=opt.empty_rows, scores=scores, capped_scores=capped,
-        logits=logits, masked_scores=masked, row_max=row_max, logsumexp=lse, probs=probs,
-        dropout_p=opt.dropout_p, keep_mask=keep, dropped_probs=dropped, out=out,
+        q=fresh(q, q_in),
+        k=fresh(k, k_in),
+        v=fresh(v, v_in),
+        scale=opt.score_scale,
+        softcap=opt.softcap,
+        bias=fresh(opt.bias, bias) if opt.bias is not None else None,
+        allowed=allowed,
+        row_is_empty=row_is_empty,
+        empty_rows=opt.empty_rows,
+        scores=scores,
+        capped_scores=capped,
+        logits=logits,
+        masked_scores=masked,
+        row_max=row_max,
+        logsumexp=lse,
+        probs=probs,
+        dropout_p=opt.dropout_p,
+        keep_mask=keep,
+        dropped_probs=dropped,
+        out=out,
     )
 
 
@@ -327,14 +375,20 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     ((2, 3, 4), (2, 5, 4), (2, 5, 6), None)
     """
     if not isinstance(trace, AttentionTrace):
-        raise TypeError(f"trace must be the AttentionTrace returned by sdpa_forward; got {type(trace).__name__}")
+        raise TypeError(
+            f"trace must be the AttentionTrace returned by sdpa_forward; got {type(trace).__name__}"
+        )
     dt = trace.out.dtype
     dout = as_float("dout", dout, dt)
     if dout.shape != trace.out.shape:
-        raise ValueError(f"dout must have the output's shape (..., H, T, Dv) = {trace.out.shape}; got {dout.shape}")
+        raise ValueError(
+            f"dout must have the output's shape (..., H, T, Dv) = {trace.out.shape}; got {dout.shape}"
+        )
 
     # (A8), (A9) out = P' v
-    ddropped, dv = weighted_values_backward(dout, trace.dropped_probs, trace.v)  # (..., H, T, S), (..., Hkv, S, Dv)
+    ddropped, dv = weighted_values_backward(
+        dout, trace.dropped_probs, trace.v
+    )  # (..., H, T, S), (..., Hkv, S, Dv)
     # ddropped is this function's own array: (A10)-(A12) update it in place (the trace is never written).
     # (A10) P' = P * keep / (1 - p)
     dprobs = ddropped
@@ -345,11 +399,17 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row with
     # an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty rows
     # (whose P the policy set) need zeroing.
-    dlogits = apply_mask_backward(dmasked, trace.allowed if trace.row_is_empty.any() else None, in_place=True)
+    dlogits = apply_mask_backward(
+        dmasked, trace.allowed if trace.row_is_empty.any() else None, in_place=True
+    )
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
     dbias = add_bias_backward(dlogits, trace.bias.shape) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)
-    dscores = softcap_backward(dlogits, trace.capped_scores, trace.softcap) if trace.softcap is not None else dlogits
+    dscores = (
+        softcap_backward(dlogits, trace.capped_scores, trace.softcap)
+        if trace.softcap is not None
+        else dlogits
+    )
     # (A15), (A16) scores = scale * q k^T
     dq, dk = scaled_scores_backward(dscores, trace.q, trace.k, trace.scale)
     return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)

@@ -5,6 +5,7 @@ r"""Head split and merge: reshapes between the model width and per-head widths.
 other's backward, since a permutation's adjoint is its inverse. Derivation:
 ``docs/derivations/heads.md``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,7 +102,9 @@ def split_heads_backward(dout: ArrayLike, *, dtype: DTypeLike | None = None) -> 
     return merge_heads(dout, dtype=dtype)
 
 
-def merge_heads_backward(dout: ArrayLike, num_heads: int, *, dtype: DTypeLike | None = None) -> np.ndarray:
+def merge_heads_backward(
+    dout: ArrayLike, num_heads: int, *, dtype: DTypeLike | None = None
+) -> np.ndarray:
     r"""Gradient of :func:`merge_heads`: split the gradient into heads, (H4).
 
     ``dout`` has shape (..., T, H*Dh); the result has shape (..., H, T, Dh). This is

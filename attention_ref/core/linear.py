@@ -3,6 +3,7 @@ r"""Projection: the affine map :math:`y = x W + b` and its backward.
 Weights follow the math, ``weight`` of shape ``(in, out)``; PyTorch's ``nn.Linear`` stores the
 transpose. Derivation: ``docs/derivations/linear.md``.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -43,7 +44,11 @@ def _check_linear(x, weight, bias, dtype):
 
 
 def linear(
-    x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, *, dtype: DTypeLike | None = None
+    x: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    dtype: DTypeLike | None = None,
 ) -> np.ndarray:
     r"""Affine projection ``x @ weight + bias``.
 

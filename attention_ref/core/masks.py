@@ -15,6 +15,7 @@ plain path, the mpmath path, the adapters), :meth:`AllowedPairs.block` one tile 
 that tile is empty, full or partial (the tiled path skips empty tiles and masks nothing in full
 ones). Causal and window are built from positions, so a tile never needs the whole array.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ def query_offset(T: int, S: int, align: str) -> int:
     return 0 if align == "top_left" else S - T
 
 
-def _positional(rows: np.ndarray, cols: np.ndarray, causal: bool, window: Window | None,
-                offset: int) -> np.ndarray | None:
+def _positional(
+    rows: np.ndarray, cols: np.ndarray, causal: bool, window: Window | None, offset: int
+) -> np.ndarray | None:
     """Causal AND window for query rows ``rows`` and keys ``cols``: (len(rows), len(cols)) or None."""
     if not causal and window is None:
         return None
@@ -117,8 +119,15 @@ class AllowedPairs:
     bias: np.ndarray | None = None
 
     @classmethod
-    def from_options(cls, opt: CheckedOptions, T: int, S: int, *, mask: np.ndarray | None = None,
-                     bias: np.ndarray | None = None) -> AllowedPairs:
+    def from_options(
+        cls,
+        opt: CheckedOptions,
+        T: int,
+        S: int,
+        *,
+        mask: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+    ) -> AllowedPairs:
         """The allowed pairs of checked options for a ``T x S`` problem.
 
         ``mask`` and ``bias`` replace ``opt.mask`` and ``opt.bias`` when given (the tiled path
@@ -127,8 +136,15 @@ class AllowedPairs:
         mask = opt.mask if mask is None else mask
         bias = opt.bias if bias is None else bias
         neg_inf = bias is not None and bool(np.isneginf(bias.real).any())
-        return cls(T, S, mask, opt.causal, opt.window, query_offset(T, S, opt.align),
-                   bias if neg_inf else None)
+        return cls(
+            T,
+            S,
+            mask,
+            opt.causal,
+            opt.window,
+            query_offset(T, S, opt.align),
+            bias if neg_inf else None,
+        )
 
     @classmethod
     def build(
@@ -177,11 +193,15 @@ class AllowedPairs:
             lead = arr.shape[:-2] if arr.ndim > 2 else ()
             m = fresh(as_bool_mask("mask", arr, lead + (T, S), "(..., T, S)"), mask)
         if key_lengths is not None:
-            m = _and(m, _lengths("key_lengths", key_lengths, S)[:, None, None, None]
-                     > np.arange(S))  # (B, 1, 1, S)
+            m = _and(
+                m, _lengths("key_lengths", key_lengths, S)[:, None, None, None] > np.arange(S)
+            )  # (B, 1, 1, S)
         if query_lengths is not None:
-            m = _and(m, _lengths("query_lengths", query_lengths, T)[:, None, None, None]
-                     > np.arange(T)[:, None])  # (B, 1, T, 1)
+            m = _and(
+                m,
+                _lengths("query_lengths", query_lengths, T)[:, None, None, None]
+                > np.arange(T)[:, None],
+            )  # (B, 1, T, 1)
         b = None
         if bias is not None:
             b = np.asarray(bias, dtype=float)
@@ -199,8 +219,9 @@ class AllowedPairs:
 
         The array is this call's own (never a caller's mask).
         """
-        allowed = _positional(np.arange(self.T), np.arange(self.S), self.causal, self.window,
-                              self.offset)
+        allowed = _positional(
+            np.arange(self.T), np.arange(self.S), self.causal, self.window, self.offset
+        )
         if self.mask is not None:
             allowed = self.mask.copy() if allowed is None else self.mask & allowed
         if self.bias is not None:
@@ -214,8 +235,9 @@ class AllowedPairs:
         ``allowed`` is None) or ``"partial"`` (``allowed`` is a bool array broadcastable to the
         tile's ``(..., i1 - i0, j1 - j0)``).
         """
-        allowed = _positional(np.arange(i0, i1), np.arange(j0, j1), self.causal, self.window,
-                              self.offset)
+        allowed = _positional(
+            np.arange(i0, i1), np.arange(j0, j1), self.causal, self.window, self.offset
+        )
         if self.mask is not None:
             allowed = _and(allowed, _tile(self.mask, i0, i1, j0, j1))
         if self.bias is not None:
@@ -228,7 +250,9 @@ class AllowedPairs:
 def _lengths(name: str, x: Any, most: int) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be a 1-D array of ints, shape (B,); got {arr.dtype} {arr.shape}")
+        raise TypeError(
+            f"{name} must be a 1-D array of ints, shape (B,); got {arr.dtype} {arr.shape}"
+        )
     if ((arr < 0) | (arr > most)).any():
         raise ValueError(f"{name} must be in [0, {most}]; got {arr.tolist()}")
     return arr.astype(np.int64)

@@ -12,6 +12,7 @@ It composes the stages and adds no math of its own::
 and the backward runs the stages' backwards in reverse, (M7)-(M10) in
 ``docs/derivations/mha.md``.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,7 +77,9 @@ class MultiHeadParams:
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """The arrays that are present, by field name (biases that are None are left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 def init_params(
@@ -165,9 +168,13 @@ def init_params(
         return rng.uniform(-a, a, size=(n_out,)) if bias else None
 
     return MultiHeadParams(
-        w_q=weight(d_model, H * Dk), w_k=weight(kdim, Hkv * Dk), w_v=weight(vdim, Hkv * Dv),
+        w_q=weight(d_model, H * Dk),
+        w_k=weight(kdim, Hkv * Dk),
+        w_v=weight(vdim, Hkv * Dv),
         w_o=weight(H * Dv, out_dim),
-        b_q=bias_of(d_model, H * Dk), b_k=bias_of(kdim, Hkv * Dk), b_v=bias_of(vdim, Hkv * Dv),
+        b_q=bias_of(d_model, H * Dk),
+        b_k=bias_of(kdim, Hkv * Dk),
+        b_v=bias_of(vdim, Hkv * Dv),
         b_o=bias_of(H * Dv, out_dim),
     )
 
@@ -202,7 +209,12 @@ class MultiHeadGrads(NamedTuple):
     def as_dict(self) -> dict[str, np.ndarray]:
         """Every gradient keyed by the name of its input: ``query``, ``key``, ``value``, ``w_q``, ...,
         ``bias``; gradients that are None are left out. Handy for :func:`attention_ref.gradcheck.check_vjp`."""
-        out = {"query": self.dquery, "key": self.dkey, "value": self.dvalue, **self.dparams.as_dict()}
+        out = {
+            "query": self.dquery,
+            "key": self.dkey,
+            "value": self.dvalue,
+            **self.dparams.as_dict(),
+        }
         if self.dbias is not None:
             out["bias"] = self.dbias
         return out
@@ -229,9 +241,11 @@ def _check_params(params, dt):
 
 
 def _check_widths(query, key, value, p: MultiHeadParams, H: int, Hkv: int):
-    for name, x, w, layout in (("query", query, "w_q", "(..., T, Dq_in)"),
-                               ("key", key, "w_k", "(..., S, Dk_in)"),
-                               ("value", value, "w_v", "(..., S, Dv_in)")):
+    for name, x, w, layout in (
+        ("query", query, "w_q", "(..., T, Dq_in)"),
+        ("key", key, "w_k", "(..., S, Dk_in)"),
+        ("value", value, "w_v", "(..., S, Dv_in)"),
+    ):
         check_ndim(name, x, 2, layout)
         check_nonempty(name, x, layout)
         n_in = getattr(p, w).shape[0]
@@ -240,23 +254,37 @@ def _check_widths(query, key, value, p: MultiHeadParams, H: int, Hkv: int):
                 f"{name}'s last axis must match params.{w}.shape[0] = {n_in}; got {name}.shape={x.shape}"
             )
     if key.shape[:-1] != value.shape[:-1]:
-        raise ValueError(f"key and value must share (..., S); got key.shape={key.shape}, value.shape={value.shape}")
+        raise ValueError(
+            f"key and value must share (..., S); got key.shape={key.shape}, value.shape={value.shape}"
+        )
     if query.shape[:-2] != key.shape[:-2]:
-        raise ValueError(f"query and key must have the same batch dims (...); got query.shape={query.shape}, key.shape={key.shape}")
+        raise ValueError(
+            f"query and key must have the same batch dims (...); got query.shape={query.shape}, key.shape={key.shape}"
+        )
     if p.w_q.shape[1] % H:
-        raise ValueError(f"params.w_q has {p.w_q.shape[1]} columns (H*Dk), not divisible by num_heads={H}")
+        raise ValueError(
+            f"params.w_q has {p.w_q.shape[1]} columns (H*Dk), not divisible by num_heads={H}"
+        )
     Dk = p.w_q.shape[1] // H
     if p.w_k.shape[1] != Hkv * Dk:
-        raise ValueError(f"params.w_k must have Hkv*Dk = {Hkv}*{Dk} = {Hkv * Dk} columns; got shape {p.w_k.shape}")
+        raise ValueError(
+            f"params.w_k must have Hkv*Dk = {Hkv}*{Dk} = {Hkv * Dk} columns; got shape {p.w_k.shape}"
+        )
     if p.w_v.shape[1] % Hkv:
-        raise ValueError(f"params.w_v has {p.w_v.shape[1]} columns (Hkv*Dv), not divisible by num_kv_heads={Hkv}")
+        raise ValueError(
+            f"params.w_v has {p.w_v.shape[1]} columns (Hkv*Dv), not divisible by num_kv_heads={Hkv}"
+        )
     Dv = p.w_v.shape[1] // Hkv
     if p.w_o.shape[0] != H * Dv:
-        raise ValueError(f"params.w_o must have H*Dv = {H}*{Dv} = {H * Dv} rows; got shape {p.w_o.shape}")
+        raise ValueError(
+            f"params.w_o must have H*Dv = {H}*{Dv} = {H * Dv} rows; got shape {p.w_o.shape}"
+        )
     for b, w, axis in (("b_q", "w_q", 1), ("b_k", "w_k", 1), ("b_v", "w_v", 1), ("b_o", "w_o", 1)):
         bias = getattr(p, b)
         if bias is not None and bias.shape != (getattr(p, w).shape[axis],):
-            raise ValueError(f"params.{b} must have shape ({getattr(p, w).shape[axis]},); got {bias.shape}")
+            raise ValueError(
+                f"params.{b} must have shape ({getattr(p, w).shape[axis]},); got {bias.shape}"
+            )
 
 
 def mha_forward(
@@ -297,19 +325,39 @@ def mha_forward(
     query_in, key_in, value_in = query, key, value
     query = as_float("query", query, dt)
     key = query if key is query_in else as_float("key", key, dt)
-    value = query if value is query_in else (key if value is key_in else as_float("value", value, dt))
+    value = (
+        query if value is query_in else (key if value is key_in else as_float("value", value, dt))
+    )
     _check_widths(query, key, value, p, H, Hkv)
 
-    q = split_heads(linear(query, p.w_q, p.b_q, dtype=dt), H, dtype=dt)  # (..., T, Dq_in) -> (..., H, T, Dk)   (M1)
-    k = split_heads(linear(key, p.w_k, p.b_k, dtype=dt), Hkv, dtype=dt)  # (..., S, Dk_in) -> (..., Hkv, S, Dk)  (M2)
-    v = split_heads(linear(value, p.w_v, p.b_v, dtype=dt), Hkv, dtype=dt)  # (..., S, Dv_in) -> (..., Hkv, S, Dv)  (M3)
+    q = split_heads(
+        linear(query, p.w_q, p.b_q, dtype=dt), H, dtype=dt
+    )  # (..., T, Dq_in) -> (..., H, T, Dk)   (M1)
+    k = split_heads(
+        linear(key, p.w_k, p.b_k, dtype=dt), Hkv, dtype=dt
+    )  # (..., S, Dk_in) -> (..., Hkv, S, Dk)  (M2)
+    v = split_heads(
+        linear(value, p.w_v, p.b_v, dtype=dt), Hkv, dtype=dt
+    )  # (..., S, Dv_in) -> (..., Hkv, S, Dv)  (M3)
     attn = sdpa_forward(q, k, v, options=given.replace(dtype=dt))  # (..., H, T, Dv)   (M4)
     concat = merge_heads(attn.out, dtype=dt)  # (..., H, T, Dv) -> (..., T, H*Dv)   (M5)
-    out = linear(concat, p.w_o, p.b_o, dtype=dt)  # (..., T, H*Dv) @ (H*Dv, D_out) -> (..., T, D_out)   (M6)
+    out = linear(
+        concat, p.w_o, p.b_o, dtype=dt
+    )  # (..., T, H*Dv) @ (H*Dv, D_out) -> (..., T, D_out)   (M6)
     return MultiHeadTrace(
-        query=fresh(query, query_in), key=fresh(key, key_in), value=fresh(value, value_in),
-        params=p, num_heads=H, num_kv_heads=Hkv, q=q, k=k, v=v, attention=attn,
-        context=attn.out, concat=concat, out=out,
+        query=fresh(query, query_in),
+        key=fresh(key, key_in),
+        value=fresh(value, value_in),
+        params=p,
+        num_heads=H,
+        num_kv_heads=Hkv,
+        q=q,
+        k=k,
+        v=v,
+        attention=attn,
+        context=attn.out,
+        concat=concat,
+        out=out,
     )
 
 
@@ -346,25 +394,43 @@ def mha_backward(dout: ArrayLike, trace: MultiHeadTrace) -> MultiHeadGrads:
     ((3, 5, 8), (8, 8), None)
     """
     if not isinstance(trace, MultiHeadTrace):
-        raise TypeError(f"trace must be the MultiHeadTrace returned by mha_forward; got {type(trace).__name__}")
+        raise TypeError(
+            f"trace must be the MultiHeadTrace returned by mha_forward; got {type(trace).__name__}"
+        )
     p, dt = trace.params, trace.out.dtype
     H, Hkv = trace.num_heads, trace.num_kv_heads
     dout = as_float("dout", dout, dt)
     if dout.shape != trace.out.shape:
-        raise ValueError(f"dout must have the output's shape (..., T, D_out) = {trace.out.shape}; got {dout.shape}")
+        raise ValueError(
+            f"dout must have the output's shape (..., T, D_out) = {trace.out.shape}; got {dout.shape}"
+        )
 
     g_o = linear_backward(dout, trace.concat, p.w_o, p.b_o, dtype=dt)  # (M7) via (L2)-(L4)
     dcontext = merge_heads_backward(g_o.dx, H, dtype=dt)  # (..., T, H*Dv) -> (..., H, T, Dv)   (M8)
     g_attn = sdpa_backward(dcontext, trace.attention)  # (M9) via (A8)-(A16)
     # (M10) back through each head split and input projection
-    g_q = linear_backward(split_heads_backward(g_attn.dq, dtype=dt), trace.query, p.w_q, p.b_q, dtype=dt)
-    g_k = linear_backward(split_heads_backward(g_attn.dk, dtype=dt), trace.key, p.w_k, p.b_k, dtype=dt)
-    g_v = linear_backward(split_heads_backward(g_attn.dv, dtype=dt), trace.value, p.w_v, p.b_v, dtype=dt)
-    dparams = MultiHeadParams(
-        w_q=g_q.dweight, w_k=g_k.dweight, w_v=g_v.dweight, w_o=g_o.dweight,
-        b_q=g_q.dbias, b_k=g_k.dbias, b_v=g_v.dbias, b_o=g_o.dbias,
+    g_q = linear_backward(
+        split_heads_backward(g_attn.dq, dtype=dt), trace.query, p.w_q, p.b_q, dtype=dt
     )
-    return MultiHeadGrads(dquery=g_q.dx, dkey=g_k.dx, dvalue=g_v.dx, dparams=dparams, dbias=g_attn.dbias)
+    g_k = linear_backward(
+        split_heads_backward(g_attn.dk, dtype=dt), trace.key, p.w_k, p.b_k, dtype=dt
+    )
+    g_v = linear_backward(
+        split_heads_backward(g_attn.dv, dtype=dt), trace.value, p.w_v, p.b_v, dtype=dt
+    )
+    dparams = MultiHeadParams(
+        w_q=g_q.dweight,
+        w_k=g_k.dweight,
+        w_v=g_v.dweight,
+        w_o=g_o.dweight,
+        b_q=g_q.dbias,
+        b_k=g_k.dbias,
+        b_v=g_v.dbias,
+        b_o=g_o.dbias,
+    )
+    return MultiHeadGrads(
+        dquery=g_q.dx, dkey=g_k.dx, dvalue=g_v.dx, dparams=dparams, dbias=g_attn.dbias
+    )
 
 
 def multi_head_attention(
@@ -427,8 +493,16 @@ def multi_head_attention(
     >>> multi_head_attention(x, mem_k, mem_v, p, num_heads=4, num_kv_heads=2).shape
     (2, 3, 8)
     """
-    return mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                       options=options, **kwargs).out
+    return mha_forward(
+        query,
+        key,
+        value,
+        params,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        options=options,
+        **kwargs,
+    ).out
 
 
 def multi_head_attention_backward(
@@ -482,6 +556,7 @@ def multi_head_attention_backward(
     """
     given = AttentionOptions.of(options, **kwargs)
     require_forward_keep_mask(given.dropout_mask, "mha_forward/mha_backward")
-    trace = mha_forward(query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                        options=given)
+    trace = mha_forward(
+        query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads, options=given
+    )
     return mha_backward(dout, trace)

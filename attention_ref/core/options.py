@@ -10,12 +10,13 @@ The public functions accept the options either as keywords
 (``scaled_dot_product_attention(q, k, v, options=opts)``), or both: a keyword overrides the
 object's field. One object serves a forward and its backward, so the options are written once.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -173,8 +174,9 @@ class AttentionOptions:
             if not (getattr(self, n) is d or (d is not None and _same_scalar(getattr(self, n), d)))
         }
 
-    def refuse(self, names: tuple[str, ...], where: str, reason: str, *,
-               what: str | None = None) -> None:
+    def refuse(
+        self, names: tuple[str, ...], where: str, reason: str, *, what: str | None = None
+    ) -> None:
         """Raise ``ValueError`` if any of ``names`` is given (not at its default) for ``where``.
 
         The message reads ``"<where> does not support <what>: <reason>; got <name>=<value>"``,
@@ -218,8 +220,9 @@ class AttentionOptions:
         """
         return self.validate(q.shape[:-1] + (k.shape[-2],), q.dtype, head_dim=q.shape[-1])
 
-    def validate(self, scores_shape: tuple[int, ...], dtype: Any = np.float64, *,
-                 head_dim: int | None = None) -> CheckedOptions:
+    def validate(
+        self, scores_shape: tuple[int, ...], dtype: Any = np.float64, *, head_dim: int | None = None
+    ) -> CheckedOptions:
         """:meth:`check` from shapes: the scores' ``(..., H, T, S)`` and the head width Dk.
 
         Without ``head_dim`` an omitted ``scale`` stays None (an adapter leaves it to the
@@ -270,10 +273,17 @@ class AttentionOptions:
                 keep = _as_keep_mask(keep, scores_shape)
         empty_rows = check_choice("empty_rows", self.empty_rows, EMPTY_ROW_POLICIES)
         return CheckedOptions(
-            mask=mask, bias=bias, causal=bool(self.causal), align=align,  # type: ignore[arg-type]
+            mask=mask,
+            bias=bias,
+            causal=bool(self.causal),
+            align=cast(Align, align),
             window=window,
-            softcap=softcap, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
-            empty_rows=empty_rows, dtype=dt,  # type: ignore[arg-type]
+            softcap=softcap,
+            scale=scale,
+            dropout_p=dropout_p,
+            dropout_mask=keep,
+            empty_rows=cast(EmptyRows, empty_rows),
+            dtype=dt,
         )
 
 

@@ -13,6 +13,7 @@ The functions in this module are the internal stages of
 :func:`~attention_ref.scaled_dot_product_attention`: they expect float arrays already checked by
 it. Which pairs may attend is built in :mod:`attention_ref.core.masks`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from ._validate import sum_to_shape
-
 
 # ----------------------------------------------------------------------------- GQA grouping
 
@@ -73,7 +73,9 @@ def scaled_scores_backward(
     hkv = k.shape[-3]
     dsg = group_heads(dscores, hkv)  # (..., Hkv, G, T, S)
     # (A15) s = scale * q k^T, so dq = scale * ds @ k
-    dq = dsg @ k[..., :, None, :, :]  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
+    dq = (
+        dsg @ k[..., :, None, :, :]
+    )  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
     dq *= scale
     # (A16) dk = scale * sum over the group's heads of ds^T @ q: one product over their stacked G*T rows
     ds_rows = stack_group_rows(dscores, hkv)  # (..., Hkv, G*T, S)
@@ -89,7 +91,9 @@ def transposed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     are the same sums; when S >> D, OpenBLAS computes the second (an untransposed (N, S) operand,
     the small one transposed) about 1.4x faster (``benchmarks/README.md``).
     """
-    return (b.swapaxes(-1, -2) @ a).swapaxes(-1, -2)  # (..., D, N) @ (..., N, S) -> (..., D, S) -> (..., S, D)
+    return (b.swapaxes(-1, -2) @ a).swapaxes(
+        -1, -2
+    )  # (..., D, N) @ (..., N, S) -> (..., D, S) -> (..., S, D)
 
 
 def softcap_forward(scores: np.ndarray, cap: float) -> np.ndarray:
@@ -124,7 +128,9 @@ def apply_mask(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return masked
 
 
-def apply_mask_backward(dmasked: np.ndarray, allowed: np.ndarray | None, *, in_place: bool = False) -> np.ndarray:
+def apply_mask_backward(
+    dmasked: np.ndarray, allowed: np.ndarray | None, *, in_place: bool = False
+) -> np.ndarray:
     r"""Gradient of :func:`apply_mask`: it passes only where allowed, (A12) of ``docs/derivations/attention.md``.
 
     The fill is a constant, so a masked entry's logit gets no gradient. With ``in_place=True``
@@ -152,7 +158,9 @@ def add_bias_backward(dlogits: np.ndarray, bias_shape: tuple[int, ...]) -> np.nd
 def weighted_values(weights: np.ndarray, v: np.ndarray) -> np.ndarray:
     r"""``weights @ v`` with GQA grouping, (A7): (..., H, T, S), (..., Hkv, S, Dv) -> (..., H, T, Dv)."""
     pg = group_heads(weights, v.shape[-3])  # (..., Hkv, G, T, S)
-    out = pg @ v[..., :, None, :, :]  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dv) -> (..., Hkv, G, T, Dv)
+    out = (
+        pg @ v[..., :, None, :, :]
+    )  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dv) -> (..., Hkv, G, T, Dv)
     return ungroup_heads(out)  # (..., H, T, Dv)   (A7)
 
 
@@ -167,7 +175,9 @@ def weighted_values_backward(
     hkv = v.shape[-3]
     dog = group_heads(dout, hkv)  # (..., Hkv, G, T, Dv)
     # (A8) out = P v, so dP = dout @ v^T
-    dweights = dog @ v[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
+    dweights = dog @ v[..., :, None, :, :].swapaxes(
+        -1, -2
+    )  # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
     # (A9) dv = sum over the group's heads of P^T @ dout: one product over their stacked G*T rows
     p_rows = stack_group_rows(weights, hkv)  # (..., Hkv, G*T, S)
     dv = transposed_product(p_rows, stack_group_rows(dout, hkv))  # (..., Hkv, S, Dv)

@@ -4,6 +4,7 @@ The max shift :math:`m = \max_j x_j` makes every exponent :math:`\le 0`, so noth
 row whose max is not finite (all ``-inf``) is shifted by 0 instead, so ``inf - inf`` never occurs.
 Derivation: ``docs/derivations/softmax.md``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -19,7 +20,9 @@ def _check_axis(axis, ndim: int) -> int:
         raise TypeError(f"axis must be an int; got {axis!r}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis must be in [{-ndim}, {ndim}) for an input of {ndim} dims; got {axis}")
+        raise ValueError(
+            f"axis must be in [{-ndim}, {ndim}) for an input of {ndim} dims; got {axis}"
+        )
     return axis
 
 
@@ -46,7 +49,9 @@ def softmax_of(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = x - m  # x's shape; the one new array, exponentiated and normalised in place
     np.exp(e, out=e)  # (S2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        e /= e.sum(axis=axis, keepdims=True)  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
+        e /= e.sum(
+            axis=axis, keepdims=True
+        )  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
     return e
 
 
@@ -57,7 +62,9 @@ def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     made; unlike :func:`numpy.vdot`, a complex ``a`` is not conjugated (the complex step needs
     the same formula as the real case).
     """
-    return (a[..., None, :] @ b[..., :, None])[..., 0]  # (..., 1, S) @ (..., S, 1) -> (..., 1, 1) -> (..., 1)
+    return (a[..., None, :] @ b[..., :, None])[
+        ..., 0
+    ]  # (..., 1, S) @ (..., S, 1) -> (..., 1, 1) -> (..., 1)
 
 
 def softmax_grad(dprobs: np.ndarray, probs: np.ndarray, *, in_place: bool = False) -> np.ndarray:
@@ -152,7 +159,9 @@ def softmax_backward(
     dprobs = as_float("dprobs", dprobs, probs.dtype)
     if dprobs.shape != probs.shape:
         raise ValueError(f"dprobs must have probs' shape {probs.shape}; got {dprobs.shape}")
-    dx = softmax_grad(np.moveaxis(dprobs, axis, -1), np.moveaxis(probs, axis, -1))  # (S4) on the last axis
+    dx = softmax_grad(
+        np.moveaxis(dprobs, axis, -1), np.moveaxis(probs, axis, -1)
+    )  # (S4) on the last axis
     return np.moveaxis(dx, -1, axis)
 
 
@@ -193,7 +202,12 @@ def logsumexp(
 
 
 def logsumexp_backward(
-    dlse: ArrayLike, x: ArrayLike, axis: int = -1, *, keepdims: bool = False, dtype: DTypeLike | None = None
+    dlse: ArrayLike,
+    x: ArrayLike,
+    axis: int = -1,
+    *,
+    keepdims: bool = False,
+    dtype: DTypeLike | None = None,
 ) -> np.ndarray:
     r"""Gradient of :func:`logsumexp`: ``dlse * softmax(x)``, (S6).
 
@@ -225,7 +239,9 @@ def logsumexp_backward(
     if not keepdims:
         del out_shape[axis]
     if dlse.shape != tuple(out_shape):
-        raise ValueError(f"dlse must have logsumexp's output shape {tuple(out_shape)}; got {dlse.shape}")
+        raise ValueError(
+            f"dlse must have logsumexp's output shape {tuple(out_shape)}; got {dlse.shape}"
+        )
     if not keepdims:
         dlse = np.expand_dims(dlse, axis)
     return dlse * softmax_of(x, axis)  # (S6)

@@ -22,6 +22,7 @@ GQA and MQA; Dk != Dv; cross-attention (T != S everywhere); soft-capping; dropou
 keep-mask; 1-element edges; long rows; and multi-head attention (self- and cross-attention, GQA,
 kdim/vdim, key padding, no bias, an attention bias).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -30,8 +31,20 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
-from ..core.attention import AttentionTrace, scaled_dot_product_attention, sdpa_backward, sdpa_forward
-from ..core.mha import MultiHeadParams, MultiHeadTrace, init_params, mha_backward, mha_forward, multi_head_attention
+from ..core.attention import (
+    AttentionTrace,
+    scaled_dot_product_attention,
+    sdpa_backward,
+    sdpa_forward,
+)
+from ..core.mha import (
+    MultiHeadParams,
+    MultiHeadTrace,
+    init_params,
+    mha_backward,
+    mha_forward,
+    multi_head_attention,
+)
 
 __all__ = ["KINDS", "Case", "CaseData", "Reference", "cases", "get_case"]
 
@@ -46,7 +59,9 @@ class Reference(NamedTuple):
     """What the reference computes for a case, all float64 (or ``dtype``) numpy arrays."""
 
     out: np.ndarray  #: the output: (..., H, T, Dv) for SDPA, (..., T, D_out) for MHA
-    grads: dict[str, np.ndarray]  #: gradient of each input, keyed by the input's name (``q``, ``w_o``, ``bias``, ...)
+    grads: dict[
+        str, np.ndarray
+    ]  #: gradient of each input, keyed by the input's name (``q``, ``w_o``, ``bias``, ...)
     intermediates: dict[str, np.ndarray]  #: scores, masked_scores, row_max, logsumexp, probs, ...
 
 
@@ -58,8 +73,12 @@ class Case:
     kind: str  #: "sdpa" (scaled dot-product attention) or "mha" (multi-head attention)
     description: str  #: one line: what the case exercises
     dims: Mapping[str, int]  #: B, H, Hkv, T, S, Dk, Dv (MHA also D, Dk_in, Dv_in, D_out)
-    options: Mapping[str, Any] = field(default_factory=dict)  #: scalar options (causal, align, window, ...)
-    extras: tuple[str, ...] = ()  #: array extras: "padding", "empty_row", "bias", "neg_inf_bias", "dropout", "no_param_bias"
+    options: Mapping[str, Any] = field(
+        default_factory=dict
+    )  #: scalar options (causal, align, window, ...)
+    extras: tuple[
+        str, ...
+    ] = ()  #: array extras: "padding", "empty_row", "bias", "neg_inf_bias", "dropout", "no_param_bias"
     tags: tuple[str, ...] = ()  #: groups: "mask", "causal", "gqa", "long", ...
 
     def __str__(self) -> str:
@@ -104,7 +123,9 @@ class CaseData:
 
         def mha(query, key, value, bias=None, **weights):
             extra = {} if bias is None else {"bias": bias}
-            return multi_head_attention(query, key, value, MultiHeadParams(**weights), **extra, **opts)
+            return multi_head_attention(
+                query, key, value, MultiHeadParams(**weights), **extra, **opts
+            )
 
         return mha
 
@@ -134,77 +155,260 @@ class CaseData:
             mg = mha_backward(self.cotangent, tr)
             grads = mg.as_dict()
             attn = tr.attention
-        inter = {"scores": attn.scores, "masked_scores": attn.masked_scores, "row_max": attn.row_max,
-                 "logsumexp": attn.logsumexp, "probs": attn.probs}
+        inter = {
+            "scores": attn.scores,
+            "masked_scores": attn.masked_scores,
+            "row_max": attn.row_max,
+            "logsumexp": attn.logsumexp,
+            "probs": attn.probs,
+        }
         if isinstance(tr, MultiHeadTrace):
             inter.update(q=tr.q, k=tr.k, v=tr.v, context=tr.context)
         return Reference(tr.out, {n: grads[n] for n in self.inputs}, inter)
 
 
-def _sdpa_case(name, description, *, B=2, H=2, Hkv=None, T=3, S=5, Dk=4, Dv=None, extras=(), tags=(), **options):
-    dims = dict(B=B, H=H, Hkv=H if Hkv is None else Hkv, T=T, S=S, Dk=Dk, Dv=Dk if Dv is None else Dv)
+def _sdpa_case(
+    name, description, *, B=2, H=2, Hkv=None, T=3, S=5, Dk=4, Dv=None, extras=(), tags=(), **options
+):
+    dims = dict(
+        B=B, H=H, Hkv=H if Hkv is None else Hkv, T=T, S=S, Dk=Dk, Dv=Dk if Dv is None else Dv
+    )
     return Case(name, "sdpa", description, dims, options, tuple(extras), tuple(tags))
 
 
-def _mha_case(name, description, *, B=2, H=2, Hkv=None, T=3, S=5, D=6, Dk=None, Dv=None, Dk_in=None,
-              Dv_in=None, D_out=None, extras=(), tags=(), **options):
+def _mha_case(
+    name,
+    description,
+    *,
+    B=2,
+    H=2,
+    Hkv=None,
+    T=3,
+    S=5,
+    D=6,
+    Dk=None,
+    Dv=None,
+    Dk_in=None,
+    Dv_in=None,
+    D_out=None,
+    extras=(),
+    tags=(),
+    **options,
+):
     Dk = D // H if Dk is None else Dk
-    dims = dict(B=B, H=H, Hkv=H if Hkv is None else Hkv, T=T, S=S, D=D, Dk=Dk, Dv=Dk if Dv is None else Dv,
-                Dk_in=D if Dk_in is None else Dk_in, Dv_in=D if Dv_in is None else Dv_in,
-                D_out=D if D_out is None else D_out)
+    dims = dict(
+        B=B,
+        H=H,
+        Hkv=H if Hkv is None else Hkv,
+        T=T,
+        S=S,
+        D=D,
+        Dk=Dk,
+        Dv=Dk if Dv is None else Dv,
+        Dk_in=D if Dk_in is None else Dk_in,
+        Dv_in=D if Dv_in is None else Dv_in,
+        D_out=D if D_out is None else D_out,
+    )
     return Case(name, "mha", description, dims, options, tuple(extras), tuple(tags))
 
 
 _CASES: tuple[Case, ...] = (
     _sdpa_case("plain", "no mask, H = Hkv, Dk = Dv, T != S"),
-    _sdpa_case("causal_top_left_t_lt_s", "causal, query i sees keys j <= i (PyTorch is_causal, JAX), T < S",
-               T=3, S=5, causal=True, align="top_left", tags=("causal",)),
-    _sdpa_case("causal_top_left_t_gt_s", "causal top_left with T > S: the last queries see every key",
-               T=6, S=4, causal=True, align="top_left", tags=("causal",)),
-    _sdpa_case("causal_bottom_right_t_lt_s", "causal, query i sees keys j <= i + S - T (FlashAttention, decoding), T < S",
-               T=3, S=6, causal=True, align="bottom_right", tags=("causal",)),
-    _sdpa_case("causal_bottom_right_t_gt_s", "causal bottom_right with T > S: the first T - S query rows are empty (zeros)",
-               T=6, S=4, causal=True, align="bottom_right", tags=("causal", "empty_rows")),
-    _sdpa_case("sliding_window_causal", "causal sliding window (2, 0): each query sees itself and 2 keys back (Mistral)",
-               T=6, S=6, window=(2, 0), tags=("window",)),
-    _sdpa_case("sliding_window_two_sided_bottom_right", "window (1, 1) around i + S - T, T < S",
-               T=4, S=7, window=(1, 1), align="bottom_right", tags=("window",)),
-    _sdpa_case("padding_empty_rows_zero", "key padding per batch element plus one fully masked query row; empty rows give 0",
-               extras=("padding", "empty_row"), tags=("mask", "empty_rows")),
-    _sdpa_case("padding_empty_rows_uniform", "the same masks; empty rows give weights 1/S (JAX, the -1e9 idiom)",
-               extras=("padding", "empty_row"), empty_rows="uniform", tags=("mask", "empty_rows")),
-    _sdpa_case("padding_no_empty_rows", "key padding that leaves every query a key", extras=("padding",), tags=("mask",)),
-    _sdpa_case("additive_bias", "a random additive bias of shape (1, H, T, S), broadcast over the batch",
-               extras=("bias",), tags=("bias",)),
-    _sdpa_case("bias_with_neg_inf", "a bias whose -inf entries mask their pairs (ALiBi-style padding)",
-               extras=("bias", "neg_inf_bias"), tags=("bias", "mask")),
-    _sdpa_case("gqa", "grouped-query attention: H = 4 query heads over Hkv = 2 key/value heads, Dk != Dv",
-               H=4, Hkv=2, Dk=4, Dv=3, tags=("gqa",)),
+    _sdpa_case(
+        "causal_top_left_t_lt_s",
+        "causal, query i sees keys j <= i (PyTorch is_causal, JAX), T < S",
+        T=3,
+        S=5,
+        causal=True,
+        align="top_left",
+        tags=("causal",),
+    ),
+    _sdpa_case(
+        "causal_top_left_t_gt_s",
+        "causal top_left with T > S: the last queries see every key",
+        T=6,
+        S=4,
+        causal=True,
+        align="top_left",
+        tags=("causal",),
+    ),
+    _sdpa_case(
+        "causal_bottom_right_t_lt_s",
+        "causal, query i sees keys j <= i + S - T (FlashAttention, decoding), T < S",
+        T=3,
+        S=6,
+        causal=True,
+        align="bottom_right",
+        tags=("causal",),
+    ),
+    _sdpa_case(
+        "causal_bottom_right_t_gt_s",
+        "causal bottom_right with T > S: the first T - S query rows are empty (zeros)",
+        T=6,
+        S=4,
+        causal=True,
+        align="bottom_right",
+        tags=("causal", "empty_rows"),
+    ),
+    _sdpa_case(
+        "sliding_window_causal",
+        "causal sliding window (2, 0): each query sees itself and 2 keys back (Mistral)",
+        T=6,
+        S=6,
+        window=(2, 0),
+        tags=("window",),
+    ),
+    _sdpa_case(
+        "sliding_window_two_sided_bottom_right",
+        "window (1, 1) around i + S - T, T < S",
+        T=4,
+        S=7,
+        window=(1, 1),
+        align="bottom_right",
+        tags=("window",),
+    ),
+    _sdpa_case(
+        "padding_empty_rows_zero",
+        "key padding per batch element plus one fully masked query row; empty rows give 0",
+        extras=("padding", "empty_row"),
+        tags=("mask", "empty_rows"),
+    ),
+    _sdpa_case(
+        "padding_empty_rows_uniform",
+        "the same masks; empty rows give weights 1/S (JAX, the -1e9 idiom)",
+        extras=("padding", "empty_row"),
+        empty_rows="uniform",
+        tags=("mask", "empty_rows"),
+    ),
+    _sdpa_case(
+        "padding_no_empty_rows",
+        "key padding that leaves every query a key",
+        extras=("padding",),
+        tags=("mask",),
+    ),
+    _sdpa_case(
+        "additive_bias",
+        "a random additive bias of shape (1, H, T, S), broadcast over the batch",
+        extras=("bias",),
+        tags=("bias",),
+    ),
+    _sdpa_case(
+        "bias_with_neg_inf",
+        "a bias whose -inf entries mask their pairs (ALiBi-style padding)",
+        extras=("bias", "neg_inf_bias"),
+        tags=("bias", "mask"),
+    ),
+    _sdpa_case(
+        "gqa",
+        "grouped-query attention: H = 4 query heads over Hkv = 2 key/value heads, Dk != Dv",
+        H=4,
+        Hkv=2,
+        Dk=4,
+        Dv=3,
+        tags=("gqa",),
+    ),
     _sdpa_case("mqa", "multi-query attention: Hkv = 1", H=4, Hkv=1, tags=("gqa",)),
     _sdpa_case("dk_ne_dv", "value width differs from the query/key width", Dk=8, Dv=3),
-    _sdpa_case("cross_attention_long_keys", "T = 2 queries over S = 9 keys, causal bottom_right + padding",
-               T=2, S=9, causal=True, align="bottom_right", extras=("padding",), tags=("causal", "mask")),
-    _sdpa_case("softcap", "soft-capped scores cap * tanh(s / cap) with cap = 1.5 (Gemma 2), with a bias",
-               softcap=1.5, extras=("bias",), tags=("bias",)),
-    _sdpa_case("dropout_keep_mask", "dropout p = 0.25 with an explicit keep-mask", dropout_p=0.25,
-               extras=("dropout",), tags=("dropout",)),
+    _sdpa_case(
+        "cross_attention_long_keys",
+        "T = 2 queries over S = 9 keys, causal bottom_right + padding",
+        T=2,
+        S=9,
+        causal=True,
+        align="bottom_right",
+        extras=("padding",),
+        tags=("causal", "mask"),
+    ),
+    _sdpa_case(
+        "softcap",
+        "soft-capped scores cap * tanh(s / cap) with cap = 1.5 (Gemma 2), with a bias",
+        softcap=1.5,
+        extras=("bias",),
+        tags=("bias",),
+    ),
+    _sdpa_case(
+        "dropout_keep_mask",
+        "dropout p = 0.25 with an explicit keep-mask",
+        dropout_p=0.25,
+        extras=("dropout",),
+        tags=("dropout",),
+    ),
     _sdpa_case("custom_scale", "an explicit scale 0.3 instead of 1/sqrt(Dk)", scale=0.3),
-    _sdpa_case("one_element", "B = H = T = S = Dk = Dv = 1: a softmax over one key", B=1, H=1, T=1, S=1, Dk=1),
-    _sdpa_case("long_rows", "S = 1024 keys per row, GQA, causal bottom_right: long softmax reductions",
-               B=1, H=2, Hkv=1, T=4, S=1024, Dk=8, Dv=8, causal=True, align="bottom_right", tags=("long", "causal", "gqa")),
-    _mha_case("mha_self_attention", "self-attention D = 8, H = 2, biases, causal", T=4, S=4, D=8,
-              causal=True, extras=("self",), tags=("causal",)),
-    _mha_case("mha_cross_attention_key_padding", "cross-attention T != S with key padding (nn.MultiheadAttention-expressible)",
-              T=3, S=5, D=6, H=2, extras=("padding",), tags=("mask",)),
-    _mha_case("mha_gqa_kdim_vdim", "GQA H = 4, Hkv = 2, Dk = 3 != Dv = 5, kdim = 5, vdim = 7, out width 4",
-              H=4, Hkv=2, D=6, Dk=3, Dv=5, Dk_in=5, Dv_in=7, D_out=4, tags=("gqa",)),
-    _mha_case("mha_mqa_no_bias_attention_bias", "MQA, no projection biases, bottom_right causal + an attention bias",
-              H=3, Hkv=1, D=6, T=2, S=4, causal=True, align="bottom_right", extras=("no_param_bias", "bias"),
-              tags=("gqa", "bias", "causal")),
+    _sdpa_case(
+        "one_element",
+        "B = H = T = S = Dk = Dv = 1: a softmax over one key",
+        B=1,
+        H=1,
+        T=1,
+        S=1,
+        Dk=1,
+    ),
+    _sdpa_case(
+        "long_rows",
+        "S = 1024 keys per row, GQA, causal bottom_right: long softmax reductions",
+        B=1,
+        H=2,
+        Hkv=1,
+        T=4,
+        S=1024,
+        Dk=8,
+        Dv=8,
+        causal=True,
+        align="bottom_right",
+        tags=("long", "causal", "gqa"),
+    ),
+    _mha_case(
+        "mha_self_attention",
+        "self-attention D = 8, H = 2, biases, causal",
+        T=4,
+        S=4,
+        D=8,
+        causal=True,
+        extras=("self",),
+        tags=("causal",),
+    ),
+    _mha_case(
+        "mha_cross_attention_key_padding",
+        "cross-attention T != S with key padding (nn.MultiheadAttention-expressible)",
+        T=3,
+        S=5,
+        D=6,
+        H=2,
+        extras=("padding",),
+        tags=("mask",),
+    ),
+    _mha_case(
+        "mha_gqa_kdim_vdim",
+        "GQA H = 4, Hkv = 2, Dk = 3 != Dv = 5, kdim = 5, vdim = 7, out width 4",
+        H=4,
+        Hkv=2,
+        D=6,
+        Dk=3,
+        Dv=5,
+        Dk_in=5,
+        Dv_in=7,
+        D_out=4,
+        tags=("gqa",),
+    ),
+    _mha_case(
+        "mha_mqa_no_bias_attention_bias",
+        "MQA, no projection biases, bottom_right causal + an attention bias",
+        H=3,
+        Hkv=1,
+        D=6,
+        T=2,
+        S=4,
+        causal=True,
+        align="bottom_right",
+        extras=("no_param_bias", "bias"),
+        tags=("gqa", "bias", "causal"),
+    ),
 )
 
 
-def cases(kind: str | None = None, *, tags: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[Case]:
+def cases(
+    kind: str | None = None, *, tags: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()
+) -> list[Case]:
     """The canonical cases, in a fixed order.
 
     Parameters
@@ -235,10 +439,13 @@ def cases(kind: str | None = None, *, tags: tuple[str, ...] | None = None, exclu
     for name, value in (("tags", tags or ()), ("exclude", exclude)):
         if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
             raise TypeError(f"{name} must be a tuple of str; got {value!r}")
-    return [c for c in _CASES
-            if (kind is None or c.kind == kind)
-            and (tags is None or set(tags) & set(c.tags))
-            and not set(exclude) & set(c.tags)]
+    return [
+        c
+        for c in _CASES
+        if (kind is None or c.kind == kind)
+        and (tags is None or set(tags) & set(c.tags))
+        and not set(exclude) & set(c.tags)
+    ]
 
 
 def get_case(name: str) -> Case:
@@ -273,15 +480,26 @@ def _build(case: Case, seed: int | None) -> CaseData:
         else:
             inputs["key"] = rng.normal(size=(B, S, d["Dk_in"]))
             inputs["value"] = rng.normal(size=(B, S, d["Dv_in"]))
-        p = init_params(rng, d_model=d["D"], num_heads=H, num_kv_heads=Hkv, head_dim=d["Dk"],
-                        v_head_dim=d["Dv"], kdim=d["Dk_in"], vdim=d["Dv_in"], out_dim=d["D_out"],
-                        bias="no_param_bias" not in case.extras)
+        p = init_params(
+            rng,
+            d_model=d["D"],
+            num_heads=H,
+            num_kv_heads=Hkv,
+            head_dim=d["Dk"],
+            v_head_dim=d["Dv"],
+            kdim=d["Dk_in"],
+            vdim=d["Dv_in"],
+            out_dim=d["D_out"],
+            bias="no_param_bias" not in case.extras,
+        )
         inputs.update(p.as_dict())
         options.update(num_heads=H, num_kv_heads=Hkv)
     if "padding" in case.extras or "empty_row" in case.extras:
         mask = np.ones((B, 1, T, S), dtype=bool)  # (B, 1, T, S): the same for every head
         if "padding" in case.extras:
-            lengths = [S] + [max(1, S - 2 - i) for i in range(B - 1)]  # batch 0 unpadded, then shorter
+            lengths = [S] + [
+                max(1, S - 2 - i) for i in range(B - 1)
+            ]  # batch 0 unpadded, then shorter
             for b, n in enumerate(lengths):
                 mask[b, :, :, n:] = False
         if "empty_row" in case.extras:

@@ -11,6 +11,7 @@ on every canonical case (:mod:`attention_ref.cases`), and compares each gradient
 Cases tagged ``long`` and the realistic-size run use random directions instead, (G2) and (G5).
 Exit status 1 if any check fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..core import heads, linear as projection, mha, softmax as stable_softmax
+from ..core import heads, mha
+from ..core import linear as projection
+from ..core import softmax as stable_softmax
 from .cases import cases
 from .compare import Comparison
 from .gradcheck import (
@@ -59,18 +62,35 @@ class Row(NamedTuple):
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready; a relative error that is not finite (a zero gradient) is null."""
-        return {"function": self.function, "case": self.case, "gradient": self.gradient,
-                "fd_rel_error": json_float(self.fd.rel_error), "fd_abs_error": self.fd.max_abs_error,
-                "fd_atol": self.fd_atol, "cs_rel_error": json_float(self.cs.rel_error),
-                "cs_abs_error": self.cs.max_abs_error, "cs_atol": self.cs_atol,
-                "exact_zero": self.exact_zero, "passed": self.passed}
+        return {
+            "function": self.function,
+            "case": self.case,
+            "gradient": self.gradient,
+            "fd_rel_error": json_float(self.fd.rel_error),
+            "fd_abs_error": self.fd.max_abs_error,
+            "fd_atol": self.fd_atol,
+            "cs_rel_error": json_float(self.cs.rel_error),
+            "cs_abs_error": self.cs.max_abs_error,
+            "cs_atol": self.cs_atol,
+            "exact_zero": self.exact_zero,
+            "passed": self.passed,
+        }
 
 
 def _rows(function: str, case: str, fd: GradCheckResult, cs: GradCheckResult) -> Iterator[Row]:
     for name, rep in fd.reports.items():
         crep = cs.reports[name]
-        yield Row(function, case, "d" + name, rep, fd.atol, crep, cs.atol,
-                  rep.passed(fd.rtol, fd.atol), crep.passed(cs.rtol, cs.atol))
+        yield Row(
+            function,
+            case,
+            "d" + name,
+            rep,
+            fd.atol,
+            crep,
+            cs.atol,
+            rep.passed(fd.rtol, fd.atol),
+            crep.passed(cs.rtol, cs.atol),
+        )
 
 
 def _check_both(function, case, f, inputs, c, grads, rng, directional: bool) -> list[Row]:
@@ -83,7 +103,9 @@ def _check_both(function, case, f, inputs, c, grads, rng, directional: bool) -> 
     return list(_rows(function, case, fd, cs))
 
 
-def run_checks(seed: int = 0, progress: Callable[[str], None] | None = None, *, quick: bool = False) -> list[Row]:
+def run_checks(
+    seed: int = 0, progress: Callable[[str], None] | None = None, *, quick: bool = False
+) -> list[Row]:
     """Run every check of the report; one row per gradient.
 
     ``seed`` 0 uses the canonical instance of each case; another seed draws other inputs for the
@@ -97,45 +119,111 @@ def run_checks(seed: int = 0, progress: Callable[[str], None] | None = None, *, 
     x, w, b = rng.normal(size=(2, 3, 4)), rng.normal(size=(4, 5)), rng.normal(size=5)
     c = rng.normal(size=(2, 3, 5))
     g = projection.linear_backward(c, x, w, b)
-    rows += _check_both("linear", "(2,3,4)@(4,5)+b", projection.linear, {"x": x, "weight": w, "bias": b}, c,
-                        {"x": g.dx, "weight": g.dweight, "bias": g.dbias}, rng, False)
+    rows += _check_both(
+        "linear",
+        "(2,3,4)@(4,5)+b",
+        projection.linear,
+        {"x": x, "weight": w, "bias": b},
+        c,
+        {"x": g.dx, "weight": g.dweight, "bias": g.dbias},
+        rng,
+        False,
+    )
     x, c = rng.normal(size=(2, 3, 6)), rng.normal(size=(2, 3, 3, 2))
-    rows += _check_both("split_heads", "H=3", lambda x: heads.split_heads(x, 3), {"x": x}, c,
-                        {"x": heads.split_heads_backward(c)}, rng, False)
+    rows += _check_both(
+        "split_heads",
+        "H=3",
+        lambda x: heads.split_heads(x, 3),
+        {"x": x},
+        c,
+        {"x": heads.split_heads_backward(c)},
+        rng,
+        False,
+    )
     x, c = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 4, 6))
-    rows += _check_both("merge_heads", "H=3", heads.merge_heads, {"x": x}, c,
-                        {"x": heads.merge_heads_backward(c, 3)}, rng, False)
+    rows += _check_both(
+        "merge_heads",
+        "H=3",
+        heads.merge_heads,
+        {"x": x},
+        c,
+        {"x": heads.merge_heads_backward(c, 3)},
+        rng,
+        False,
+    )
     x, c = 3 * rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    rows += _check_both("softmax", "axis=-1", stable_softmax.softmax, {"x": x}, c,
-                        {"x": stable_softmax.softmax_backward(c, stable_softmax.softmax(x))}, rng, False)
+    rows += _check_both(
+        "softmax",
+        "axis=-1",
+        stable_softmax.softmax,
+        {"x": x},
+        c,
+        {"x": stable_softmax.softmax_backward(c, stable_softmax.softmax(x))},
+        rng,
+        False,
+    )
     c = rng.normal(size=(5,))
-    rows += _check_both("logsumexp", "axis=0", lambda x: stable_softmax.logsumexp(x, axis=0), {"x": x}, c,
-                        {"x": stable_softmax.logsumexp_backward(c, x, axis=0)}, rng, False)
+    rows += _check_both(
+        "logsumexp",
+        "axis=0",
+        lambda x: stable_softmax.logsumexp(x, axis=0),
+        {"x": x},
+        c,
+        {"x": stable_softmax.logsumexp_backward(c, x, axis=0)},
+        rng,
+        False,
+    )
 
     for case in cases(exclude=("long",) if quick else ()):
         function = "scaled_dot_product_attention" if case.kind == "sdpa" else "multi_head_attention"
         say(f"{function}: {case}")
         data = case.build(None if seed == 0 else seed)
         ref = data.reference()
-        rows += _check_both(function, case.name, data.function(), data.inputs, data.cotangent, ref.grads,
-                            rng, "long" in case.tags)
+        rows += _check_both(
+            function,
+            case.name,
+            data.function(),
+            data.inputs,
+            data.cotangent,
+            ref.grads,
+            rng,
+            "long" in case.tags,
+        )
 
     if not quick:
         say("multi_head_attention: directional check at B=2 T=48 S=64 D=64 H=8 Hkv=2")
         p = mha.init_params(rng, d_model=64, num_heads=8, num_kv_heads=2, kdim=48, vdim=40)
-        query, key, value = rng.normal(size=(2, 48, 64)), rng.normal(size=(2, 64, 48)), rng.normal(size=(2, 64, 40))
+        query, key, value = (
+            rng.normal(size=(2, 48, 64)),
+            rng.normal(size=(2, 64, 48)),
+            rng.normal(size=(2, 64, 40)),
+        )
         opts: dict[str, Any] = dict(causal=True, align="bottom_right")
         tr = mha.mha_forward(query, key, value, p, num_heads=8, num_kv_heads=2, **opts)
         c = rng.normal(size=tr.out.shape)
         g = mha.mha_backward(c, tr)
 
         def f_big(query, key, value, **weights):
-            return mha.multi_head_attention(query, key, value, mha.MultiHeadParams(**weights),
-                                            num_heads=8, num_kv_heads=2, **opts)
+            return mha.multi_head_attention(
+                query,
+                key,
+                value,
+                mha.MultiHeadParams(**weights),
+                num_heads=8,
+                num_kv_heads=2,
+                **opts,
+            )
 
-        rows += _check_both("multi_head_attention", "directional, B=2 T=48 S=64 D=64 H=8 Hkv=2", f_big,
-                            {"query": query, "key": key, "value": value, **p.as_dict()}, c,
-                            g.as_dict(), rng, True)
+        rows += _check_both(
+            "multi_head_attention",
+            "directional, B=2 T=48 S=64 D=64 H=8 Hkv=2",
+            f_big,
+            {"query": query, "key": key, "value": value, **p.as_dict()},
+            c,
+            g.as_dict(),
+            rng,
+            True,
+        )
     return rows
 
 
@@ -144,9 +232,14 @@ def _cell(rep: Comparison, exact_zero: bool) -> str:
 
 
 #: The columns of :func:`format_table`; the two errors are right-aligned, 12 wide.
-COLUMNS = (Column("function"), Column("case"), Column("gradient"),
-           Column("finite diff", "right", 12), Column("complex step", "right", 12),
-           Column("result"))
+COLUMNS = (
+    Column("function"),
+    Column("case"),
+    Column("gradient"),
+    Column("finite diff", "right", 12),
+    Column("complex step", "right", 12),
+    Column("result"),
+)
 
 
 def format_table(rows: list[Row], *, fmt: str = "text") -> str:
@@ -173,8 +266,17 @@ def format_table(rows: list[Row], *, fmt: str = "text") -> str:
     >>> print(format_table([row], fmt="markdown").splitlines()[2])
     | softmax  | axis=-1 | dx       |     5.0e-14 |      5.0e-14 | pass   |
     """
-    cells = [(r.function, r.case, r.gradient, _cell(r.fd, r.exact_zero), _cell(r.cs, r.exact_zero),
-              "pass" if r.passed else "FAIL") for r in rows]
+    cells = [
+        (
+            r.function,
+            r.case,
+            r.gradient,
+            _cell(r.fd, r.exact_zero),
+            _cell(r.cs, r.exact_zero),
+            "pass" if r.passed else "FAIL",
+        )
+        for r in rows
+    ]
     failed = sum(not r.passed for r in rows)
     nonzero = [r for r in rows if not r.exact_zero]
     worst_fd = max((r.fd.rel_error for r in nonzero), default=0)
@@ -194,17 +296,32 @@ def format_table(rows: list[Row], *, fmt: str = "text") -> str:
     return render_table(COLUMNS, cells, fmt=fmt, footer=footer)
 
 
-def main_check(seed: int = 0, quiet: bool = False, as_json: bool = False, quick: bool = False,
-               markdown: bool = False) -> int:
+def main_check(
+    seed: int = 0,
+    quiet: bool = False,
+    as_json: bool = False,
+    quick: bool = False,
+    markdown: bool = False,
+) -> int:
     """``attention-ref check``: run the checks and print the table; returns the exit status."""
     start = time.perf_counter()
-    progress = None if quiet else (
-        lambda msg: print(f"  checking {msg} ...", file=sys.stderr, flush=True))
+    progress = (
+        None if quiet else (lambda msg: print(f"  checking {msg} ...", file=sys.stderr, flush=True))
+    )
     rows = run_checks(seed, progress, quick=quick)
     ok = all(r.passed for r in rows)
     if as_json:
-        print(json.dumps({"command": "check", "seed": seed, "passed": ok,
-                          "rows": [r.as_dict() for r in rows]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "command": "check",
+                    "seed": seed,
+                    "passed": ok,
+                    "rows": [r.as_dict() for r in rows],
+                },
+                indent=1,
+            )
+        )
     else:
         print(format_table(rows, fmt="markdown" if markdown else "text"))
         print(f"({time.perf_counter() - start:.1f} s)")

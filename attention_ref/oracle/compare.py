@@ -22,6 +22,7 @@ The numbers, for ``a = actual`` and ``e = expected`` of one shape:
 
 Layer 4 (oracle); imports numpy only.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -29,7 +30,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
-    "PRECISIONS", "Tolerance", "DEFAULT_TOLERANCES", "Comparison", "compare", "assert_close",
+    "PRECISIONS",
+    "Tolerance",
+    "DEFAULT_TOLERANCES",
+    "Comparison",
+    "compare",
+    "assert_close",
     "to_numpy",
 ]
 
@@ -54,8 +60,8 @@ class Tolerance(NamedTuple):
 #: different summation orders over long rows, and 1e10 times smaller than a real bug.
 DEFAULT_TOLERANCES = {
     "float64": Tolerance(
-        1e-12, 1e-14,
-        "attention_ref: float64 implementations agree to ~1e-14 (measured vs PyTorch)"),
+        1e-12, 1e-14, "attention_ref: float64 implementations agree to ~1e-14 (measured vs PyTorch)"
+    ),
     "float32": Tolerance(1.3e-6, 1e-5, "torch.testing.assert_close default for float32"),
     "float16": Tolerance(1e-3, 1e-5, "torch.testing.assert_close default for float16"),
     "bfloat16": Tolerance(1.6e-2, 1e-5, "torch.testing.assert_close default for bfloat16"),
@@ -175,16 +181,19 @@ class Comparison(NamedTuple):
 
     def __str__(self) -> str:
         head = f"{self.name or 'array'} {self.shape}: " if self.shape != () or self.name else ""
-        text = (f"{head}max abs error {self.max_abs_error:.3e} at index {self.location} "
-                f"(actual {self.actual!r}, reference {self.expected!r}); "
-                f"relative {self.rel_error:.3e} of max|reference| = {self.scale:.3e}")
+        text = (
+            f"{head}max abs error {self.max_abs_error:.3e} at index {self.location} "
+            f"(actual {self.actual!r}, reference {self.expected!r}); "
+            f"relative {self.rel_error:.3e} of max|reference| = {self.scale:.3e}"
+        )
         if self.nan_mismatch or self.inf_mismatch:
             text += f"; {self.nan_mismatch} NaN and {self.inf_mismatch} Inf mismatches"
         return text
 
 
-def compare(actual: Any, reference: Any, *, name: str = "",
-            scale: float | None = None) -> Comparison:
+def compare(
+    actual: Any, reference: Any, *, name: str = "", scale: float | None = None
+) -> Comparison:
     """The worst error of ``actual`` against ``reference``, where it is, and NaN/Inf mismatches.
 
     Parameters
@@ -226,7 +235,8 @@ relative 2.000e-01 of max|reference| = 2.500e+00; 1 NaN and 0 Inf mismatches
     e = to_numpy(reference)[0].astype(np.float64)
     if a.shape != e.shape:
         raise ValueError(
-            f"{name or 'actual'} must have the reference's shape {e.shape}; got {a.shape}")
+            f"{name or 'actual'} must have the reference's shape {e.shape}; got {a.shape}"
+        )
     nan_a, nan_e = np.isnan(a), np.isnan(e)
     inf_a, inf_e = np.isinf(a), np.isinf(e)
     finite = ~(nan_a | nan_e | inf_a | inf_e)
@@ -234,8 +244,9 @@ relative 2.000e-01 of max|reference| = 2.500e+00; 1 NaN and 0 Inf mismatches
     # No NaN on either side and an infinity on one: a mismatch unless both hold the same one.
     inf_mismatch = int(np.count_nonzero((inf_a | inf_e) & ~nan_a & ~nan_e & (a != e)))
     if a.size == 0:
-        return Comparison(name, a.shape, 0.0, 0.0, 0.0, (), float("nan"), float("nan"),
-                          nan_mismatch, inf_mismatch)
+        return Comparison(
+            name, a.shape, 0.0, 0.0, 0.0, (), float("nan"), float("nan"), nan_mismatch, inf_mismatch
+        )
     with np.errstate(invalid="ignore"):  # inf - inf where both sides hold the same infinity
         diff = np.where(finite, np.abs(a - e), 0.0)
     flat = int(np.argmax(diff))
@@ -246,13 +257,29 @@ relative 2.000e-01 of max|reference| = 2.500e+00; 1 NaN and 0 Inf mismatches
     else:
         scale = float(scale)
     rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else float("inf"))
-    return Comparison(name, a.shape, max_abs, rel, scale, index, float(a[index]), float(e[index]),
-                      nan_mismatch, inf_mismatch)
+    return Comparison(
+        name,
+        a.shape,
+        max_abs,
+        rel,
+        scale,
+        index,
+        float(a[index]),
+        float(e[index]),
+        nan_mismatch,
+        inf_mismatch,
+    )
 
 
-def assert_close(actual: Any, reference: Any, *, rtol: float | None = None,
-                 atol: float | None = None, precision: str | None = None,
-                 name: str = "") -> Comparison:
+def assert_close(
+    actual: Any,
+    reference: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    precision: str | None = None,
+    name: str = "",
+) -> Comparison:
     """Raise ``AssertionError`` unless ``|actual - reference| <= atol + rtol * |reference|``.
 
     The rule holds element by element; NaN must face NaN and an infinity the same infinity. The
@@ -304,14 +331,18 @@ relative 4.762e-02 of max|reference| = 2.100e+00
     bad = finite & (excess > 0)
     if bad.any() or report.nonfinite_mismatch:
         source = "" if (rtol, atol) != (tol.rtol, tol.atol) else ": " + tol.source
-        lines = [str(report),
-                 f"rule: |actual - reference| <= atol + rtol * |reference| with rtol = {rtol:g}, "
-                 f"atol = {atol:g} ({precision}{source})"]
+        lines = [
+            str(report),
+            f"rule: |actual - reference| <= atol + rtol * |reference| with rtol = {rtol:g}, "
+            f"atol = {atol:g} ({precision}{source})",
+        ]
         if bad.any():
             flat = int(np.argmax(np.where(bad, excess, -np.inf)))
             i = tuple(int(j) for j in np.unravel_index(flat, e.shape))
-            lines.append(f"{int(bad.sum())} of {e.size} entries break it; the furthest at index "
-                         f"{i}: actual {float(a64[i])!r}, reference {float(e[i])!r}, allowed "
-                         f"{atol + rtol * abs(float(e[i])):.3e}")
+            lines.append(
+                f"{int(bad.sum())} of {e.size} entries break it; the furthest at index "
+                f"{i}: actual {float(a64[i])!r}, reference {float(e[i])!r}, allowed "
+                f"{atol + rtol * abs(float(e[i])):.3e}"
+            )
         raise AssertionError("\n".join(lines))
     return report

@@ -23,6 +23,7 @@ reference is computed with that ``empty_rows`` policy, and the table says so. Op
 cannot express (soft-capping, a dropout keep-mask, Dk != Dv in JAX, GQA in
 ``nn.MultiheadAttention``, ...) are reported as skipped, with the adapter's reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from .cases import CaseData, cases
 from ..core.mha import MultiHeadParams
+from .cases import CaseData, cases
 from .tables import Column, json_float, render_table
 from .testing import (
     OUTPUT_BUDGET,
@@ -80,23 +81,42 @@ class ConformanceRow(NamedTuple):
     empty_rows: str  #: the policy the reference used for this case
 
     def as_dict(self) -> dict[str, Any]:
-        return {"case": self.case, "function": self.function, "quantity": self.quantity,
-                "status": self.status, "rel_error": json_float(self.error), "verdict": self.verdict,
-                "empty_rows": self.empty_rows}
+        return {
+            "case": self.case,
+            "function": self.function,
+            "quantity": self.quantity,
+            "status": self.status,
+            "rel_error": json_float(self.error),
+            "verdict": self.verdict,
+            "empty_rows": self.empty_rows,
+        }
 
 
 def _framework(name: str) -> tuple[Any, ...]:
     if name == "torch":
         from ..adapters import torch as pt
 
-        return (pt.run_torch_sdpa, pt.run_torch_mha, pt.TORCH_SDPA_EMPTY_ROWS, pt.TORCH_MHA_EMPTY_ROWS,
-                "torch F.scaled_dot_product_attention", "torch nn.MultiheadAttention", None)
+        return (
+            pt.run_torch_sdpa,
+            pt.run_torch_mha,
+            pt.TORCH_SDPA_EMPTY_ROWS,
+            pt.TORCH_MHA_EMPTY_ROWS,
+            "torch F.scaled_dot_product_attention",
+            "torch nn.MultiheadAttention",
+            None,
+        )
     if name == "jax":
         from ..adapters import jax as jx
 
-        return (jx.run_jax_sdpa, jx.run_jax_mha, jx.JAX_EMPTY_ROWS, jx.JAX_EMPTY_ROWS,
-                "jax.nn.dot_product_attention", "jax multi-head (jnp + dot_product_attention)",
-                jx.JAX_SOFTMAX_DTYPE)
+        return (
+            jx.run_jax_sdpa,
+            jx.run_jax_mha,
+            jx.JAX_EMPTY_ROWS,
+            jx.JAX_EMPTY_ROWS,
+            "jax.nn.dot_product_attention",
+            "jax multi-head (jnp + dot_product_attention)",
+            jx.JAX_SOFTMAX_DTYPE,
+        )
     raise ValueError(f"framework must be one of {FRAMEWORKS}; got {name!r}")
 
 
@@ -117,12 +137,19 @@ def _baseline(data: CaseData, options: dict[str, Any], precision: str):
     weights = {n: a for n, a in data.inputs.items() if n.startswith(("w_", "b_"))}
     if "bias" in data.inputs:
         kwargs["bias"] = data.inputs["bias"]
-    return mha_baseline(data.inputs["query"], data.inputs["key"], data.inputs["value"], MultiHeadParams(**weights),
-                        data.cotangent, **kwargs)
+    return mha_baseline(
+        data.inputs["query"],
+        data.inputs["key"],
+        data.inputs["value"],
+        MultiHeadParams(**weights),
+        data.cotangent,
+        **kwargs,
+    )
 
 
-def run_conformance(framework: str, selected: list[Any] | None = None,
-                    progress: Callable[[str], None] | None = None) -> list[ConformanceRow]:
+def run_conformance(
+    framework: str, selected: list[Any] | None = None, progress: Callable[[str], None] | None = None
+) -> list[ConformanceRow]:
     """Run ``framework`` on the canonical cases (all, or ``selected``) and judge every output and gradient.
 
     Parameters
@@ -147,7 +174,7 @@ def run_conformance(framework: str, selected: list[Any] | None = None,
     run_sdpa, run_mha, sdpa_policy, mha_policy, sdpa_name, mha_name, low = _framework(framework)
     say = progress or (lambda msg: None)
     rows: list[ConformanceRow] = []
-    for case in (cases() if selected is None else selected):
+    for case in cases() if selected is None else selected:
         say(f"{framework}: {case}")
         data = case.build()
         policy = sdpa_policy if case.kind == "sdpa" else mha_policy
@@ -159,23 +186,44 @@ def run_conformance(framework: str, selected: list[Any] | None = None,
             else:
                 weights = {n: a for n, a in data.inputs.items() if n.startswith(("w_", "b_"))}
                 extra = {} if "bias" not in data.inputs else {"bias": data.inputs["bias"]}
-                run = run_mha(data.inputs["query"], data.inputs["key"], data.inputs["value"],
-                              MultiHeadParams(**weights), data.cotangent, **extra, **options)
+                run = run_mha(
+                    data.inputs["query"],
+                    data.inputs["key"],
+                    data.inputs["value"],
+                    MultiHeadParams(**weights),
+                    data.cotangent,
+                    **extra,
+                    **options,
+                )
         except UnsupportedOption as exc:
             rows.append(ConformanceRow(case.name, function, "-", "skip", None, str(exc), policy))
             continue
         ref_data = CaseData(case, data.inputs, options, data.cotangent)
         ref = ref_data.reference()
-        theirs = {"out": run.out, **{"d" + n: g for n, g in _grads_dict(case.kind, run.grads).items()}}
+        theirs = {
+            "out": run.out,
+            **{"d" + n: g for n, g in _grads_dict(case.kind, run.grads).items()},
+        }
         ours = {"out": ref.out, **{"d" + n: g for n, g in ref.grads.items()}}
         base = _baseline(data, options, low) if low is not None else None
         # A gradient that is 0 in exact arithmetic (the key projection's bias) is round-off on
         # both sides: it is judged on the scale of the case's largest gradient, as (G6) does.
-        grad_scale = max(float(np.max(np.abs(g), initial=0.0)) for n, g in ours.items() if n != "out")
+        grad_scale = max(
+            float(np.max(np.abs(g), initial=0.0)) for n, g in ours.items() if n != "out"
+        )
         for quantity, expected in ours.items():
             if quantity not in theirs:
-                rows.append(ConformanceRow(case.name, function, quantity, "FAIL", None,
-                                           "the framework returned no such gradient", policy))
+                rows.append(
+                    ConformanceRow(
+                        case.name,
+                        function,
+                        quantity,
+                        "FAIL",
+                        None,
+                        "the framework returned no such gradient",
+                        policy,
+                    )
+                )
                 continue
             if base is None:
                 c = compare(theirs[quantity], expected, name=quantity)
@@ -183,29 +231,72 @@ def run_conformance(framework: str, selected: list[Any] | None = None,
                 atol = FLOAT64_RTOL * grad_scale if quantity != "out" else 0.0
                 ok = c.nonfinite_mismatch == 0 and c.max_abs_error <= FLOAT64_RTOL * c.scale + atol
                 if zero:
-                    verdict = f"float64: gradient is 0; abs error {c.max_abs_error:.1e} <= {atol:.1e}"
+                    verdict = (
+                        f"float64: gradient is 0; abs error {c.max_abs_error:.1e} <= {atol:.1e}"
+                    )
                 else:
-                    verdict = f"float64: rel {c.rel_error:.1e} <= {FLOAT64_RTOL:g}" if ok else f"float64: {c}"
-                rows.append(ConformanceRow(case.name, function, quantity, "pass" if ok else "FAIL",
-                                           c.rel_error, verdict, policy))
+                    verdict = (
+                        f"float64: rel {c.rel_error:.1e} <= {FLOAT64_RTOL:g}"
+                        if ok
+                        else f"float64: {c}"
+                    )
+                rows.append(
+                    ConformanceRow(
+                        case.name,
+                        function,
+                        quantity,
+                        "pass" if ok else "FAIL",
+                        c.rel_error,
+                        verdict,
+                        policy,
+                    )
+                )
                 continue
             base_value = base.out if quantity == "out" else (base.grads or {})[quantity[1:]]
-            floor = None if quantity == "out" else max(noise_floor(expected, str(low)), noise_floor([grad_scale], str(low)))
-            r = check_budget(theirs[quantity], expected, base_value, precision=str(low), floor=floor,
-                             rtol_budget=OUTPUT_BUDGET if quantity == "out" else MIXED_PRECISION_GRADIENT_BUDGET,
-                             name=quantity)
+            floor = (
+                None
+                if quantity == "out"
+                else max(noise_floor(expected, str(low)), noise_floor([grad_scale], str(low)))
+            )
+            r = check_budget(
+                theirs[quantity],
+                expected,
+                base_value,
+                precision=str(low),
+                floor=floor,
+                rtol_budget=OUTPUT_BUDGET if quantity == "out" else MIXED_PRECISION_GRADIENT_BUDGET,
+                name=quantity,
+            )
             zero = quantity != "out" and r.candidate.scale <= FLOAT64_RTOL * grad_scale
-            verdict = (f"{low} budget: {'gradient is 0; ' if zero else ''}error {r.candidate.max_abs_error:.1e} "
-                       f"<= {r.allowed:.1e} ({r.rtol_budget:g} x baseline {r.baseline.max_abs_error:.1e} "
-                       f"+ floor {r.floor:.1e})" if r.passed else str(r).replace("\n", " "))
-            rows.append(ConformanceRow(case.name, function, quantity, "pass" if r.passed else "FAIL",
-                                       r.candidate.rel_error, verdict, policy))
+            verdict = (
+                f"{low} budget: {'gradient is 0; ' if zero else ''}error {r.candidate.max_abs_error:.1e} "
+                f"<= {r.allowed:.1e} ({r.rtol_budget:g} x baseline {r.baseline.max_abs_error:.1e} "
+                f"+ floor {r.floor:.1e})"
+                if r.passed
+                else str(r).replace("\n", " ")
+            )
+            rows.append(
+                ConformanceRow(
+                    case.name,
+                    function,
+                    quantity,
+                    "pass" if r.passed else "FAIL",
+                    r.candidate.rel_error,
+                    verdict,
+                    policy,
+                )
+            )
     return rows
 
 
 #: The columns of :func:`format_rows`.
-COLUMNS = (Column("case"), Column("quantity"), Column("rel error", "right"),
-           Column("result", min_width=6), Column("rule / reason"))
+COLUMNS = (
+    Column("case"),
+    Column("quantity"),
+    Column("rel error", "right"),
+    Column("result", min_width=6),
+    Column("rule / reason"),
+)
 
 
 def format_rows(framework: str, rows: list[ConformanceRow], *, fmt: str = "text") -> str:
@@ -248,18 +339,32 @@ def format_rows(framework: str, rows: list[ConformanceRow], *, fmt: str = "text"
     n_pass = sum(r.status == "pass" for r in rows)
     n_fail = sum(r.status == "FAIL" for r in rows)
     n_skip = sum(r.status == "skip" for r in rows)
-    count = (f"compare {framework}: {n_pass} passed, {n_fail} failed, {n_skip} skipped "
-             "(cases the framework cannot express)")
-    return render_table(COLUMNS, cells, fmt=fmt,
-                        title=f"conformance of {framework} with attention_ref", footer=count)
+    count = (
+        f"compare {framework}: {n_pass} passed, {n_fail} failed, {n_skip} skipped "
+        "(cases the framework cannot express)"
+    )
+    return render_table(
+        COLUMNS,
+        cells,
+        fmt=fmt,
+        title=f"conformance of {framework} with attention_ref",
+        footer=count,
+    )
 
 
-def main_compare(framework: str, names: list[str] | None = None, quiet: bool = False,
-                 as_json: bool = False, markdown: bool = False) -> int:
+def main_compare(
+    framework: str,
+    names: list[str] | None = None,
+    quiet: bool = False,
+    as_json: bool = False,
+    markdown: bool = False,
+) -> int:
     from .cases import get_case
 
     start = time.perf_counter()
-    progress = None if quiet else (lambda msg: print(f"  running {msg} ...", file=sys.stderr, flush=True))
+    progress = (
+        None if quiet else (lambda msg: print(f"  running {msg} ...", file=sys.stderr, flush=True))
+    )
     try:
         selected = None if not names else [get_case(n) for n in names]
         rows = run_conformance(framework, selected, progress)
@@ -268,8 +373,17 @@ def main_compare(framework: str, names: list[str] | None = None, quiet: bool = F
         return 2
     ok = not any(r.status == "FAIL" for r in rows)
     if as_json:
-        print(json.dumps({"command": "compare", "framework": framework, "passed": ok,
-                          "rows": [r.as_dict() for r in rows]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "command": "compare",
+                    "framework": framework,
+                    "passed": ok,
+                    "rows": [r.as_dict() for r in rows],
+                },
+                indent=1,
+            )
+        )
     else:
         print(format_rows(framework, rows, fmt="markdown" if markdown else "text"))
         print(f"({time.perf_counter() - start:.1f} s)")

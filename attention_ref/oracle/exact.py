@@ -18,6 +18,7 @@ mpmath is an optional dependency, imported when one of these functions runs:
 functions refuse shapes above :data:`MAX_MULTIPLY_ADDS` multiply-adds or :data:`MAX_SCORES`
 scores, where one call would take more than about 10 s.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ from numpy.typing import ArrayLike
 
 from ..core._validate import _is_complex, as_float, check_positive_int
 from ..core.attention import check_qkv
-from ..core.mha import MultiHeadParams, _check_params, _check_widths
 from ..core.masks import AllowedPairs
+from ..core.mha import MultiHeadParams, _check_params, _check_widths
 from ..core.options import AttentionOptions
 
 #: The most multiply-adds a call may need in its forward pass: the score and value products
@@ -50,7 +51,7 @@ MIN_DPS = 30
 #: The highest ``dps`` accepted (cost grows with the digits).
 MAX_DPS = 1000
 
-_FLOAT64_MIN_NORMAL = 2.0 ** -1022
+_FLOAT64_MIN_NORMAL = 2.0**-1022
 _FLOAT64_MIN_SUBNORMAL_EXP = -1074
 
 
@@ -61,8 +62,12 @@ class ExactAttention(NamedTuple):
     """
 
     out: np.ndarray  #: (..., H, T, Dv) output, (A7)
-    probs: np.ndarray  #: (..., H, T, S) attention weights before dropout (empty-row policy applied), (A5)
-    logsumexp: np.ndarray  #: (..., H, T) log of the sum of exp over the allowed logits; -inf for an empty row
+    probs: (
+        np.ndarray
+    )  #: (..., H, T, S) attention weights before dropout (empty-row policy applied), (A5)
+    logsumexp: (
+        np.ndarray
+    )  #: (..., H, T) log of the sum of exp over the allowed logits; -inf for an empty row
     dq: np.ndarray | None  #: (..., H, T, Dk)
     dk: np.ndarray | None  #: (..., Hkv, S, Dk), summed over the query heads of each group
     dv: np.ndarray | None  #: (..., Hkv, S, Dv), summed over the query heads of each group
@@ -77,11 +82,15 @@ class ExactMultiHead(NamedTuple):
 
     out: np.ndarray  #: (..., T, D_out) output, (M6)
     probs: np.ndarray  #: (..., H, T, S) attention weights before dropout, (A5)
-    logsumexp: np.ndarray  #: (..., H, T) per-row logsumexp of the allowed logits; -inf for an empty row
+    logsumexp: (
+        np.ndarray
+    )  #: (..., H, T) per-row logsumexp of the allowed logits; -inf for an empty row
     dquery: np.ndarray | None  #: (..., T, Dq_in)
     dkey: np.ndarray | None  #: (..., S, Dk_in)
     dvalue: np.ndarray | None  #: (..., S, Dv_in)
-    dparams: MultiHeadParams | None  #: gradients of the weights and biases (None where a bias is None)
+    dparams: (
+        MultiHeadParams | None
+    )  #: gradients of the weights and biases (None where a bias is None)
     dbias: np.ndarray | None  #: the attention bias's own shape
 
 
@@ -204,8 +213,13 @@ def _attention_forward(ctx: Any, a: _AttentionArgs) -> _AttentionForward:
             for i in range(T):
                 for e in range(Dv):
                     out[n, h, i, e] = ctx.fdot(dropped[n, h, i], a.v[n, kv, :, e])  # (A7)
-    return _AttentionForward(probs=probs, dropped=dropped, logsumexp=lse,
-                             tanh=tanh if a.softcap is not None else None, out=out)
+    return _AttentionForward(
+        probs=probs,
+        dropped=dropped,
+        logsumexp=lse,
+        tanh=tanh if a.softcap is not None else None,
+        out=out,
+    )
 
 
 def _attention_backward(
@@ -237,7 +251,9 @@ def _attention_backward(
                     dl = p[j] * (dprobs[j] - rho)  # (A11)
                     dlogits[n, h, i, j] = dl  # (A13) dc = dl
                     # (A14) d/ds cap tanh(s / cap) = 1 - tanh(s / cap)^2
-                    dscores[n, h, i, j] = dl * (1 - tanh[n, h, i, j] ** 2) if tanh is not None else dl
+                    dscores[n, h, i, j] = (
+                        dl * (1 - tanh[n, h, i, j] ** 2) if tanh is not None else dl
+                    )
     dq = _mp_full(ctx, (N, H, T, Dk), zero)
     dk = _mp_full(ctx, (N, Hkv, S, Dk), zero)
     dv = _mp_full(ctx, (N, Hkv, S, Dv), zero)
@@ -286,7 +302,13 @@ def _check_size(name: str, scores: int, work: int, formula: str) -> None:
 
 
 def _attention_args(
-    ctx: Any, lead: tuple[int, ...], opt: Any, scale_given: bool, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+    ctx: Any,
+    lead: tuple[int, ...],
+    opt: Any,
+    scale_given: bool,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
 ) -> _AttentionArgs:
     """The mp form of the checked options, for mp arrays q (N, H, T, Dk), k (N, Hkv, S, Dk), v (N, Hkv, S, Dv).
 
@@ -297,7 +319,11 @@ def _attention_args(
     scores_shape = lead + (H, T, S)  # (..., H, T, S)
     N = int(np.prod(lead, dtype=np.int64))
     allowed = AllowedPairs.from_options(opt, T, S).dense()  # mask, causal, window, -inf bias
-    full = np.ones(scores_shape, dtype=bool) if allowed is None else np.broadcast_to(allowed, scores_shape).copy()
+    full = (
+        np.ones(scores_shape, dtype=bool)
+        if allowed is None
+        else np.broadcast_to(allowed, scores_shape).copy()
+    )
     bias = bias_index = None
     if opt.bias is not None:
         bias = _to_mp(ctx, opt.bias)
@@ -317,10 +343,16 @@ def _attention_args(
         keep_scale = _mp_full(ctx, (N, H, T, S), ctx.zero)
         keep_scale[keep] = factor
     return _AttentionArgs(
-        q=q, k=k, v=v, bias=bias, bias_index=bias_index,
-        allowed=full.reshape(N, H, T, S), keep_scale=keep_scale,
+        q=q,
+        k=k,
+        v=v,
+        bias=bias,
+        bias_index=bias_index,
+        allowed=full.reshape(N, H, T, S),
+        keep_scale=keep_scale,
         scale=ctx.mpf(opt.scale) if scale_given else 1 / ctx.sqrt(Dk),
-        softcap=ctx.mpf(opt.softcap) if opt.softcap is not None else None, empty_rows=opt.empty_rows,
+        softcap=ctx.mpf(opt.softcap) if opt.softcap is not None else None,
+        empty_rows=opt.empty_rows,
     )
 
 
@@ -335,8 +367,11 @@ def _refuse_complex(arrays: dict[str, Any]) -> None:
 
 
 def _refuse_dtype(given: AttentionOptions) -> None:
-    given.refuse(("dtype",), "the exact reference",
-                 "it computes in mpmath at dps significant digits and returns float64")
+    given.refuse(
+        ("dtype",),
+        "the exact reference",
+        "it computes in mpmath at dps significant digits and returns float64",
+    )
 
 
 def _refuse_generator(dropout_mask: Any) -> None:
@@ -348,8 +383,9 @@ def _refuse_generator(dropout_mask: Any) -> None:
         )
 
 
-def _prepare_sdpa(q, k, v, dout, *, dps, given: AttentionOptions
-                  ) -> tuple[Any, _AttentionArgs, np.ndarray | None, tuple[int, ...]]:
+def _prepare_sdpa(
+    q, k, v, dout, *, dps, given: AttentionOptions
+) -> tuple[Any, _AttentionArgs, np.ndarray | None, tuple[int, ...]]:
     """Validate and convert; returns ``(ctx, args, dout as mp (N, H, T, Dv) or None, lead)``."""
     _refuse_dtype(given)
     ctx = _context(dps)
@@ -360,20 +396,35 @@ def _prepare_sdpa(q, k, v, dout, *, dps, given: AttentionOptions
     opt = given.check(q, k)
     lead, (H, T, Dk), (Hkv, S, Dv) = q.shape[:-3], q.shape[-3:], v.shape[-3:]
     N = int(np.prod(lead, dtype=np.int64))
-    _check_size("exact_sdpa", N * H * T * S, N * H * T * S * (Dk + Dv),
-                f"B*H*T*S*(Dk+Dv) = {N}*{H}*{T}*{S}*({Dk}+{Dv})")
+    _check_size(
+        "exact_sdpa",
+        N * H * T * S,
+        N * H * T * S * (Dk + Dv),
+        f"B*H*T*S*(Dk+Dv) = {N}*{H}*{T}*{S}*({Dk}+{Dv})",
+    )
     dout_mp = None
     if dout is not None:
         dout = as_float("dout", dout, f64)
         if dout.shape != lead + (H, T, Dv):
-            raise ValueError(f"dout must have the output's shape (..., H, T, Dv) = {lead + (H, T, Dv)}; got {dout.shape}")
+            raise ValueError(
+                f"dout must have the output's shape (..., H, T, Dv) = {lead + (H, T, Dv)}; got {dout.shape}"
+            )
         dout_mp = _to_mp(ctx, dout).reshape(N, H, T, Dv)
-    args = _attention_args(ctx, lead, opt, given.scale is not None, _to_mp(ctx, q).reshape(N, H, T, Dk),
-                           _to_mp(ctx, k).reshape(N, Hkv, S, Dk), _to_mp(ctx, v).reshape(N, Hkv, S, Dv))
+    args = _attention_args(
+        ctx,
+        lead,
+        opt,
+        given.scale is not None,
+        _to_mp(ctx, q).reshape(N, H, T, Dk),
+        _to_mp(ctx, k).reshape(N, Hkv, S, Dk),
+        _to_mp(ctx, v).reshape(N, Hkv, S, Dv),
+    )
     return ctx, args, dout_mp, lead
 
 
-def _sdpa_mp(ctx: Any, a: _AttentionArgs, dout: np.ndarray | None) -> tuple[_AttentionForward, tuple | None]:
+def _sdpa_mp(
+    ctx: Any, a: _AttentionArgs, dout: np.ndarray | None
+) -> tuple[_AttentionForward, tuple | None]:
     """Forward, and the backward when ``dout`` is given, all in mp (leading dims flattened)."""
     f = _attention_forward(ctx, a)
     return f, (_attention_backward(ctx, a, f, dout) if dout is not None else None)
@@ -466,8 +517,9 @@ def exact_sdpa(
     >>> bool(np.abs(ours - ex.out).max() / (eps * np.abs(ex.out).max()) < 8)
     True
     """
-    ctx, a, dout_mp, lead = _prepare_sdpa(q, k, v, dout, dps=dps,
-                                          given=AttentionOptions.of(options, **kwargs))
+    ctx, a, dout_mp, lead = _prepare_sdpa(
+        q, k, v, dout, dps=dps, given=AttentionOptions.of(options, **kwargs)
+    )
     f, grads = _sdpa_mp(ctx, a, dout_mp)
     H, T, Dk = a.q.shape[1:]
     Hkv, S, Dv = a.v.shape[1:]
@@ -481,7 +533,10 @@ def exact_sdpa(
         out=_to_float64(ctx, f.out).reshape(lead + (H, T, Dv)),
         probs=_to_float64(ctx, f.probs).reshape(lead + (H, T, S)),
         logsumexp=_to_float64(ctx, f.logsumexp).reshape(lead + (H, T)),
-        dq=dq, dk=dk, dv=dv, dbias=dbias,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        dbias=dbias,
     )
 
 
@@ -583,59 +638,93 @@ def _mha_mp(ctx: Any, m: _MultiHeadArgs, dout: np.ndarray | None) -> _MultiHeadM
     concat = _merge_mp(ctx, f.out)  # (N, T, H*Dv)   (M5)
     out = _linear_mp(ctx, concat, p.w_o, p.b_o)  # (N, T, D_out)   (M6)
     if dout is None:
-        return _MultiHeadMp(attention=f, out=out, dquery=None, dkey=None, dvalue=None, dparams=None, dbias=None)
+        return _MultiHeadMp(
+            attention=f, out=out, dquery=None, dkey=None, dvalue=None, dparams=None, dbias=None
+        )
     dconcat, dw_o, db_o = _linear_backward_mp(ctx, dout, concat, p.w_o, p.b_o is not None)  # (M7)
     dcontext = _split_mp(ctx, dconcat, m.H)  # (N, H, T, Dv)   (M8)
     dq, dk, dv, dbias = _attention_backward(ctx, a, f, dcontext)  # (M9)
     # (M10) the backward of each split is a merge, then the input projection's backward
-    dquery, dw_q, db_q = _linear_backward_mp(ctx, _merge_mp(ctx, dq), m.query, p.w_q, p.b_q is not None)
+    dquery, dw_q, db_q = _linear_backward_mp(
+        ctx, _merge_mp(ctx, dq), m.query, p.w_q, p.b_q is not None
+    )
     dkey, dw_k, db_k = _linear_backward_mp(ctx, _merge_mp(ctx, dk), m.key, p.w_k, p.b_k is not None)
-    dvalue, dw_v, db_v = _linear_backward_mp(ctx, _merge_mp(ctx, dv), m.value, p.w_v, p.b_v is not None)
-    dparams = MultiHeadParams(w_q=dw_q, w_k=dw_k, w_v=dw_v, w_o=dw_o, b_q=db_q, b_k=db_k, b_v=db_v, b_o=db_o)
-    return _MultiHeadMp(attention=f, out=out, dquery=dquery, dkey=dkey, dvalue=dvalue, dparams=dparams,
-                        dbias=dbias)
+    dvalue, dw_v, db_v = _linear_backward_mp(
+        ctx, _merge_mp(ctx, dv), m.value, p.w_v, p.b_v is not None
+    )
+    dparams = MultiHeadParams(
+        w_q=dw_q, w_k=dw_k, w_v=dw_v, w_o=dw_o, b_q=db_q, b_k=db_k, b_v=db_v, b_o=db_o
+    )
+    return _MultiHeadMp(
+        attention=f, out=out, dquery=dquery, dkey=dkey, dvalue=dvalue, dparams=dparams, dbias=dbias
+    )
 
 
-def _prepare_mha(query, key, value, params, dout, *, num_heads, num_kv_heads, dps,
-                 given: AttentionOptions):
+def _prepare_mha(
+    query, key, value, params, dout, *, num_heads, num_kv_heads, dps, given: AttentionOptions
+):
     """Validate and convert; returns ``(ctx, args, dout as mp (N, T, D_out) or None, lead)``."""
     _refuse_dtype(given)
     ctx = _context(dps)
     _refuse_generator(given.dropout_mask)
-    weights = {f"params.{n}": w for n, w in params.as_dict().items()} if isinstance(params, MultiHeadParams) else {}
-    _refuse_complex({"query": query, "key": key, "value": value, "dout": dout, "bias": given.bias, **weights})
+    weights = (
+        {f"params.{n}": w for n, w in params.as_dict().items()}
+        if isinstance(params, MultiHeadParams)
+        else {}
+    )
+    _refuse_complex(
+        {"query": query, "key": key, "value": value, "dout": dout, "bias": given.bias, **weights}
+    )
     f64 = np.dtype(np.float64)
     H = check_positive_int("num_heads", num_heads)
     Hkv = H if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
     if H % Hkv:
         raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hkv}")
     p = _check_params(params, f64)
-    query, key, value = (as_float(n, x, f64) for n, x in (("query", query), ("key", key), ("value", value)))
+    query, key, value = (
+        as_float(n, x, f64) for n, x in (("query", query), ("key", key), ("value", value))
+    )
     _check_widths(query, key, value, p, H, Hkv)
     lead, T, S = query.shape[:-2], query.shape[-2], key.shape[-2]
     Dk, Dv, D_out = p.w_q.shape[1] // H, p.w_v.shape[1] // Hkv, p.w_o.shape[1]
     N = int(np.prod(lead, dtype=np.int64))
-    work = N * (T * p.w_q.size + S * (p.w_k.size + p.w_v.size) + H * T * S * (Dk + Dv) + T * p.w_o.size)
-    _check_size("exact_mha", N * H * T * S, work, "B*(T*|w_q| + S*(|w_k| + |w_v|) + H*T*S*(Dk+Dv) + T*|w_o|)")
+    work = N * (
+        T * p.w_q.size + S * (p.w_k.size + p.w_v.size) + H * T * S * (Dk + Dv) + T * p.w_o.size
+    )
+    _check_size(
+        "exact_mha",
+        N * H * T * S,
+        work,
+        "B*(T*|w_q| + S*(|w_k| + |w_v|) + H*T*S*(Dk+Dv) + T*|w_o|)",
+    )
     # The attention options are checked against the per-head scores (..., H, T, S).
     opt = given.validate(lead + (H, T, S), f64, head_dim=Dk)
     dout_mp = None
     if dout is not None:
         dout = as_float("dout", dout, f64)
         if dout.shape != lead + (T, D_out):
-            raise ValueError(f"dout must have the output's shape (..., T, D_out) = {lead + (T, D_out)}; got {dout.shape}")
+            raise ValueError(
+                f"dout must have the output's shape (..., T, D_out) = {lead + (T, D_out)}; got {dout.shape}"
+            )
         dout_mp = _to_mp(ctx, dout).reshape(N, T, D_out)
     # q, k and v are placeholders of the per-head shapes: _mha_mp fills them in, (M1)-(M3)
     attention = _attention_args(
-        ctx, lead, opt, given.scale is not None, np.empty((N, H, T, Dk), dtype=object),
-        np.empty((N, Hkv, S, Dk), dtype=object), np.empty((N, Hkv, S, Dv), dtype=object),
+        ctx,
+        lead,
+        opt,
+        given.scale is not None,
+        np.empty((N, H, T, Dk), dtype=object),
+        np.empty((N, Hkv, S, Dk), dtype=object),
+        np.empty((N, Hkv, S, Dv), dtype=object),
     )
     m = _MultiHeadArgs(
         query=_to_mp(ctx, query).reshape(N, T, query.shape[-1]),
         key=_to_mp(ctx, key).reshape(N, S, key.shape[-1]),
         value=_to_mp(ctx, value).reshape(N, S, value.shape[-1]),
         params=MultiHeadParams(**{n: _to_mp(ctx, w) for n, w in p.as_dict().items()}),
-        H=H, Hkv=Hkv, attention=attention,
+        H=H,
+        Hkv=Hkv,
+        attention=attention,
     )
     return ctx, m, dout_mp, lead
 
@@ -726,21 +815,38 @@ def exact_mha(
     True
     """
     ctx, m, dout_mp, lead = _prepare_mha(
-        query, key, value, params, dout, num_heads=num_heads, num_kv_heads=num_kv_heads, dps=dps,
+        query,
+        key,
+        value,
+        params,
+        dout,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        dps=dps,
         given=AttentionOptions.of(options, **kwargs),
     )
     r = _mha_mp(ctx, m, dout_mp)
     H, T, S = m.H, m.query.shape[1], m.key.shape[1]
     dquery = dkey = dvalue = dparams = None
-    if r.dquery is not None and r.dkey is not None and r.dvalue is not None and r.dparams is not None:
+    if (
+        r.dquery is not None
+        and r.dkey is not None
+        and r.dvalue is not None
+        and r.dparams is not None
+    ):
         dquery = _to_float64(ctx, r.dquery).reshape(lead + (T, m.query.shape[-1]))
         dkey = _to_float64(ctx, r.dkey).reshape(lead + (S, m.key.shape[-1]))
         dvalue = _to_float64(ctx, r.dvalue).reshape(lead + (S, m.value.shape[-1]))
-        dparams = MultiHeadParams(**{n: _to_float64(ctx, g) for n, g in r.dparams.as_dict().items()})
+        dparams = MultiHeadParams(
+            **{n: _to_float64(ctx, g) for n, g in r.dparams.as_dict().items()}
+        )
     return ExactMultiHead(
         out=_to_float64(ctx, r.out).reshape(lead + (T, r.out.shape[-1])),
         probs=_to_float64(ctx, r.attention.probs).reshape(lead + (H, T, S)),
         logsumexp=_to_float64(ctx, r.attention.logsumexp).reshape(lead + (H, T)),
-        dquery=dquery, dkey=dkey, dvalue=dvalue, dparams=dparams,
+        dquery=dquery,
+        dkey=dkey,
+        dvalue=dvalue,
+        dparams=dparams,
         dbias=_to_float64(ctx, r.dbias) if r.dbias is not None else None,
     )

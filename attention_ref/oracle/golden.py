@@ -17,6 +17,7 @@ or a broken, version fails).
 
 Command line: ``attention-ref golden DIR`` and ``attention-ref verify DIR [--candidate DIR2]``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,18 +37,31 @@ import numpy as np
 
 from .._version import __version__
 from ..core.attention import AttentionTrace, scaled_dot_product_attention
-from .cases import KINDS, Case, CaseData, Reference, cases as canonical_cases, get_case
 from ..core.mha import multi_head_attention
 from ..core.options import AttentionOptions
 from ..core.scores import masked_fill_value
+from .cases import KINDS, Case, CaseData, Reference, get_case
+from .cases import cases as canonical_cases
 from .compare import DEFAULT_TOLERANCES, PRECISIONS, Comparison, assert_close, compare
 from .tables import Column, json_float, render_table
 from .testing import budget_reports
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "MANIFEST_NAME", "CONVENTIONS", "GoldenError",
-    "Problem", "ArraySpec", "GoldenCase", "GoldenSet", "ArrayResult", "write_golden", "read_golden",
-    "verify_golden", "format_results",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "MANIFEST_NAME",
+    "CONVENTIONS",
+    "GoldenError",
+    "Problem",
+    "ArraySpec",
+    "GoldenCase",
+    "GoldenSet",
+    "ArrayResult",
+    "write_golden",
+    "read_golden",
+    "verify_golden",
+    "format_results",
 ]
 
 #: The ``format`` field of every manifest.
@@ -74,7 +88,10 @@ _DTYPES = {"<f8": np.dtype("<f8"), "|b1": np.dtype("|b1")}
 #: Fixed zip timestamps and permissions: the same arrays always give the same bytes.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _ZIP_ATTR = 0o100644 << 16
-_FUNCTIONS: dict[str, Callable[..., Any]] = {"sdpa": scaled_dot_product_attention, "mha": multi_head_attention}
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "sdpa": scaled_dot_product_attention,
+    "mha": multi_head_attention,
+}
 #: Keyword arguments of the reference that are arrays: stored as ``option.<name>``; ``bias`` is
 #: differentiable, so it is an input.
 _ARRAY_OPTIONS = ("mask", "dropout_mask")
@@ -84,7 +101,10 @@ _NOT_OPTIONS = ("dtype", "bias", "params") + _ARRAY_OPTIONS
 def _scalar_defaults(kind: str) -> dict[str, Any]:
     """The scalar keyword options of the reference function of ``kind``, with their defaults."""
     heads = {"num_heads": None, "num_kv_heads": None} if kind == "mha" else {}
-    return {**heads, **{n: d for n, d in AttentionOptions.defaults().items() if n not in _NOT_OPTIONS}}
+    return {
+        **heads,
+        **{n: d for n, d in AttentionOptions.defaults().items() if n not in _NOT_OPTIONS},
+    }
 
 
 #: What a golden set assumes, written into every manifest (``conventions``) so that a reader in
@@ -92,16 +112,23 @@ def _scalar_defaults(kind: str) -> dict[str, Any]:
 #: sources and what each framework does.
 CONVENTIONS: dict[str, Any] = {
     "dimension_letters": {
-        "B": "batch", "T": "query positions", "S": "key/value positions", "D": "model width of the query input",
-        "H": "query heads", "Hkv": "key/value heads (H is a multiple of Hkv)", "Dk": "per-head query/key width",
-        "Dv": "per-head value width", "Dk_in": "key input width (MHA)", "Dv_in": "value input width (MHA)",
+        "B": "batch",
+        "T": "query positions",
+        "S": "key/value positions",
+        "D": "model width of the query input",
+        "H": "query heads",
+        "Hkv": "key/value heads (H is a multiple of Hkv)",
+        "Dk": "per-head query/key width",
+        "Dv": "per-head value width",
+        "Dk_in": "key input width (MHA)",
+        "Dv_in": "value input width (MHA)",
         "D_out": "output width (MHA)",
     },
     "layout": {
         "sdpa": "q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv), out (B, H, T, Dv); C order "
-                "(row-major, the last axis varies fastest)",
+        "(row-major, the last axis varies fastest)",
         "mha": "query (B, T, D), key (B, S, Dk_in), value (B, S, Dv_in), out (B, T, D_out); per-head "
-               "intermediates (B, H, T, Dk) and (B, Hkv, S, Dk) like sdpa",
+        "intermediates (B, H, T, Dk) and (B, Hkv, S, Dk) like sdpa",
     },
     "scale": "scores are multiplied by scale; scale null means 1 / sqrt(Dk); scale_used is the value applied",
     "order_of_operations": [
@@ -119,8 +146,8 @@ CONVENTIONS: dict[str, Any] = {
         "bottom_right": "query i may attend key j when j <= i + S - T (FlashAttention, decoding)",
     },
     "window": "window [left, right]: query i may attend key j when i' - left <= j <= i' + right, with "
-              "i' = i (align top_left) or i + S - T (align bottom_right); a null side is unbounded; "
-              "combined with causal by AND",
+    "i' = i (align top_left) or i + S - T (align bottom_right); a null side is unbounded; "
+    "combined with causal by AND",
     "empty_rows": {
         "zero": "a query row with no key to attend gives weights 0 and output 0, and passes no gradient",
         "uniform": "such a row gives weights 1/S over all keys (output = mean of v)",
@@ -129,7 +156,7 @@ CONVENTIONS: dict[str, Any] = {
     },
     "gqa": "query head h uses key/value head h // (H // Hkv); key/value gradients sum over the heads of each group",
     "dropout": "deterministic: option.dropout_mask is the keep-mask (true = kept), kept weights are "
-               "scaled by 1 / (1 - dropout_p); intermediate.probs are the weights before dropout",
+    "scaled by 1 / (1 - dropout_p); intermediate.probs are the weights before dropout",
     "weights": "y = x @ w + b with w of shape (in, out) (PyTorch nn.Linear stores (out, in): transpose it)",
     "mha": [
         "q = split_heads(query @ w_q + b_q, H), k = split_heads(key @ w_k + b_k, Hkv), "
@@ -139,20 +166,22 @@ CONVENTIONS: dict[str, Any] = {
         "a case without b_q, b_k, b_v, b_o has no projection biases",
     ],
     "gradients": "grad.X is the vector-Jacobian product sum(cotangent * d output.out / d input.X), of "
-                 "input.X's shape; an input broadcast in the forward (a bias of shape (1, H, T, S)) has "
-                 "its gradient summed over the broadcast axes",
+    "input.X's shape; an input broadcast in the forward (a bias of shape (1, H, T, S)) has "
+    "its gradient summed over the broadcast axes",
     "intermediates": {
         "scores": "(B, H, T, S) q @ k^T * scale, before softcap, bias and mask",
         "masked_scores": "(B, H, T, S) after softcap, bias and mask; masked entries hold masked_fill, not -inf",
         "row_max": "(B, H, T) max of masked_scores over the allowed keys; -inf for an empty row",
         "logsumexp": "(B, H, T) log of sum of exp(masked_scores) over the allowed keys; -inf for an empty row",
         "probs": "(B, H, T, S) attention weights after the empty-row policy, before dropout",
-        "q": "MHA: (B, H, T, Dk) per-head queries", "k": "MHA: (B, Hkv, S, Dk) per-head keys",
-        "v": "MHA: (B, Hkv, S, Dv) per-head values", "context": "MHA: (B, H, T, Dv) per-head attention output",
+        "q": "MHA: (B, H, T, Dk) per-head queries",
+        "k": "MHA: (B, Hkv, S, Dk) per-head keys",
+        "v": "MHA: (B, Hkv, S, Dv) per-head values",
+        "context": "MHA: (B, H, T, Dv) per-head attention output",
     },
     "masked_fill": float(masked_fill_value(np.float64)),
     "arrays": "little-endian; dtype <f8 = IEEE 754 binary64, |b1 = one byte per element, 0 or 1; "
-              "sha256 = SHA-256 of the array's raw data bytes in C order (the .npy payload after its header)",
+    "sha256 = SHA-256 of the array's raw data bytes in C order (the .npy payload after its header)",
 }
 
 _GROUP_DOC = {
@@ -193,7 +222,9 @@ class GoldenError(ValueError):
         if len(self.problems) == 1:
             text = f"{head}: {self.problems[0]}"
         else:
-            text = f"{head} ({len(self.problems)} problems):\n" + "\n".join(f"  {p}" for p in self.problems)
+            text = f"{head} ({len(self.problems)} problems):\n" + "\n".join(
+                f"  {p}" for p in self.problems
+            )
         super().__init__(text)
 
 
@@ -204,15 +235,21 @@ def _select(cases: Iterable[Case | str] | None) -> list[Case]:
     if cases is None:
         return canonical_cases()
     if isinstance(cases, (str, Case)):
-        raise TypeError(f"cases must be None or a list of case names or Case objects; got {cases!r}")
+        raise TypeError(
+            f"cases must be None or a list of case names or Case objects; got {cases!r}"
+        )
     selected: list[Case] = []
     for c in cases:
         if isinstance(c, str):
             c = get_case(c)  # ValueError listing the names
         elif not isinstance(c, Case):
-            raise TypeError(f"cases must hold case names or Case objects; got {type(c).__name__} {c!r}")
+            raise TypeError(
+                f"cases must hold case names or Case objects; got {type(c).__name__} {c!r}"
+            )
         if c.kind not in KINDS or not _NAME.fullmatch(c.name):
-            raise ValueError(f"case name must match {_NAME.pattern} and kind be one of {KINDS}; got {c.name!r}, {c.kind!r}")
+            raise ValueError(
+                f"case name must match {_NAME.pattern} and kind be one of {KINDS}; got {c.name!r}, {c.kind!r}"
+            )
         if any(s.name == c.name for s in selected):
             raise ValueError(f"cases must not repeat a name; {c.name!r} appears twice")
         selected.append(c)
@@ -224,7 +261,9 @@ def _select(cases: Iterable[Case | str] | None) -> list[Case]:
 def _case_arrays(data: CaseData, ref: Reference) -> dict[str, np.ndarray]:
     """Every array of a case by key, in storage order, as little-endian C-order float64 / bool."""
     arrays: dict[str, Any] = {f"input.{n}": a for n, a in data.inputs.items()}
-    arrays.update({f"option.{n}": data.options[n] for n in _ARRAY_OPTIONS if data.options.get(n) is not None})
+    arrays.update(
+        {f"option.{n}": data.options[n] for n in _ARRAY_OPTIONS if data.options.get(n) is not None}
+    )
     arrays["cotangent"] = data.cotangent
     arrays["output.out"] = ref.out
     arrays.update({f"grad.{n}": g for n, g in ref.grads.items()})
@@ -265,12 +304,21 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 def _nonfinite(a: np.ndarray) -> dict[str, int]:
     if a.dtype.kind != "f":
         return {"neg_inf": 0, "pos_inf": 0, "nan": 0}
-    return {"neg_inf": int(np.isneginf(a).sum()), "pos_inf": int(np.isposinf(a).sum()), "nan": int(np.isnan(a).sum())}
+    return {
+        "neg_inf": int(np.isneginf(a).sum()),
+        "pos_inf": int(np.isposinf(a).sum()),
+        "nan": int(np.isnan(a).sum()),
+    }
 
 
 def _array_entry(key: str, a: np.ndarray) -> dict[str, Any]:
-    return {"key": key, "shape": list(a.shape), "dtype": a.dtype.str,
-            "sha256": hashlib.sha256(a.tobytes(order="C")).hexdigest(), "nonfinite": _nonfinite(a)}
+    return {
+        "key": key,
+        "shape": list(a.shape),
+        "dtype": a.dtype.str,
+        "sha256": hashlib.sha256(a.tobytes(order="C")).hexdigest(),
+        "nonfinite": _nonfinite(a),
+    }
 
 
 def _json_option(v: Any) -> Any:
@@ -287,17 +335,28 @@ def _json_option(v: Any) -> Any:
     raise TypeError(f"option value {v!r} of type {type(v).__name__} has no JSON form")
 
 
-def _case_entry(data: CaseData, file: str, blob: bytes, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _case_entry(
+    data: CaseData, file: str, blob: bytes, arrays: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
     case = data.case
-    scalars = {**_scalar_defaults(case.kind),
-               **{n: v for n, v in data.options.items() if n not in _ARRAY_OPTIONS}}
+    scalars = {
+        **_scalar_defaults(case.kind),
+        **{n: v for n, v in data.options.items() if n not in _ARRAY_OPTIONS},
+    }
     tr = data.trace()
     attn = tr if isinstance(tr, AttentionTrace) else tr.attention
     return {
-        "name": case.name, "kind": case.kind, "function": _FUNCTIONS[case.kind].__name__,
-        "description": case.description, "tags": list(case.tags), "dims": dict(case.dims),
-        "options": {n: _json_option(v) for n, v in scalars.items()}, "scale_used": float(attn.scale),
-        "file": file, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+        "name": case.name,
+        "kind": case.kind,
+        "function": _FUNCTIONS[case.kind].__name__,
+        "description": case.description,
+        "tags": list(case.tags),
+        "dims": dict(case.dims),
+        "options": {n: _json_option(v) for n, v in scalars.items()},
+        "scale_used": float(attn.scale),
+        "file": file,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "bytes": len(blob),
         "arrays": [_array_entry(k, a) for k, a in arrays.items()],
     }
 
@@ -316,7 +375,10 @@ def _dump_manifest(manifest: Mapping[str, Any]) -> str:
         compact[f'"{token}"'] = json.dumps(entry, allow_nan=False)
         return token
 
-    marked = {**manifest, "cases": [{**c, "arrays": [mark(a) for a in c["arrays"]]} for c in manifest["cases"]]}
+    marked = {
+        **manifest,
+        "cases": [{**c, "arrays": [mark(a) for a in c["arrays"]]} for c in manifest["cases"]],
+    }
     text = json.dumps(marked, indent=1, allow_nan=False)
     text = re.sub(r'"@@array-\d+@@"', lambda m: compact[m.group(0)], text)
     return text + "\n"
@@ -329,20 +391,29 @@ def _prepare(path: Path, overwrite: bool) -> None:
     if not present:
         return
     if not overwrite:
-        raise FileExistsError(f"directory {path} is not empty ({len(present)} entries: {', '.join(present[:3])}"
-                              f"{', ...' if len(present) > 3 else ''}); pass overwrite=True (CLI: --overwrite) "
-                              "to replace the golden set in it")
+        raise FileExistsError(
+            f"directory {path} is not empty ({len(present)} entries: {', '.join(present[:3])}"
+            f"{', ...' if len(present) > 3 else ''}); pass overwrite=True (CLI: --overwrite) "
+            "to replace the golden set in it"
+        )
     npz = [n for n in present if n.endswith(".npz")]
     if npz and MANIFEST_NAME not in present:
-        raise FileExistsError(f"directory {path} holds .npz files ({', '.join(npz[:3])}) but no {MANIFEST_NAME}: "
-                              "not a golden set, so overwrite=True will not delete them; use an empty directory")
+        raise FileExistsError(
+            f"directory {path} holds .npz files ({', '.join(npz[:3])}) but no {MANIFEST_NAME}: "
+            "not a golden set, so overwrite=True will not delete them; use an empty directory"
+        )
     (path / MANIFEST_NAME).unlink(missing_ok=True)  # first: a half-replaced set has no manifest
     for n in npz:
         (path / n).unlink()
 
 
-def write_golden(directory: str | os.PathLike[str], cases: Iterable[Case | str] | None = None, *,
-                 overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def write_golden(
+    directory: str | os.PathLike[str],
+    cases: Iterable[Case | str] | None = None,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     r"""Write golden test vectors for ``cases`` into ``directory``: one ``.npz`` per case and a manifest.
 
     Each case's file ``<name>.npz`` holds its arrays under the keys ``input.<name>``,
@@ -413,15 +484,21 @@ def write_golden(directory: str | os.PathLike[str], cases: Iterable[Case | str] 
         files[file] = _npz_bytes(arrays)
         entries.append(_case_entry(data, file, files[file], arrays))
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "attention_ref_version": __version__,
-        "conventions": CONVENTIONS, "key_groups": _GROUP_DOC, "cases": entries,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "attention_ref_version": __version__,
+        "conventions": CONVENTIONS,
+        "key_groups": _GROUP_DOC,
+        "cases": entries,
     }
     text = _dump_manifest(manifest)
     say(f"writing {len(files)} files and {MANIFEST_NAME} to {path}")
     _prepare(path, overwrite)
     for file, blob in files.items():
         (path / file).write_bytes(blob)
-    tmp = path / (MANIFEST_NAME + ".part")  # the manifest last, and whole: no half-written set has one
+    tmp = path / (
+        MANIFEST_NAME + ".part"
+    )  # the manifest last, and whole: no half-written set has one
     tmp.write_text(text, encoding="ascii")
     os.replace(tmp, path / MANIFEST_NAME)
     return json.loads(text)
@@ -454,29 +531,55 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _parse_manifest(raw: bytes, problems: list[Problem]) -> dict[str, Any] | None:
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        doc = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except UnicodeDecodeError as exc:
         problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: not UTF-8 text ({exc})"))
         return None
     except json.JSONDecodeError as exc:
-        problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"))
+        problems.append(
+            Problem(
+                MANIFEST_NAME,
+                None,
+                f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            )
+        )
         return None
     except ValueError as exc:
         problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: {exc}"))
         return None
     if not isinstance(doc, dict):
-        problems.append(Problem(MANIFEST_NAME, None, f"malformed manifest: expected a JSON object, got {type(doc).__name__}"))
+        problems.append(
+            Problem(
+                MANIFEST_NAME,
+                None,
+                f"malformed manifest: expected a JSON object, got {type(doc).__name__}",
+            )
+        )
         return None
     if doc.get("format") != FORMAT:
-        problems.append(Problem(MANIFEST_NAME, None, f"format must be {FORMAT!r}; got {doc.get('format')!r}"))
+        problems.append(
+            Problem(MANIFEST_NAME, None, f"format must be {FORMAT!r}; got {doc.get('format')!r}")
+        )
         return None
     version = doc.get("format_version")
     if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
-        problems.append(Problem(MANIFEST_NAME, None, f"unknown format_version {version!r}: this reader "
-                                f"(attention_ref {__version__}) supports {list(SUPPORTED_VERSIONS)}"))
+        problems.append(
+            Problem(
+                MANIFEST_NAME,
+                None,
+                f"unknown format_version {version!r}: this reader "
+                f"(attention_ref {__version__}) supports {list(SUPPORTED_VERSIONS)}",
+            )
+        )
         return None
     if not isinstance(doc.get("cases"), list) or not doc["cases"]:
-        problems.append(Problem(MANIFEST_NAME, None, f"cases must be a non-empty list; got {doc.get('cases')!r:.80}"))
+        problems.append(
+            Problem(
+                MANIFEST_NAME, None, f"cases must be a non-empty list; got {doc.get('cases')!r:.80}"
+            )
+        )
         return None
     return doc
 
@@ -489,15 +592,26 @@ def _expected_shapes(kind: str, dims: Mapping[str, int]) -> dict[str, tuple[int,
     """Shapes the dims imply for the main arrays (a manifest whose dims were edited fails these)."""
     d = dims
     if kind == "sdpa":
-        return {"input.q": (d["B"], d["H"], d["T"], d["Dk"]), "input.k": (d["B"], d["Hkv"], d["S"], d["Dk"]),
-                "input.v": (d["B"], d["Hkv"], d["S"], d["Dv"]), "output.out": (d["B"], d["H"], d["T"], d["Dv"])}
-    return {"input.query": (d["B"], d["T"], d["D"]), "input.key": (d["B"], d["S"], d["Dk_in"]),
-            "input.value": (d["B"], d["S"], d["Dv_in"]), "output.out": (d["B"], d["T"], d["D_out"]),
-            "intermediate.q": (d["B"], d["H"], d["T"], d["Dk"]), "intermediate.context": (d["B"], d["H"], d["T"], d["Dv"])}
+        return {
+            "input.q": (d["B"], d["H"], d["T"], d["Dk"]),
+            "input.k": (d["B"], d["Hkv"], d["S"], d["Dk"]),
+            "input.v": (d["B"], d["Hkv"], d["S"], d["Dv"]),
+            "output.out": (d["B"], d["H"], d["T"], d["Dv"]),
+        }
+    return {
+        "input.query": (d["B"], d["T"], d["D"]),
+        "input.key": (d["B"], d["S"], d["Dk_in"]),
+        "input.value": (d["B"], d["S"], d["Dv_in"]),
+        "output.out": (d["B"], d["T"], d["D_out"]),
+        "intermediate.q": (d["B"], d["H"], d["T"], d["Dk"]),
+        "intermediate.context": (d["B"], d["H"], d["T"], d["Dv"]),
+    }
 
 
-_DIMS = {"sdpa": ("B", "H", "Hkv", "T", "S", "Dk", "Dv"),
-         "mha": ("B", "H", "Hkv", "T", "S", "D", "Dk", "Dv", "Dk_in", "Dv_in", "D_out")}
+_DIMS = {
+    "sdpa": ("B", "H", "Hkv", "T", "S", "Dk", "Dv"),
+    "mha": ("B", "H", "Hkv", "T", "S", "D", "Dk", "Dv", "Dk_in", "Dv_in", "D_out"),
+}
 
 
 def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -> GoldenCase | None:
@@ -512,35 +626,74 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
         return value
 
     if not isinstance(entry, dict):
-        problems.append(Problem(MANIFEST_NAME, None, f"{where} must be an object; got {entry!r:.80}"))
+        problems.append(
+            Problem(MANIFEST_NAME, None, f"{where} must be an object; got {entry!r:.80}")
+        )
         return None
-    name = need("name", lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)), f"a str matching {_NAME.pattern}")
+    name = need(
+        "name",
+        lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)),
+        f"a str matching {_NAME.pattern}",
+    )
     if isinstance(name, str):
         where = f"case {name!r}"
     kind = need("kind", lambda v: v in KINDS, f"one of {KINDS}")
     need("description", lambda v: isinstance(v, str), "a str")
-    need("tags", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v), "a list of str")
-    dims = need("dims", lambda v: isinstance(v, dict) and kind in KINDS and all(_is_int(v.get(k)) and v[k] > 0 for k in _DIMS[kind]),
-                f"an object with positive ints {_DIMS.get(kind, ())}")
+    need(
+        "tags",
+        lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+        "a list of str",
+    )
+    dims = need(
+        "dims",
+        lambda v: (
+            isinstance(v, dict)
+            and kind in KINDS
+            and all(_is_int(v.get(k)) and v[k] > 0 for k in _DIMS[kind])
+        ),
+        f"an object with positive ints {_DIMS.get(kind, ())}",
+    )
     options = need("options", lambda v: isinstance(v, dict), "an object")
-    need("scale_used", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+    need(
+        "scale_used", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+    )
     file = need("file", lambda v: v == f"{name}.npz", f"'{name}.npz'")
-    sha = need("sha256", lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)), "64 lowercase hex digits")
+    sha = need(
+        "sha256",
+        lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)),
+        "64 lowercase hex digits",
+    )
     size = need("bytes", lambda v: _is_int(v) and v >= 0, "an int >= 0")
     arrays = need("arrays", lambda v: isinstance(v, list) and bool(v), "a non-empty list")
     specs: list[ArraySpec] = []
     for j, a in enumerate(arrays if isinstance(arrays, list) else []):
-        ok = (isinstance(a, dict) and isinstance(a.get("key"), str) and bool(_KEY.fullmatch(a["key"]))
-              and isinstance(a.get("shape"), list) and all(_is_int(n) and n >= 0 for n in a["shape"])
-              and a.get("dtype") in _DTYPES and isinstance(a.get("sha256"), str) and bool(_SHA256.fullmatch(a["sha256"]))
-              and isinstance(a.get("nonfinite"), dict)
-              and all(_is_int(a["nonfinite"].get(c)) for c in ("neg_inf", "pos_inf", "nan")))
+        ok = (
+            isinstance(a, dict)
+            and isinstance(a.get("key"), str)
+            and bool(_KEY.fullmatch(a["key"]))
+            and isinstance(a.get("shape"), list)
+            and all(_is_int(n) and n >= 0 for n in a["shape"])
+            and a.get("dtype") in _DTYPES
+            and isinstance(a.get("sha256"), str)
+            and bool(_SHA256.fullmatch(a["sha256"]))
+            and isinstance(a.get("nonfinite"), dict)
+            and all(_is_int(a["nonfinite"].get(c)) for c in ("neg_inf", "pos_inf", "nan"))
+        )
         if not ok:
-            bad.append(f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8 or |b1), "
-                       f"sha256 and nonfinite counts; got {a!r:.120}")
+            bad.append(
+                f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8 or |b1), "
+                f"sha256 and nonfinite counts; got {a!r:.120}"
+            )
             continue
-        specs.append(ArraySpec(a["key"], tuple(a["shape"]), a["dtype"], a["sha256"],
-                               {c: a["nonfinite"][c] for c in ("neg_inf", "pos_inf", "nan")}))
+        specs.append(
+            ArraySpec(
+                a["key"],
+                tuple(a["shape"]),
+                a["dtype"],
+                a["sha256"],
+                {c: a["nonfinite"][c] for c in ("neg_inf", "pos_inf", "nan")},
+            )
+        )
     if bad:
         problems += [Problem(MANIFEST_NAME, None, f"{where}: {b}") for b in bad]
         return None
@@ -556,27 +709,48 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
     for n in inputs:
         g = by_key.get(f"grad.{n}")
         if g is None or g.shape != by_key[f"input.{n}"].shape:
-            bad.append(f"grad.{n} must be listed with input.{n}'s shape {list(by_key[f'input.{n}'].shape)}")
+            bad.append(
+                f"grad.{n} must be listed with input.{n}'s shape {list(by_key[f'input.{n}'].shape)}"
+            )
     for k, s in by_key.items():
         if k.startswith("grad.") and f"input.{k[5:]}" not in by_key:
             bad.append(f"{k} has no input.{k[5:]}")
         if s.dtype != "<f8" and not k.startswith("option."):
             bad.append(f"{k} must have dtype <f8; got {s.dtype}")
-    if "cotangent" in by_key and "output.out" in by_key and by_key["cotangent"].shape != by_key["output.out"].shape:
-        bad.append(f"cotangent's shape {list(by_key['cotangent'].shape)} must be output.out's {list(by_key['output.out'].shape)}")
+    if (
+        "cotangent" in by_key
+        and "output.out" in by_key
+        and by_key["cotangent"].shape != by_key["output.out"].shape
+    ):
+        bad.append(
+            f"cotangent's shape {list(by_key['cotangent'].shape)} must be output.out's {list(by_key['output.out'].shape)}"
+        )
     for k, want in _expected_shapes(kind, dims).items():
         if k in by_key and by_key[k].shape != want:
             bad.append(f"{k} has shape {list(by_key[k].shape)} but dims imply {list(want)}")
     if bad:
         problems += [Problem(MANIFEST_NAME, None, f"{where}: {b}") for b in bad]
         return None
-    return GoldenCase(name=name, kind=kind, description=entry["description"], tags=tuple(entry["tags"]),
-                      dims=dict(dims), options=_decode_options(options), scale_used=float(entry["scale_used"]),
-                      file=file, sha256=sha, size=size, specs=tuple(specs), directory=directory)
+    return GoldenCase(
+        name=name,
+        kind=kind,
+        description=entry["description"],
+        tags=tuple(entry["tags"]),
+        dims=dict(dims),
+        options=_decode_options(options),
+        scale_used=float(entry["scale_used"]),
+        file=file,
+        sha256=sha,
+        size=size,
+        specs=tuple(specs),
+        directory=directory,
+    )
 
 
 def _decode_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {n: tuple(v) if isinstance(v, list) else v for n, v in options.items()}  # window [l, r] -> (l, r)
+    return {
+        n: tuple(v) if isinstance(v, list) else v for n, v in options.items()
+    }  # window [l, r] -> (l, r)
 
 
 def _parse_npy(raw: bytes) -> tuple[str, bool, tuple[int, ...], bytes]:
@@ -586,11 +760,13 @@ def _parse_npy(raw: bytes) -> tuple[str, bool, tuple[int, ...], bytes]:
     if version != (1, 0):
         raise ValueError(f".npy version {version[0]}.{version[1]}; the format uses 1.0")
     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    data = raw[f.tell():]
+    data = raw[f.tell() :]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"data is {len(data)} bytes, the header's shape {list(shape)} and dtype {dtype.str} "
-                         f"need {expected} (truncated or padded)")
+        raise ValueError(
+            f"data is {len(data)} bytes, the header's shape {list(shape)} and dtype {dtype.str} "
+            f"need {expected} (truncated or padded)"
+        )
     return dtype.str, bool(fortran), tuple(int(n) for n in shape), data
 
 
@@ -600,21 +776,35 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        problems.append(Problem(file, None, f"not a readable zip archive ({exc}): truncated or overwritten"))
+        problems.append(
+            Problem(file, None, f"not a readable zip archive ({exc}): truncated or overwritten")
+        )
         return {}
     arrays: dict[str, np.ndarray] = {}
     with zf:
         infos = {i.filename: i for i in zf.infolist()}
         for extra in sorted(set(infos) - {f"{s.key}.npy" for s in case.specs}):
-            problems.append(Problem(file, extra.removesuffix(".npy"), "in the file but not listed in manifest.json"))
+            problems.append(
+                Problem(
+                    file, extra.removesuffix(".npy"), "in the file but not listed in manifest.json"
+                )
+            )
         for spec in case.specs:
             info = infos.get(f"{spec.key}.npy")
             if info is None:
-                problems.append(Problem(file, spec.key, "listed in manifest.json but missing from the file"))
+                problems.append(
+                    Problem(file, spec.key, "listed in manifest.json but missing from the file")
+                )
                 continue
             if info.compress_type != zipfile.ZIP_STORED:
-                problems.append(Problem(file, spec.key, f"compressed (zip method {info.compress_type}); the format "
-                                        "stores entries uncompressed (method 0)"))
+                problems.append(
+                    Problem(
+                        file,
+                        spec.key,
+                        f"compressed (zip method {info.compress_type}); the format "
+                        "stores entries uncompressed (method 0)",
+                    )
+                )
                 continue
             try:
                 raw = zf.read(info)  # checks the entry's CRC-32
@@ -631,13 +821,23 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
                 wrong.append(f"shape {list(shape)} but manifest.json says {list(spec.shape)}")
             digest = hashlib.sha256(data).hexdigest()
             if digest != spec.sha256:
-                wrong.append(f"sha256 of the data is {digest}, manifest.json says {spec.sha256} (corrupt data)")
+                wrong.append(
+                    f"sha256 of the data is {digest}, manifest.json says {spec.sha256} (corrupt data)"
+                )
             if wrong:
                 problems += [Problem(file, spec.key, w) for w in wrong]
                 continue
-            a = np.frombuffer(data, dtype=_DTYPES[descr]).reshape(shape)  # read-only view of the bytes
+            a = np.frombuffer(data, dtype=_DTYPES[descr]).reshape(
+                shape
+            )  # read-only view of the bytes
             if _nonfinite(a) != spec.nonfinite:
-                problems.append(Problem(file, spec.key, f"nonfinite counts {_nonfinite(a)} but manifest.json says {spec.nonfinite}"))
+                problems.append(
+                    Problem(
+                        file,
+                        spec.key,
+                        f"nonfinite counts {_nonfinite(a)} but manifest.json says {spec.nonfinite}",
+                    )
+                )
                 continue
             arrays[spec.key] = a
     return arrays
@@ -646,18 +846,34 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
 def _read_case(directory: Path, case: GoldenCase, problems: list[Problem]) -> dict[str, np.ndarray]:
     path = directory / case.file
     if not path.is_file():
-        problems.append(Problem(case.file, None, f"missing file (listed in manifest.json for case {case.name!r})"))
+        problems.append(
+            Problem(
+                case.file, None, f"missing file (listed in manifest.json for case {case.name!r})"
+            )
+        )
         return {}
     blob = path.read_bytes()
     found: list[Problem] = []
     if len(blob) != case.size:
-        found.append(Problem(case.file, None, f"the file is {len(blob)} bytes, manifest.json says {case.size} "
-                             "(truncated or appended to)"))
+        found.append(
+            Problem(
+                case.file,
+                None,
+                f"the file is {len(blob)} bytes, manifest.json says {case.size} "
+                "(truncated or appended to)",
+            )
+        )
     arrays = _load_arrays(blob, case, found)
     digest = hashlib.sha256(blob).hexdigest()
     if digest != case.sha256:
-        found.append(Problem(case.file, None, f"sha256 of the file is {digest}, manifest.json says {case.sha256}"
-                             + ("" if found else " (every array matches: the zip metadata changed)")))
+        found.append(
+            Problem(
+                case.file,
+                None,
+                f"sha256 of the file is {digest}, manifest.json says {case.sha256}"
+                + ("" if found else " (every array matches: the zip metadata changed)"),
+            )
+        )
     problems += found
     return {} if found else arrays
 
@@ -698,7 +914,9 @@ class GoldenCase:
         return dict(self._cache)
 
     def _group(self, group: str) -> dict[str, np.ndarray]:
-        return {k.split(".", 1)[1]: a for k, a in self.arrays().items() if k.startswith(group + ".")}
+        return {
+            k.split(".", 1)[1]: a for k, a in self.arrays().items() if k.startswith(group + ".")
+        }
 
     def case_data(self) -> CaseData:
         """The case as a :class:`~attention_ref.cases.CaseData` (writable copies of the arrays).
@@ -706,7 +924,11 @@ class GoldenCase:
         ``reference function(**data.inputs, **data.options)`` is the case, so the reference,
         ``attention_ref.testing.budget_reports`` and the gradient checkers apply to it.
         """
-        scalars = {n: v for n, v in self.options.items() if not (self.kind == "mha" and n in ("num_heads", "num_kv_heads"))}
+        scalars = {
+            n: v
+            for n, v in self.options.items()
+            if not (self.kind == "mha" and n in ("num_heads", "num_kv_heads"))
+        }
         case = Case(self.name, self.kind, self.description, dict(self.dims), scalars, (), self.tags)
         options = {**self.options, **{n: a.copy() for n, a in self._group("option").items()}}
         inputs = {n: a.copy() for n, a in self._group("input").items()}
@@ -714,7 +936,9 @@ class GoldenCase:
 
     def reference(self) -> Reference:
         """The stored output, gradients and intermediates, as a :class:`~attention_ref.cases.Reference`."""
-        return Reference(self.arrays()["output.out"], self._group("grad"), self._group("intermediate"))
+        return Reference(
+            self.arrays()["output.out"], self._group("grad"), self._group("intermediate")
+        )
 
 
 class GoldenSet:
@@ -724,8 +948,13 @@ class GoldenSet:
     cases in the manifest's order.
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], manifest_sha256: str,
-                 cases: Sequence[GoldenCase]):
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        manifest_sha256: str,
+        cases: Sequence[GoldenCase],
+    ):
         self.directory = directory  #: the directory read
         self.manifest = manifest  #: the parsed manifest.json
         self.manifest_sha256 = manifest_sha256  #: SHA-256 of manifest.json's bytes (to pin a set)
@@ -806,7 +1035,9 @@ def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
     problems: list[Problem] = []
     mpath = path / MANIFEST_NAME
     if not mpath.is_file():
-        raise GoldenError(path, [Problem(MANIFEST_NAME, None, "missing file (every golden directory has one)")])
+        raise GoldenError(
+            path, [Problem(MANIFEST_NAME, None, "missing file (every golden directory has one)")]
+        )
     raw = mpath.read_bytes()
     manifest = _parse_manifest(raw, problems)
     if manifest is None:
@@ -821,9 +1052,13 @@ def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
             continue
         _read_case(path, gc, problems)
         golden_cases.append(gc)
-    listed = {c.file for c in golden_cases} | {e.get("file") for e in manifest["cases"] if isinstance(e, dict)}
+    listed = {c.file for c in golden_cases} | {
+        e.get("file") for e in manifest["cases"] if isinstance(e, dict)
+    }
     for stray in sorted(p.name for p in path.glob("*.npz") if p.name not in listed):
-        problems.append(Problem(stray, None, "not listed in manifest.json (a case removed from the manifest?)"))
+        problems.append(
+            Problem(stray, None, "not listed in manifest.json (a case removed from the manifest?)")
+        )
     if problems:
         raise GoldenError(path, problems)
     return GoldenSet(path, manifest, hashlib.sha256(raw).hexdigest(), golden_cases)
@@ -855,28 +1090,45 @@ class ArrayResult(NamedTuple):
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: non-finite numbers become null."""
         c = self.comparison
-        return {"case": self.case, "key": self.key, "passed": self.passed, "rule": self.rule,
-                "max_abs_error": json_float(self.max_abs_error),
-                "rel_error": json_float(self.rel_error),
-                "location": list(c.location) if c is not None else None,
-                "nan_mismatch": c.nan_mismatch if c is not None else None,
-                "inf_mismatch": c.inf_mismatch if c is not None else None, "message": self.message}
+        return {
+            "case": self.case,
+            "key": self.key,
+            "passed": self.passed,
+            "rule": self.rule,
+            "max_abs_error": json_float(self.max_abs_error),
+            "rel_error": json_float(self.rel_error),
+            "location": list(c.location) if c is not None else None,
+            "nan_mismatch": c.nan_mismatch if c is not None else None,
+            "inf_mismatch": c.inf_mismatch if c is not None else None,
+            "message": self.message,
+        }
 
 
 _JUDGED = ("output.", "grad.", "intermediate.")
 
 
-def _judge(case: str, key: str, actual: Any, reference: np.ndarray, rtol: float, atol: float) -> ArrayResult:
+def _judge(
+    case: str, key: str, actual: Any, reference: np.ndarray, rtol: float, atol: float
+) -> ArrayResult:
     rule = f"rtol={rtol:g} atol={atol:g}"
     try:
         shape = np.shape(actual)
     except (TypeError, ValueError) as exc:
         return ArrayResult(case, key, False, rule, f"not an array: {exc}", None)
     if shape != reference.shape:
-        return ArrayResult(case, key, False, rule, f"shape {list(shape)}, the golden set has {list(reference.shape)}", None)
+        return ArrayResult(
+            case,
+            key,
+            False,
+            rule,
+            f"shape {list(shape)}, the golden set has {list(reference.shape)}",
+            None,
+        )
     try:
         comp = compare(actual, reference, name=f"{case} {key}")
-        assert_close(actual, reference, rtol=rtol, atol=atol, precision="float64", name=f"{case} {key}")
+        assert_close(
+            actual, reference, rtol=rtol, atol=atol, precision="float64", name=f"{case} {key}"
+        )
     except AssertionError as exc:
         return ArrayResult(case, key, False, rule, str(exc), comp)
     except (TypeError, ValueError) as exc:
@@ -898,16 +1150,25 @@ def _candidate_from_dir(directory: Path, case: str) -> tuple[dict[str, Any], str
 def _check_tolerance(name: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < float("inf")
+    ):
         raise ValueError(f"{name} must be None or a finite number >= 0; got {value!r}")
     return float(value)
 
 
-def verify_golden(directory: str | os.PathLike[str] | GoldenSet,
-                  candidate: str | os.PathLike[str] | Callable[..., Mapping[str, Any]] | None = None, *,
-                  rtol: float | None = None, atol: float | None = None, precision: str | None = None,
-                  cases: Sequence[str] | None = None,
-                  progress: Callable[[str], None] | None = None) -> list[ArrayResult]:
+def verify_golden(
+    directory: str | os.PathLike[str] | GoldenSet,
+    candidate: str | os.PathLike[str] | Callable[..., Mapping[str, Any]] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    precision: str | None = None,
+    cases: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[ArrayResult]:
     r"""Judge an implementation's outputs against a golden set, or the golden set against the reference.
 
     The golden directory is read and verified first (:func:`read_golden`). Then, per case:
@@ -977,10 +1238,14 @@ def verify_golden(directory: str | os.PathLike[str] | GoldenSet,
     rtol, atol = _check_tolerance("rtol", rtol), _check_tolerance("atol", atol)
     if precision is not None:
         if precision not in PRECISIONS or precision == "float64":
-            raise ValueError(f"precision must be None or one of {PRECISIONS[1:]} (the error-budget rule); "
-                             f"got {precision!r}; for float64 give rtol/atol")
+            raise ValueError(
+                f"precision must be None or one of {PRECISIONS[1:]} (the error-budget rule); "
+                f"got {precision!r}; for float64 give rtol/atol"
+            )
         if candidate is None:
-            raise ValueError("precision applies to a candidate; self-verification (candidate=None) is float64")
+            raise ValueError(
+                "precision applies to a candidate; self-verification (candidate=None) is float64"
+            )
     tol = DEFAULT_TOLERANCES[precision or "float64"]
     rtol = tol.rtol if rtol is None else rtol
     atol = tol.atol if atol is None else atol
@@ -991,18 +1256,24 @@ def verify_golden(directory: str | os.PathLike[str] | GoldenSet,
             raise TypeError(f"cases must be None or a list of case names; got {cases!r}")
         unknown = [c for c in cases if c not in golden.names]
         if unknown:
-            raise ValueError(f"cases must be names in the golden set {golden.names}; got unknown {unknown}")
+            raise ValueError(
+                f"cases must be names in the golden set {golden.names}; got unknown {unknown}"
+            )
         names = list(cases)
     cand_dir: Path | None = None
     call: Callable[..., Any] | None = None
     if isinstance(candidate, (str, os.PathLike)):
         cand_dir = Path(candidate)
         if not cand_dir.is_dir():
-            raise ValueError(f"candidate must be an existing directory, a callable or None; {cand_dir} is not a directory")
+            raise ValueError(
+                f"candidate must be an existing directory, a callable or None; {cand_dir} is not a directory"
+            )
     elif callable(candidate):
         call = candidate
     elif candidate is not None:
-        raise TypeError(f"candidate must be a directory, a callable or None; got {type(candidate).__name__}")
+        raise TypeError(
+            f"candidate must be a directory, a callable or None; got {type(candidate).__name__}"
+        )
     say = progress or (lambda msg: None)
     results: list[ArrayResult] = []
     for i, name in enumerate(names, start=1):
@@ -1012,11 +1283,23 @@ def verify_golden(directory: str | os.PathLike[str] | GoldenSet,
         if candidate is None:
             data = gc.case_data()
             ref = data.reference()
-            recomputed = {"output.out": ref.out, **{f"grad.{n}": g for n, g in ref.grads.items()},
-                          **{f"intermediate.{n}": a for n, a in ref.intermediates.items()}}
+            recomputed = {
+                "output.out": ref.out,
+                **{f"grad.{n}": g for n, g in ref.grads.items()},
+                **{f"intermediate.{n}": a for n, a in ref.intermediates.items()},
+            }
             for key, a in stored.items():
                 if key not in recomputed:
-                    results.append(ArrayResult(name, key, False, "", f"attention_ref {__version__} does not compute {key}", None))
+                    results.append(
+                        ArrayResult(
+                            name,
+                            key,
+                            False,
+                            "",
+                            f"attention_ref {__version__} does not compute {key}",
+                            None,
+                        )
+                    )
                 else:
                     results.append(_judge(name, key, a, recomputed[key], rtol, atol))
             continue
@@ -1030,35 +1313,69 @@ def verify_golden(directory: str | os.PathLike[str] | GoldenSet,
             data = gc.case_data()
             returned = call(name, data.inputs, data.options, data.cotangent)
             if not isinstance(returned, Mapping):
-                raise TypeError(f"candidate must return a dict of arrays keyed like 'output.out', 'grad.q'; "
-                                f"for case {name!r} it returned {type(returned).__name__}")
+                raise TypeError(
+                    f"candidate must return a dict of arrays keyed like 'output.out', 'grad.q'; "
+                    f"for case {name!r} it returned {type(returned).__name__}"
+                )
             got = dict(returned)
         results += _judge_candidate(gc, stored, got, rtol, atol, precision)
     return results
 
 
-def _judge_candidate(gc: GoldenCase, stored: Mapping[str, np.ndarray], got: Mapping[str, Any],
-                     rtol: float, atol: float, precision: str | None) -> list[ArrayResult]:
+def _judge_candidate(
+    gc: GoldenCase,
+    stored: Mapping[str, np.ndarray],
+    got: Mapping[str, Any],
+    rtol: float,
+    atol: float,
+    precision: str | None,
+) -> list[ArrayResult]:
     name = gc.name
-    results = [ArrayResult(name, k, False, "", f"the candidate returned {k!r}, which is not an output, gradient "
-                           f"or intermediate of the golden set (keys: {sorted(stored)})", None)
-               for k in sorted(set(got) - set(stored))]
+    results = [
+        ArrayResult(
+            name,
+            k,
+            False,
+            "",
+            f"the candidate returned {k!r}, which is not an output, gradient "
+            f"or intermediate of the golden set (keys: {sorted(stored)})",
+            None,
+        )
+        for k in sorted(set(got) - set(stored))
+    ]
     if "output.out" not in got:
-        results.append(ArrayResult(name, "output.out", False, "", "the candidate has no output.out", None))
+        results.append(
+            ArrayResult(name, "output.out", False, "", "the candidate has no output.out", None)
+        )
     judged = [k for k in stored if k in got]
-    budget_keys = [k for k in judged if k == "output.out" or k.startswith("grad.")] if precision else []
+    budget_keys = (
+        [k for k in judged if k == "output.out" or k.startswith("grad.")] if precision else []
+    )
     if budget_keys and "output.out" in got:
         shape_ok = [k for k in budget_keys if np.shape(got[k]) == stored[k].shape]
         for k in set(budget_keys) - set(shape_ok):
             results.append(_judge(name, k, got[k], stored[k], rtol, atol))
         if "output.out" in shape_ok:
             grads = {k[5:]: got[k] for k in shape_ok if k.startswith("grad.")}
-            reports = budget_reports(gc.case_data(), got["output.out"], grads or None, precision=str(precision),
-                                     reference=gc.reference())
+            reports = budget_reports(
+                gc.case_data(),
+                got["output.out"],
+                grads or None,
+                precision=str(precision),
+                reference=gc.reference(),
+            )
             keys = ["output.out"] + [f"grad.{n}" for n in grads]
             for k, rep in zip(keys, reports):
-                results.append(ArrayResult(name, k, rep.passed, f"budget {precision} {rep.rtol_budget:g}x",
-                                           str(rep), rep.candidate))
+                results.append(
+                    ArrayResult(
+                        name,
+                        k,
+                        rep.passed,
+                        f"budget {precision} {rep.rtol_budget:g}x",
+                        str(rep),
+                        rep.candidate,
+                    )
+                )
         else:
             results += [_judge(name, k, got[k], stored[k], rtol, atol) for k in shape_ok]
         judged = [k for k in judged if k not in budget_keys]
@@ -1101,12 +1418,21 @@ def format_results(results: Sequence[ArrayResult], *, fmt: str = "text") -> str:
         by_case.setdefault(r.case, []).append(r)
     # The key column is as wide as the longest key of any result, shown or not.
     kw = max([len("worst array")] + [len(r.key) for r in results])
-    columns = (Column("case"), Column("arrays", "right"), Column("worst array", min_width=kw),
-               Column("max abs err", "right"), Column("rel err", "right"), Column("result"))
+    columns = (
+        Column("case"),
+        Column("arrays", "right"),
+        Column("worst array", min_width=kw),
+        Column("max abs err", "right"),
+        Column("rel err", "right"),
+        Column("result"),
+    )
 
     def badness(r: ArrayResult) -> tuple[bool, float]:
         rel = r.rel_error
-        return (not r.passed, rel if np.isfinite(rel) else (-1.0 if np.isnan(rel) else float("inf")))
+        return (
+            not r.passed,
+            rel if np.isfinite(rel) else (-1.0 if np.isnan(rel) else float("inf")),
+        )
 
     rows = []
     for case, rs in by_case.items():
@@ -1125,8 +1451,10 @@ def format_results(results: Sequence[ArrayResult], *, fmt: str = "text") -> str:
         footer.append("")
     bad_cases = sum(not all(r.passed for r in rs) for rs in by_case.values())
     n_ok, n = len(by_case) - bad_cases, len(results)
-    footer.append(f"verify: {n_ok} case{'s' if n_ok != 1 else ''} passed, {bad_cases} failed "
-                  f"({n} array{'s' if n != 1 else ''} compared, {len(failed)} failed)")
+    footer.append(
+        f"verify: {n_ok} case{'s' if n_ok != 1 else ''} passed, {bad_cases} failed "
+        f"({n} array{'s' if n != 1 else ''} compared, {len(failed)} failed)"
+    )
     return render_table(columns, rows, fmt=fmt, footer=footer)
 
 
@@ -1134,39 +1462,88 @@ def _say(quiet: bool) -> Callable[[str], None] | None:
     return None if quiet else (lambda msg: print(f"  {msg} ...", file=sys.stderr, flush=True))
 
 
-def main_golden(directory: str, cases: Sequence[str] | None = None, *, overwrite: bool = False,
-                quiet: bool = False, as_json: bool = False) -> int:
+def main_golden(
+    directory: str,
+    cases: Sequence[str] | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    as_json: bool = False,
+) -> int:
     """``attention-ref golden DIR``: write the golden set; returns the exit status."""
     start = time.perf_counter()
     try:
         manifest = write_golden(directory, cases, overwrite=overwrite, progress=_say(quiet))
     except (FileExistsError, ValueError, TypeError) as exc:
         if as_json:
-            print(json.dumps({"command": "golden", "directory": str(directory), "passed": False, "error": str(exc)}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "command": "golden",
+                        "directory": str(directory),
+                        "passed": False,
+                        "error": str(exc),
+                    },
+                    indent=1,
+                )
+            )
         print(f"attention-ref golden: error: {exc}", file=sys.stderr)
         return 1
     msha = hashlib.sha256((Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()
-    rows = [{"name": c["name"], "kind": c["kind"], "file": c["file"], "arrays": len(c["arrays"]),
-             "bytes": c["bytes"], "sha256": c["sha256"]} for c in manifest["cases"]]
+    rows = [
+        {
+            "name": c["name"],
+            "kind": c["kind"],
+            "file": c["file"],
+            "arrays": len(c["arrays"]),
+            "bytes": c["bytes"],
+            "sha256": c["sha256"],
+        }
+        for c in manifest["cases"]
+    ]
     if as_json:
-        print(json.dumps({"command": "golden", "directory": str(directory), "passed": True,
-                          "format_version": manifest["format_version"], "manifest_sha256": msha, "cases": rows}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "command": "golden",
+                    "directory": str(directory),
+                    "passed": True,
+                    "format_version": manifest["format_version"],
+                    "manifest_sha256": msha,
+                    "cases": rows,
+                },
+                indent=1,
+            )
+        )
         return 0
     width = max(len("case"), *(len(r["name"]) for r in rows))
     head = f"{'case':<{width}}  kind  arrays  {'KiB':>6}  sha256 (first 16 hex digits)"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['name']:<{width}}  {r['kind']:<4}  {r['arrays']:>6}  {r['bytes'] / 1024:>6.1f}  {r['sha256'][:16]}")
+        print(
+            f"{r['name']:<{width}}  {r['kind']:<4}  {r['arrays']:>6}  {r['bytes'] / 1024:>6.1f}  {r['sha256'][:16]}"
+        )
     total = sum(r["bytes"] for r in rows)
-    print(f"\nwrote {len(rows)} cases ({sum(r['arrays'] for r in rows)} arrays, {total / 1024:.1f} KiB) and "
-          f"{MANIFEST_NAME} (sha256 {msha}) to {directory} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"\nwrote {len(rows)} cases ({sum(r['arrays'] for r in rows)} arrays, {total / 1024:.1f} KiB) and "
+        f"{MANIFEST_NAME} (sha256 {msha}) to {directory} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 
-def main_verify(directory: str, candidate: str | None = None, cases: Sequence[str] | None = None, *,
-                rtol: float | None = None, atol: float | None = None, precision: str | None = None,
-                quiet: bool = False, as_json: bool = False, markdown: bool = False) -> int:
+def main_verify(
+    directory: str,
+    candidate: str | None = None,
+    cases: Sequence[str] | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    precision: str | None = None,
+    quiet: bool = False,
+    as_json: bool = False,
+    markdown: bool = False,
+) -> int:
     """``attention-ref verify DIR [--candidate DIR2]``: returns the exit status (1 on any failure)."""
     start = time.perf_counter()
     say = _say(quiet)
@@ -1174,37 +1551,78 @@ def main_verify(directory: str, candidate: str | None = None, cases: Sequence[st
         if say:
             say(f"reading and checking {directory}")
         golden = read_golden(directory)
-        results = verify_golden(golden, candidate, rtol=rtol, atol=atol, precision=precision, cases=cases,
-                                progress=say)
+        results = verify_golden(
+            golden, candidate, rtol=rtol, atol=atol, precision=precision, cases=cases, progress=say
+        )
     except GoldenError as exc:
         if as_json:
-            print(json.dumps({"command": "verify", "directory": str(directory), "passed": False, "error": str(exc),
-                              "problems": [p._asdict() for p in exc.problems]}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "command": "verify",
+                        "directory": str(directory),
+                        "passed": False,
+                        "error": str(exc),
+                        "problems": [p._asdict() for p in exc.problems],
+                    },
+                    indent=1,
+                )
+            )
         else:
-            print(f"{exc}\nverify: FAILED, the golden set is not valid ({len(exc.problems)} problem"
-                  f"{'s' if len(exc.problems) != 1 else ''})")
+            print(
+                f"{exc}\nverify: FAILED, the golden set is not valid ({len(exc.problems)} problem"
+                f"{'s' if len(exc.problems) != 1 else ''})"
+            )
         return 1
     except (ValueError, TypeError) as exc:
         if as_json:
-            print(json.dumps({"command": "verify", "directory": str(directory), "passed": False, "error": str(exc)}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        "command": "verify",
+                        "directory": str(directory),
+                        "passed": False,
+                        "error": str(exc),
+                    },
+                    indent=1,
+                )
+            )
         print(f"attention-ref verify: error: {exc}", file=sys.stderr)
         return 1
     ok = bool(results) and all(r.passed for r in results)
-    mode = ("stored outputs against a recomputation by attention_ref " + __version__ if candidate is None
-            else f"candidate {candidate} against the stored outputs")
+    mode = (
+        "stored outputs against a recomputation by attention_ref " + __version__
+        if candidate is None
+        else f"candidate {candidate} against the stored outputs"
+    )
     if as_json:
-        print(json.dumps({"command": "verify", "directory": str(directory), "candidate": candidate,
-                          "passed": ok, "manifest_sha256": golden.manifest_sha256,
-                          "format_version": golden.format_version, "precision": precision,
-                          "results": [r.as_dict() for r in results]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "command": "verify",
+                    "directory": str(directory),
+                    "candidate": candidate,
+                    "passed": ok,
+                    "manifest_sha256": golden.manifest_sha256,
+                    "format_version": golden.format_version,
+                    "precision": precision,
+                    "results": [r.as_dict() for r in results],
+                },
+                indent=1,
+            )
+        )
         return 0 if ok else 1
     n_arrays = sum(len(c.specs) for c in golden)
-    print(f"golden set {directory}: {len(golden)} cases, {n_arrays} arrays, every checksum verified "
-          f"(format_version {golden.format_version}, manifest sha256 {golden.manifest_sha256})")
+    print(
+        f"golden set {directory}: {len(golden)} cases, {n_arrays} arrays, every checksum verified "
+        f"(format_version {golden.format_version}, manifest sha256 {golden.manifest_sha256})"
+    )
     print(f"comparing {mode}\n")
     print(format_results(results, fmt="markdown" if markdown else "text"))
     rules = sorted({r.rule for r in results if r.rule})
-    print(f"rule: |actual - reference| <= atol + rtol * |reference| element-wise"
-          f"{'; budget: error <= factor x the baseline error + floor (attention_ref.testing)' if precision else ''}"
-          f" -- used: {', '.join(rules) or 'none'} ({time.perf_counter() - start:.1f} s)")
+    print(
+        f"rule: |actual - reference| <= atol + rtol * |reference| element-wise"
+        f"{'; budget: error <= factor x the baseline error + floor (attention_ref.testing)' if precision else ''}"
+        f" -- used: {', '.join(rules) or 'none'} ({time.perf_counter() - start:.1f} s)"
+    )
     return 0 if ok else 1

@@ -20,6 +20,7 @@ along a softmax row (all ones, or the gradient of ``.sum()``) has zero gradient 
 softmax, since its rows sum to 1, and a check then compares 0 with 0.
 Derivation of the error bounds: ``docs/derivations/gradcheck.md``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
@@ -30,9 +31,20 @@ from numpy.typing import ArrayLike
 from .compare import Comparison, compare
 
 __all__ = [
-    "CS_RTOL", "CS_STEP", "FD_EPS", "FD_NOISE_FACTOR", "FD_RTOL", "ErrorReport", "GradCheckResult",
-    "check_complex_step", "check_directional", "check_vjp", "complex_step_vjp", "error_report",
-    "fd_noise_floor", "numerical_vjp",
+    "CS_RTOL",
+    "CS_STEP",
+    "FD_EPS",
+    "FD_NOISE_FACTOR",
+    "FD_RTOL",
+    "ErrorReport",
+    "GradCheckResult",
+    "check_complex_step",
+    "check_directional",
+    "check_vjp",
+    "complex_step_vjp",
+    "error_report",
+    "fd_noise_floor",
+    "numerical_vjp",
 ]
 
 #: Default central-difference step. Truncation error is O(eps^2 |f'''|) ~ 1e-12 and round-off is
@@ -123,8 +135,9 @@ def _norm(x: ArrayLike) -> float:
 ErrorReport = Comparison
 
 
-def error_report(actual: ArrayLike, expected: ArrayLike, *,
-                 scale: float | None = None) -> Comparison:
+def error_report(
+    actual: ArrayLike, expected: ArrayLike, *, scale: float | None = None
+) -> Comparison:
     r"""The worst error of ``actual`` against ``expected``, and where it is.
 
     The same report as :func:`attention_ref.testing.compare`, for arrays NumPy converts to
@@ -170,9 +183,11 @@ def error_report(actual: ArrayLike, expected: ArrayLike, *,
 
 def _summary(r: Comparison) -> str:
     """One gradient's line in :class:`GradCheckResult`'s table: relative error first."""
-    return (f"rel {r.rel_error:.2e} (abs {r.max_abs_error:.2e}, scale {r.scale:.2e}) "
-            f"at {r.location}: actual {r.actual!r} vs expected {r.expected!r}"
-            + (f"; {r.nonfinite_mismatch} NaN/inf mismatches" if r.nonfinite_mismatch else ""))
+    return (
+        f"rel {r.rel_error:.2e} (abs {r.max_abs_error:.2e}, scale {r.scale:.2e}) "
+        f"at {r.location}: actual {r.actual!r} vs expected {r.expected!r}"
+        + (f"; {r.nonfinite_mismatch} NaN/inf mismatches" if r.nonfinite_mismatch else "")
+    )
 
 
 def numerical_vjp(
@@ -311,9 +326,13 @@ class GradCheckResult(NamedTuple):
         lines = []
         for name, r in self.reports.items():
             verdict = "ok  " if r.passed(self.rtol, self.atol) else "FAIL"
-            if r.scale <= self.atol:  # the gradient is 0 within round-off: only the absolute error means anything
-                lines.append(f"{verdict} d{name}: gradient is 0 within round-off (atol {self.atol:.1e}); "
-                             f"abs error {r.max_abs_error:.2e} at {r.location}")
+            if (
+                r.scale <= self.atol
+            ):  # the gradient is 0 within round-off: only the absolute error means anything
+                lines.append(
+                    f"{verdict} d{name}: gradient is 0 within round-off (atol {self.atol:.1e}); "
+                    f"abs error {r.max_abs_error:.2e} at {r.location}"
+                )
             else:
                 lines.append(f"{verdict} d{name}: {_summary(r)}")
         return "\n".join(lines)
@@ -321,7 +340,9 @@ class GradCheckResult(NamedTuple):
 
 def _as_inputs(inputs: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping) or not inputs:
-        raise TypeError(f"inputs must be a non-empty mapping of name -> array; got {type(inputs).__name__}")
+        raise TypeError(
+            f"inputs must be a non-empty mapping of name -> array; got {type(inputs).__name__}"
+        )
     return {name: np.array(x, dtype=np.float64, copy=True) for name, x in inputs.items()}
 
 
@@ -335,7 +356,9 @@ def _check_grads(inputs, grads, names):
             raise ValueError(f"grads must hold a gradient for {n!r}; got keys {list(grads)}")
         g = np.asarray(grads[n], dtype=np.float64)
         if g.shape != inputs[n].shape:
-            raise ValueError(f"grads[{n!r}] must have the input's shape {inputs[n].shape}; got {g.shape}")
+            raise ValueError(
+                f"grads[{n!r}] must have the input's shape {inputs[n].shape}; got {g.shape}"
+            )
         out[n] = g
     return out
 
@@ -394,8 +417,10 @@ def check_vjp(
         atol = fd_noise_floor(f(**xs), cotangent, eps)  # (G3)
     reports = {}
     for n in names:
+
         def f_of(x, n=n):
             return f(**{**xs, n: x})
+
         reports[n] = error_report(gs[n], numerical_vjp(f_of, xs[n], cotangent, eps=eps))
     return GradCheckResult(reports, rtol, atol)
 
@@ -466,7 +491,9 @@ def check_directional(
             f_plus = np.asarray(f(**{**xs, n: xs[n] + eps * t}), dtype=np.float64)
             f_minus = np.asarray(f(**{**xs, n: xs[n] - eps * t}), dtype=np.float64)
             if f_plus.shape != c.shape:
-                raise ValueError(f"f(...) must have cotangent's shape {c.shape}; got {f_plus.shape}")
+                raise ValueError(
+                    f"f(...) must have cotangent's shape {c.shape}; got {f_plus.shape}"
+                )
             numeric.append(np.sum((f_plus - f_minus) * c) / (2 * eps))  # <J t, c>   (G2)
             analytic.append(np.sum(t * gs[n]))  # <t, J^T c>
         reports[n] = error_report(np.array(analytic), np.array(numeric))
@@ -549,12 +576,16 @@ def check_complex_step(
     gs = _check_grads(xs, grads, names)
     c = np.asarray(cotangent, dtype=np.float64)
     if num_directions is not None and not isinstance(rng, np.random.Generator):
-        raise TypeError(f"num_directions needs rng, a numpy.random.Generator; got {type(rng).__name__}")
+        raise TypeError(
+            f"num_directions needs rng, a numpy.random.Generator; got {type(rng).__name__}"
+        )
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (analytic, complex step)
     for n in names:
         if num_directions is None or rng is None:
+
             def f_of(x, n=n):
                 return f(**{**xs, n: x})
+
             pairs[n] = (gs[n], complex_step_vjp(f_of, xs[n], c, h=h))  # (G4)
         else:
             pairs[n] = _complex_step_directions(f, xs, n, c, gs[n], h, num_directions, rng)  # (G5)

@@ -11,6 +11,7 @@
 
 Layer 4 (oracle); imports nothing from attention_ref.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,12 +52,14 @@ def _cells(columns: list[Column], row: Sequence[Any] | Mapping[str, Any]) -> lis
         keys = [c.header if c.key is None else c.key for c in columns]
         missing = [k for k in keys if k not in row]
         if missing:
-            raise ValueError(f"a dict row must hold every column's key; {missing} missing from "
-                             f"{sorted(row)}")
+            raise ValueError(
+                f"a dict row must hold every column's key; {missing} missing from {sorted(row)}"
+            )
         return [_text(row[k]) for k in keys]
     if isinstance(row, (str, bytes)) or len(row) != len(columns):
-        raise ValueError(f"a row must be a dict or hold one cell per column ({len(columns)}); "
-                         f"got {row!r}")
+        raise ValueError(
+            f"a row must be a dict or hold one cell per column ({len(columns)}); got {row!r}"
+        )
     return [_text(cell) for cell in row]
 
 
@@ -64,9 +67,14 @@ def _pad(text: str, width: int, align: str) -> str:
     return text.rjust(width) if align == "right" else text.ljust(width)
 
 
-def render_table(columns: Sequence[ColumnLike], rows: Sequence[Sequence[Any] | Mapping[str, Any]],
-                 *, fmt: str = "text", title: str | Sequence[str] = (),
-                 footer: str | Sequence[str] = ()) -> str:
+def render_table(
+    columns: Sequence[ColumnLike],
+    rows: Sequence[Sequence[Any] | Mapping[str, Any]],
+    *,
+    fmt: str = "text",
+    title: str | Sequence[str] = (),
+    footer: str | Sequence[str] = (),
+) -> str:
     r"""Render rows as an aligned text table or a Markdown table, with title and footer lines.
 
     Text: the header, a rule of ``-`` as long as it, one line per row; cells are padded to
@@ -128,18 +136,23 @@ def render_table(columns: Sequence[ColumnLike], rows: Sequence[Sequence[Any] | M
     if fmt == "markdown":
         body = [[cell.replace("|", r"\|") for cell in row] for row in body]
         heads = [h.replace("|", r"\|") for h in heads]
-    widths = [max([len(h), c.min_width] + [len(r[i]) for r in body])
-              for i, (c, h) in enumerate(zip(cols, heads))]
-    padded = [[_pad(s, w, c.align) for s, w, c in zip(cells, widths, cols)]
-              for cells in [heads] + body]
+    widths = [
+        max([len(h), c.min_width] + [len(r[i]) for r in body])
+        for i, (c, h) in enumerate(zip(cols, heads))
+    ]
+    padded = [
+        [_pad(s, w, c.align) for s, w, c in zip(cells, widths, cols)] for cells in [heads] + body
+    ]
     head_lines = _lines(title)
     if fmt == "text":
         lines = [_GAP.join(cells).rstrip() for cells in padded]
         table = lines[:1] + ["-" * len(lines[0])] + lines[1:]
     else:
         lines = ["| " + " | ".join(cells) + " |" for cells in padded]
-        rule = ["-" * (w + 1) + ":" if c.align == "right" else ":" + "-" * (w + 1)
-                for w, c in zip(widths, cols)]
+        rule = [
+            "-" * (w + 1) + ":" if c.align == "right" else ":" + "-" * (w + 1)
+            for w, c in zip(widths, cols)
+        ]
         table = lines[:1] + ["|" + "|".join(rule) + "|"] + lines[1:]
         head_lines += [""] if head_lines else []
     tail = _lines(footer)

@@ -31,6 +31,7 @@ r"""Compare any attention implementation with the reference, with tolerances tha
 Everything here takes NumPy arrays or anything ``numpy.asarray`` accepts, and also torch tensors
 (detached and moved to the CPU; bfloat16 ones are widened exactly to float32).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,16 +56,34 @@ from .compare import (  # the one comparison report: re-exported here, its docum
     Comparison,
     Tolerance,
     assert_close,
-    check_precision as _check_precision,
     compare,
     to_numpy,
 )
+from .compare import (
+    check_precision as _check_precision,
+)
 
 __all__ = [
-    "PRECISIONS", "UNIT_ROUNDOFF", "Tolerance", "DEFAULT_TOLERANCES", "OUTPUT_BUDGET", "GRADIENT_BUDGET",
-    "Comparison", "compare", "assert_close", "round_to_bfloat16", "round_to", "noise_floor",
-    "BudgetReport", "check_budget", "assert_within_budget", "Baseline", "sdpa_baseline", "mha_baseline",
-    "budget_reports", "to_numpy",
+    "PRECISIONS",
+    "UNIT_ROUNDOFF",
+    "Tolerance",
+    "DEFAULT_TOLERANCES",
+    "OUTPUT_BUDGET",
+    "GRADIENT_BUDGET",
+    "Comparison",
+    "compare",
+    "assert_close",
+    "round_to_bfloat16",
+    "round_to",
+    "noise_floor",
+    "BudgetReport",
+    "check_budget",
+    "assert_within_budget",
+    "Baseline",
+    "sdpa_baseline",
+    "mha_baseline",
+    "budget_reports",
+    "to_numpy",
 ]
 
 #: Unit roundoff u = 2^-p of each precision (p significant bits: 53, 24, 11, 8).
@@ -178,14 +197,24 @@ class BudgetReport(NamedTuple):
 
     def __str__(self) -> str:
         verdict = "within budget" if self.passed else "OVER BUDGET"
-        return (f"{self.name}: {verdict} ({self.precision}): candidate error {self.candidate.max_abs_error:.3e} "
-                f"vs allowed {self.allowed:.3e} = {self.rtol_budget:g} x baseline error "
-                f"{self.baseline.max_abs_error:.3e} + floor {self.floor:.3e} (ratio {self.ratio:.2f})\n"
-                f"  candidate: {self.candidate}\n  baseline:  {self.baseline}")
+        return (
+            f"{self.name}: {verdict} ({self.precision}): candidate error {self.candidate.max_abs_error:.3e} "
+            f"vs allowed {self.allowed:.3e} = {self.rtol_budget:g} x baseline error "
+            f"{self.baseline.max_abs_error:.3e} + floor {self.floor:.3e} (ratio {self.ratio:.2f})\n"
+            f"  candidate: {self.candidate}\n  baseline:  {self.baseline}"
+        )
 
 
-def check_budget(candidate: Any, reference: Any, baseline: Any, *, precision: str,
-                 rtol_budget: float = OUTPUT_BUDGET, floor: float | None = None, name: str = "") -> BudgetReport:
+def check_budget(
+    candidate: Any,
+    reference: Any,
+    baseline: Any,
+    *,
+    precision: str,
+    rtol_budget: float = OUTPUT_BUDGET,
+    floor: float | None = None,
+    name: str = "",
+) -> BudgetReport:
     r"""Judge a low-precision candidate by the error-budget rule.
 
     Passes when ``max|candidate - reference| <= rtol_budget * max|baseline - reference| + floor``
@@ -227,7 +256,11 @@ def check_budget(candidate: Any, reference: Any, baseline: Any, *, precision: st
     False
     """
     precision = _check_precision(precision)
-    if not isinstance(rtol_budget, (int, float)) or isinstance(rtol_budget, bool) or not rtol_budget >= 1:
+    if (
+        not isinstance(rtol_budget, (int, float))
+        or isinstance(rtol_budget, bool)
+        or not rtol_budget >= 1
+    ):
         raise ValueError(f"rtol_budget must be a number >= 1; got {rtol_budget!r}")
     cand = compare(candidate, reference, name=name)
     base = compare(baseline, reference, name=name)
@@ -237,9 +270,16 @@ def check_budget(candidate: Any, reference: Any, baseline: Any, *, precision: st
     return BudgetReport(name, precision, cand, base, float(rtol_budget), fl, allowed, bool(passed))
 
 
-def assert_within_budget(candidate: Any, reference: Any, baseline: Any, *, precision: str,
-                         rtol_budget: float = OUTPUT_BUDGET, floor: float | None = None,
-                         name: str = "") -> BudgetReport:
+def assert_within_budget(
+    candidate: Any,
+    reference: Any,
+    baseline: Any,
+    *,
+    precision: str,
+    rtol_budget: float = OUTPUT_BUDGET,
+    floor: float | None = None,
+    name: str = "",
+) -> BudgetReport:
     """:func:`check_budget`, raising ``AssertionError`` with the report when it fails.
 
     Examples
@@ -249,8 +289,15 @@ def assert_within_budget(candidate: Any, reference: Any, baseline: Any, *, preci
     >>> ref = np.array([1.0, 2.0])
     >>> _ = assert_within_budget(np.float32(ref), ref, np.float32(ref), precision="float32")
     """
-    report = check_budget(candidate, reference, baseline, precision=precision, rtol_budget=rtol_budget,
-                          floor=floor, name=name)
+    report = check_budget(
+        candidate,
+        reference,
+        baseline,
+        precision=precision,
+        rtol_budget=rtol_budget,
+        floor=floor,
+        name=name,
+    )
     if not report.passed:
         raise AssertionError(str(report))
     return report
@@ -263,7 +310,9 @@ class Baseline(NamedTuple):
     """A reference computed in a lower precision (float32 arrays holding that precision's values)."""
 
     out: np.ndarray
-    grads: dict[str, np.ndarray] | None  #: keyed like the inputs (q, k, v, bias / query, ..., w_q, ...)
+    grads: (
+        dict[str, np.ndarray] | None
+    )  #: keyed like the inputs (q, k, v, bias / query, ..., w_q, ...)
 
 
 def _stage_sdpa(q, k, v, dout, rnd, reorder, options: AttentionOptions):
@@ -272,19 +321,34 @@ def _stage_sdpa(q, k, v, dout, rnd, reorder, options: AttentionOptions):
     hkv = k.shape[-3]
     kt = k[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, S)
     if reorder:
-        s = group_heads(rnd(tr.q * np.float32(tr.scale)), hkv) @ kt  # scale q first (FlashAttention's reorder_ops)
+        s = (
+            group_heads(rnd(tr.q * np.float32(tr.scale)), hkv) @ kt
+        )  # scale q first (FlashAttention's reorder_ops)
     else:
         s = (group_heads(tr.q, hkv) @ kt) * np.float32(tr.scale)
     scores = rnd(ungroup_heads(s))  # (..., H, T, S)
-    capped = rnd(tr.softcap * np.tanh(scores / np.float32(tr.softcap))) if tr.softcap is not None else scores
+    capped = (
+        rnd(tr.softcap * np.tanh(scores / np.float32(tr.softcap)))
+        if tr.softcap is not None
+        else scores
+    )
     logits = rnd(capped + tr.bias) if tr.bias is not None else capped
     masked = apply_mask(logits, tr.allowed)
     m = np.max(masked, axis=-1, keepdims=True)
     e = np.exp(masked - m)
     probs = e / e.sum(axis=-1, keepdims=True)
-    probs[tr.row_is_empty] = {"zero": 0.0, "uniform": 1.0 / masked.shape[-1], "nan": np.nan, "raise": 0.0}[tr.empty_rows]
+    probs[tr.row_is_empty] = {
+        "zero": 0.0,
+        "uniform": 1.0 / masked.shape[-1],
+        "nan": np.nan,
+        "raise": 0.0,
+    }[tr.empty_rows]
     probs = rnd(probs)
-    dropped = rnd(probs * tr.keep_mask / np.float32(1 - tr.dropout_p)) if tr.keep_mask is not None else probs
+    dropped = (
+        rnd(probs * tr.keep_mask / np.float32(1 - tr.dropout_p))
+        if tr.keep_mask is not None
+        else probs
+    )
     vg = v[..., :, None, :, :]  # (..., Hkv, 1, S, Dv)
     out = rnd(ungroup_heads(group_heads(dropped, hkv) @ vg))  # (..., H, T, Dv)
     if dout is None:
@@ -292,20 +356,36 @@ def _stage_sdpa(q, k, v, dout, rnd, reorder, options: AttentionOptions):
     dog = group_heads(rnd(dout), hkv)
     ddropped = rnd(ungroup_heads(dog @ vg.swapaxes(-1, -2)))  # dP'
     dv = rnd((group_heads(dropped, hkv).swapaxes(-1, -2) @ dog).sum(axis=-3))
-    dprobs = rnd(ddropped * tr.keep_mask / np.float32(1 - tr.dropout_p)) if tr.keep_mask is not None else ddropped
+    dprobs = (
+        rnd(ddropped * tr.keep_mask / np.float32(1 - tr.dropout_p))
+        if tr.keep_mask is not None
+        else ddropped
+    )
     dmasked = rnd(probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)))
     dlogits = apply_mask_backward(dmasked, tr.allowed)
     dbias = rnd(sum_to_shape(dlogits, tr.bias.shape)) if tr.bias is not None else None
-    dscores = rnd(dlogits * (1 - (capped / np.float32(tr.softcap)) ** 2)) if tr.softcap is not None else dlogits
+    dscores = (
+        rnd(dlogits * (1 - (capped / np.float32(tr.softcap)) ** 2))
+        if tr.softcap is not None
+        else dlogits
+    )
     dsg = group_heads(dscores, hkv)
     dq = rnd(ungroup_heads(dsg @ k[..., :, None, :, :]) * np.float32(tr.scale))
     dk = rnd((dsg.swapaxes(-1, -2) @ group_heads(tr.q, hkv)).sum(axis=-3) * np.float32(tr.scale))
     return out, AttentionGrads(dq, dk, dv, dbias), tr
 
 
-def sdpa_baseline(q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike | None = None, *,
-                  precision: str, reorder: bool = False, options: AttentionOptions | None = None,
-                  **kwargs: Any) -> Baseline:
+def sdpa_baseline(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    dout: ArrayLike | None = None,
+    *,
+    precision: str,
+    reorder: bool = False,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
+) -> Baseline:
     r"""Scaled dot-product attention computed in a low precision: the error budget's baseline.
 
     The inputs (and ``bias``, ``dout``) are rounded to ``precision``; products accumulate in
@@ -351,8 +431,10 @@ def sdpa_baseline(q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike | No
     """
     precision = _check_precision(precision)
     if precision == "float64":
-        raise ValueError("precision must be a low precision for a baseline ('float32', 'float16' or 'bfloat16'); "
-                         "got 'float64' (the reference itself)")
+        raise ValueError(
+            "precision must be a low precision for a baseline ('float32', 'float16' or 'bfloat16'); "
+            "got 'float64' (the reference itself)"
+        )
     if not isinstance(reorder, (bool, np.bool_)):
         raise TypeError(f"reorder must be a bool; got {reorder!r}")
 
@@ -362,8 +444,15 @@ def sdpa_baseline(q: ArrayLike, k: ArrayLike, v: ArrayLike, dout: ArrayLike | No
     given = AttentionOptions.of(options, **kwargs)
     if given.bias is not None:
         given = given.replace(bias=_round_bias(given.bias, rnd))
-    out, grads, _ = _stage_sdpa(rnd(to_numpy(q)[0]), rnd(to_numpy(k)[0]), rnd(to_numpy(v)[0]),
-                                None if dout is None else to_numpy(dout)[0], rnd, bool(reorder), given)
+    out, grads, _ = _stage_sdpa(
+        rnd(to_numpy(q)[0]),
+        rnd(to_numpy(k)[0]),
+        rnd(to_numpy(v)[0]),
+        None if dout is None else to_numpy(dout)[0],
+        rnd,
+        bool(reorder),
+        given,
+    )
     if grads is None:
         return Baseline(out, None)
     g = {"q": grads.dq, "k": grads.dk, "v": grads.dv}
@@ -377,10 +466,20 @@ def _round_bias(bias, rnd):
     return np.where(np.isneginf(b), -np.inf, rnd(np.where(np.isneginf(b), 0.0, b)))
 
 
-def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: MultiHeadParams,
-                 dout: ArrayLike | None = None, *, precision: str, num_heads: int, num_kv_heads: int | None = None,
-                 reorder: bool = False, options: AttentionOptions | None = None,
-                 **kwargs: Any) -> Baseline:
+def mha_baseline(
+    query: ArrayLike,
+    key: ArrayLike,
+    value: ArrayLike,
+    params: MultiHeadParams,
+    dout: ArrayLike | None = None,
+    *,
+    precision: str,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    reorder: bool = False,
+    options: AttentionOptions | None = None,
+    **kwargs: Any,
+) -> Baseline:
     """Multi-head attention computed in a low precision, stage by stage (see :func:`sdpa_baseline`).
 
     Inputs and weights are rounded to ``precision``; each projection, the attention stages and
@@ -406,7 +505,9 @@ def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: Mul
     """
     precision = _check_precision(precision)
     if precision == "float64":
-        raise ValueError("precision must be a low precision for a baseline ('float32', 'float16' or 'bfloat16'); got 'float64'")
+        raise ValueError(
+            "precision must be a low precision for a baseline ('float32', 'float16' or 'bfloat16'); got 'float64'"
+        )
     if not isinstance(params, MultiHeadParams):
         raise TypeError(f"params must be a MultiHeadParams; got {type(params).__name__}")
 
@@ -425,7 +526,11 @@ def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: Mul
     def split(x, h):  # (..., T, h*D) -> (..., h, T, D)
         return np.swapaxes(x.reshape(*x.shape[:-1], h, x.shape[-1] // h), -2, -3)
 
-    q, k, v = split(proj(xq, "w_q", "b_q"), H), split(proj(xk, "w_k", "b_k"), Hkv), split(proj(xv, "w_v", "b_v"), Hkv)
+    q, k, v = (
+        split(proj(xq, "w_q", "b_q"), H),
+        split(proj(xk, "w_k", "b_k"), Hkv),
+        split(proj(xv, "w_v", "b_v"), Hkv),
+    )
     given = AttentionOptions.of(options, **kwargs)
     if given.bias is not None:
         given = given.replace(bias=_round_bias(given.bias, rnd))
@@ -452,7 +557,11 @@ def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: Mul
     grads["query"] = rnd(dq2 @ w["w_q"].T)
     grads["key"] = rnd(dk2 @ w["w_k"].T)
     grads["value"] = rnd(dv2 @ w["w_v"].T)
-    grads["w_q"], grads["w_k"], grads["w_v"] = flat_sum(xq, dq2), flat_sum(xk, dk2), flat_sum(xv, dv2)
+    grads["w_q"], grads["w_k"], grads["w_v"] = (
+        flat_sum(xq, dq2),
+        flat_sum(xk, dk2),
+        flat_sum(xv, dv2),
+    )
     grads["w_o"] = flat_sum(concat, dout_r)
     for bn, d in (("b_q", dq2), ("b_k", dk2), ("b_v", dv2), ("b_o", dout_r)):
         if bn in w:
@@ -462,9 +571,17 @@ def mha_baseline(query: ArrayLike, key: ArrayLike, value: ArrayLike, params: Mul
     return Baseline(out, grads)
 
 
-def budget_reports(data: Any, out: Any, grads: dict[str, Any] | None = None, *, precision: str,
-                   reorder: bool = False, output_budget: float = OUTPUT_BUDGET,
-                   gradient_budget: float = GRADIENT_BUDGET, reference: Any = None) -> list[BudgetReport]:
+def budget_reports(
+    data: Any,
+    out: Any,
+    grads: dict[str, Any] | None = None,
+    *,
+    precision: str,
+    reorder: bool = False,
+    output_budget: float = OUTPUT_BUDGET,
+    gradient_budget: float = GRADIENT_BUDGET,
+    reference: Any = None,
+) -> list[BudgetReport]:
     """Judge a candidate's output (and gradients) on a canonical case by the error-budget rule.
 
     Parameters
@@ -502,18 +619,41 @@ def budget_reports(data: Any, out: Any, grads: dict[str, Any] | None = None, *, 
     ref = data.reference() if reference is None else reference
     dout = data.cotangent if grads else None
     if data.case.kind == "sdpa":
-        base = sdpa_baseline(**data.inputs, dout=dout, precision=precision, reorder=reorder, **data.options)
+        base = sdpa_baseline(
+            **data.inputs, dout=dout, precision=precision, reorder=reorder, **data.options
+        )
     else:
         weights = {n: a for n, a in data.inputs.items() if n.startswith(("w_", "b_"))}
         extra = {} if "bias" not in data.inputs else {"bias": data.inputs["bias"]}
-        base = mha_baseline(data.inputs["query"], data.inputs["key"], data.inputs["value"],
-                            MultiHeadParams(**weights), dout, precision=precision, reorder=reorder,
-                            **extra, **data.options)
-    reports = [check_budget(out, ref.out, base.out, precision=precision, rtol_budget=output_budget, name="out")]
+        base = mha_baseline(
+            data.inputs["query"],
+            data.inputs["key"],
+            data.inputs["value"],
+            MultiHeadParams(**weights),
+            dout,
+            precision=precision,
+            reorder=reorder,
+            **extra,
+            **data.options,
+        )
+    reports = [
+        check_budget(
+            out, ref.out, base.out, precision=precision, rtol_budget=output_budget, name="out"
+        )
+    ]
     for name, g in (grads or {}).items():
         if base.grads is None or name not in base.grads:
-            raise ValueError(f"grads has {name!r}, which is not an input of case {data.case.name!r}: {sorted(data.inputs)}")
-        reports.append(check_budget(g, ref.grads[name], base.grads[name], precision=precision,
-                                    rtol_budget=gradient_budget, name="d" + name))
+            raise ValueError(
+                f"grads has {name!r}, which is not an input of case {data.case.name!r}: {sorted(data.inputs)}"
+            )
+        reports.append(
+            check_budget(
+                g,
+                ref.grads[name],
+                base.grads[name],
+                precision=precision,
+                rtol_budget=gradient_budget,
+                name="d" + name,
+            )
+        )
     return reports
-

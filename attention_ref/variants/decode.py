@@ -12,6 +12,7 @@ Layouts and alignment: ``docs/decoding_and_varlen.md``; conventions: ``docs/conv
 Decoding is inference, so there is no backward here; the forward is
 :func:`~attention_ref.sdpa_forward` itself, called on the grown cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from ..core._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh, resolve_dtype
+from ..core._validate import (
+    as_float,
+    check_ndim,
+    check_nonempty,
+    check_positive_int,
+    fresh,
+    resolve_dtype,
+)
 from ..core.attention import sdpa_forward
 from ..core.options import AttentionOptions
 
@@ -85,8 +93,10 @@ class KVCache:
         check_ndim("v", v, 3, "(..., Hkv, S, Dv)")
         for name, x, layout in (("k", k, "(..., Hkv, S, Dk)"), ("v", v, "(..., Hkv, S, Dv)")):
             if x.shape[-3] < 1 or x.shape[-1] < 1:
-                raise ValueError(f"{name} must have Hkv >= 1 heads and a width >= 1 (layout {layout}); "
-                                 f"got shape {x.shape}")
+                raise ValueError(
+                    f"{name} must have Hkv >= 1 heads and a width >= 1 (layout {layout}); "
+                    f"got shape {x.shape}"
+                )
         if v.shape[:-1] != k.shape[:-1]:
             raise ValueError(
                 f"v must have the same (..., Hkv, S) as k = {k.shape[:-1]}; got v.shape={v.shape}, k.shape={k.shape}"
@@ -141,13 +151,17 @@ class KVCache:
             isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)) and n >= 1
             for n in batch_shape
         ):
-            raise ValueError(f"batch_shape must be a tuple of positive ints (the dims ...); got {batch_shape!r}")
+            raise ValueError(
+                f"batch_shape must be a tuple of positive ints (the dims ...); got {batch_shape!r}"
+            )
         hkv = check_positive_int("num_kv_heads", num_kv_heads)
         dk = check_positive_int("head_dim", head_dim)
         dv = dk if v_head_dim is None else check_positive_int("v_head_dim", v_head_dim)
         dt = resolve_dtype(dtype)
         lead = tuple(int(n) for n in batch_shape)
-        return cls._from_owned(np.zeros(lead + (hkv, 0, dk), dtype=dt), np.zeros(lead + (hkv, 0, dv), dtype=dt))
+        return cls._from_owned(
+            np.zeros(lead + (hkv, 0, dk), dtype=dt), np.zeros(lead + (hkv, 0, dv), dtype=dt)
+        )
 
     @property
     def length(self) -> int:
@@ -275,11 +289,15 @@ def decode_step(
     True
     """
     given = AttentionOptions.of(options, **kwargs)
-    given.refuse(("mask", "bias", "causal", "align", "dropout_p", "dropout_mask", "empty_rows",
-                  "dtype"), "decode_step",
-                 "a step is causal, bottom_right aligned, in the cache's dtype, and no row is empty")
+    given.refuse(
+        ("mask", "bias", "causal", "align", "dropout_p", "dropout_mask", "empty_rows", "dtype"),
+        "decode_step",
+        "a step is causal, bottom_right aligned, in the cache's dtype, and no row is empty",
+    )
     if not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a KVCache (KVCache.empty(...) to start); got {type(cache).__name__}")
+        raise TypeError(
+            f"cache must be a KVCache (KVCache.empty(...) to start); got {type(cache).__name__}"
+        )
     dt = cache.k.dtype
     q_in = q_new
     q_new = as_float("q_new", q_new, dt)

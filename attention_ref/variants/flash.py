@@ -15,6 +15,7 @@ Dropout is refused: its keep-mask would be the ``(..., H, T, S)`` array that til
 Derivation: ``docs/derivations/flash.md``, (F1)-(F9); the stages it shares with the plain path
 cite (A1)-(A16) of ``docs/derivations/attention.md``.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -40,7 +41,9 @@ class FlashOutput(NamedTuple):
     """What :func:`flash_attention_forward` returns: all that its backward needs besides q, k, v."""
 
     out: np.ndarray  #: (..., H, T, Dv) attention output, (F5)
-    logsumexp: np.ndarray  #: (..., H, T) logsumexp of each row's allowed logits, (F5); -inf for an empty row
+    logsumexp: (
+        np.ndarray
+    )  #: (..., H, T) logsumexp of each row's allowed logits, (F5); -inf for an empty row
 
 
 class OnlineSoftmaxState(NamedTuple):
@@ -57,7 +60,9 @@ class OnlineSoftmaxState(NamedTuple):
     acc: np.ndarray  #: (..., T, Dv) running sum of exp(logit - m) v
 
 
-def online_softmax_init(rows: tuple[int, ...], dv: int, dtype: DTypeLike = np.float64) -> OnlineSoftmaxState:
+def online_softmax_init(
+    rows: tuple[int, ...], dv: int, dtype: DTypeLike = np.float64
+) -> OnlineSoftmaxState:
     r"""The state before any key: ``m`` the finite fill, ``l = 0``, ``acc = 0``, (F1) with no key.
 
     Parameters
@@ -225,9 +230,11 @@ def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
 def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
     given = AttentionOptions.of(options, **kwargs)
     given.refuse(
-        ("dropout_p", "dropout_mask"), "the tiled path",
+        ("dropout_p", "dropout_mask"),
+        "the tiled path",
         "its keep-mask would be a (..., H, T, S) array, the one thing tiling avoids; use "
-        "sdpa_forward/sdpa_backward for dropout", what="dropout",
+        "sdpa_forward/sdpa_backward for dropout",
+        what="dropout",
     )
     dt = resolve_dtype(given.dtype)
     q, k, v = check_qkv(q, k, v, dt)
@@ -238,7 +245,9 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
     bias = None if opt.bias is None else _grouped_view(opt.bias, ndim, Hkv)
     mask = None if opt.mask is None else _grouped_view(opt.mask, ndim, Hkv)
     return _Tiled(
-        qs=group_heads(q * opt.score_scale, Hkv),  # (..., Hkv, G, T, Dk)   (A1): scale folded into q
+        qs=group_heads(
+            q * opt.score_scale, Hkv
+        ),  # (..., Hkv, G, T, Dk)   (A1): scale folded into q
         k=k[..., :, None, :, :],  # (..., Hkv, 1, S, Dk)
         v=v[..., :, None, :, :],  # (..., Hkv, 1, S, Dv)
         softcap=opt.softcap,
@@ -255,7 +264,9 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
 def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
     """``(capped, logits)`` of one block, (A1)-(A3): both (..., Hkv, G, Tb, Sb)."""
     kt = tp.k[..., j0:j1, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, Sb)
-    scores = tp.qs[..., i0:i1, :] @ kt  # (..., Hkv, G, Tb, Dk) @ (..., Hkv, 1, Dk, Sb) -> (..., Hkv, G, Tb, Sb)   (A1)
+    scores = (
+        tp.qs[..., i0:i1, :] @ kt
+    )  # (..., Hkv, G, Tb, Dk) @ (..., Hkv, 1, Dk, Sb) -> (..., Hkv, G, Tb, Sb)   (A1)
     capped = scores
     if tp.softcap is not None:
         capped /= tp.softcap
@@ -366,19 +377,27 @@ def flash_attention_forward(
             if kind == "empty":
                 continue  # skipped, exactly: its max is the fill, so (F2)-(F4) would change nothing
             _, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
-            state = online_softmax_update(state, logits, tp.v[..., j0:j1, :], allowed)  # (A4), (F2)-(F4)
-        out[..., i0:i1, :], lse[..., i0:i1], row_is_empty[..., i0:i1] = online_softmax_finish(state)  # (F5)
+            state = online_softmax_update(
+                state, logits, tp.v[..., j0:j1, :], allowed
+            )  # (A4), (F2)-(F4)
+        out[..., i0:i1, :], lse[..., i0:i1], row_is_empty[..., i0:i1] = online_softmax_finish(
+            state
+        )  # (F5)
 
     if row_is_empty.any():
         if tp.empty_rows == "raise":
             _raise_if_empty(ungroup_heads(row_is_empty[..., None])[..., 0])
         # (A5)'s policy; online_softmax_finish left 0 there ("zero")
         if tp.empty_rows == "uniform":
-            out[row_is_empty] = np.broadcast_to(tp.v.mean(axis=-2, keepdims=True), out.shape)[row_is_empty]
+            out[row_is_empty] = np.broadcast_to(tp.v.mean(axis=-2, keepdims=True), out.shape)[
+                row_is_empty
+            ]
         elif tp.empty_rows == "nan":
             out[row_is_empty] = np.nan
-    return FlashOutput(out=ungroup_heads(out),  # (..., H, T, Dv)
-                       logsumexp=ungroup_heads(lse[..., None])[..., 0])  # (..., H, T)
+    return FlashOutput(
+        out=ungroup_heads(out),  # (..., H, T, Dv)
+        logsumexp=ungroup_heads(lse[..., None])[..., 0],
+    )  # (..., H, T)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -390,9 +409,11 @@ def _check_saved(dout, out, lse, q_shape, v_shape, dt):
     dout = as_float("dout", dout, dt)
     out = as_float("out", out, dt)
     lse = as_float("logsumexp", lse, dt)
-    for name, x, shape, layout in (("dout", dout, expected, "(..., H, T, Dv)"),
-                                   ("out", out, expected, "(..., H, T, Dv)"),
-                                   ("logsumexp", lse, expected[:-1], "(..., H, T)")):
+    for name, x, shape, layout in (
+        ("dout", dout, expected, "(..., H, T, Dv)"),
+        ("out", out, expected, "(..., H, T, Dv)"),
+        ("logsumexp", lse, expected[:-1], "(..., H, T)"),
+    ):
         if x.shape != shape:
             raise ValueError(f"{name} must have shape {layout} = {shape}; got {x.shape}")
     bad = np.isnan(lse) | np.isposinf(lse)
@@ -490,7 +511,9 @@ def flash_attention_backward(
     row_is_empty = np.isneginf(lse)  # (..., Hkv, G, T, 1): the forward found no key to attend
     if tp.empty_rows == "raise" and row_is_empty.any():
         _raise_if_empty(ungroup_heads(row_is_empty)[..., 0])
-    lse = np.where(row_is_empty, 0.0, lse)  # a finite shift: the row's entries are all masked anyway
+    lse = np.where(
+        row_is_empty, 0.0, lse
+    )  # a finite shift: the row's entries are all masked anyway
 
     # (F7) D_i = sum_e dout_ie out_ie = sum_j P_ij dP_ij; 0 on an empty row (its P is 0, (F6))
     D = (dout * group_heads(out, Hkv)).sum(axis=-1, keepdims=True)  # (..., Hkv, G, T, 1)
@@ -499,11 +522,16 @@ def flash_attention_backward(
     dq = np.zeros(tp.qs.shape, dtype=dt)  # (..., Hkv, G, T, Dk)
     dk = np.zeros(tp.k.shape[:-4] + (Hkv, S, tp.k.shape[-1]), dtype=dt)  # (..., Hkv, S, Dk)
     dv = np.zeros(tp.v.shape[:-4] + (Hkv, S, tp.v.shape[-1]), dtype=dt)  # (..., Hkv, S, Dv)
-    dbias = None if tp.bias is None else np.zeros(tp.bias.shape, dtype=dt)  # (..., Hkv|1, G|1, T|1, S|1)
+    dbias = (
+        None if tp.bias is None else np.zeros(tp.bias.shape, dtype=dt)
+    )  # (..., Hkv|1, G|1, T|1, S|1)
 
     for j0 in range(0, S, tp.block_k):
         j1 = min(j0 + tp.block_k, S)
-        k_j, v_j = tp.k[..., j0:j1, :], tp.v[..., j0:j1, :]  # (..., Hkv, 1, Sb, Dk), (..., Hkv, 1, Sb, Dv)
+        k_j, v_j = (
+            tp.k[..., j0:j1, :],
+            tp.v[..., j0:j1, :],
+        )  # (..., Hkv, 1, Sb, Dk), (..., Hkv, 1, Sb, Dv)
         for i0 in range(0, T, tp.block_q):
             i1 = min(i0 + tp.block_q, T)
             kind, allowed = tp.pairs.block(i0, i1, j0, j1)  # (A4) for this tile
@@ -513,12 +541,18 @@ def flash_attention_backward(
             if allowed is not None:
                 logits = np.where(allowed, logits, masked_fill_value(dt))  # (A4)
             p = logits - lse[..., i0:i1, :]
-            np.exp(p, out=p)  # (..., Hkv, G, Tb, Sb)   (F6) P = exp(l~ - lse): exp(fill - lse) = 0 where masked
+            np.exp(
+                p, out=p
+            )  # (..., Hkv, G, Tb, Sb)   (F6) P = exp(l~ - lse): exp(fill - lse) = 0 where masked
             dout_i = dout[..., i0:i1, :]  # (..., Hkv, G, Tb, Dv)
             # (A9), (F9) dv_J += sum over the group's heads of P^T dout
-            dv[..., j0:j1, :] += (p.swapaxes(-1, -2) @ dout_i).sum(axis=-3)  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dv) -> (..., Hkv, Sb, Dv)
+            dv[..., j0:j1, :] += (p.swapaxes(-1, -2) @ dout_i).sum(
+                axis=-3
+            )  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dv) -> (..., Hkv, Sb, Dv)
             # (A8) dP = dout v^T; ds holds dP, then dl (F8), then ds (A14), in place
-            ds = dout_i @ v_j.swapaxes(-1, -2)  # (..., Hkv, G, Tb, Dv) @ (..., Hkv, 1, Dv, Sb) -> (..., Hkv, G, Tb, Sb)
+            ds = dout_i @ v_j.swapaxes(
+                -1, -2
+            )  # (..., Hkv, G, Tb, Dv) @ (..., Hkv, 1, Dv, Sb) -> (..., Hkv, G, Tb, Sb)
             # (F8) = (A11) with (F7): dl = P (dP - D); (A12) it is 0 where masked, as P is
             ds -= D[..., i0:i1, :]
             ds *= p
@@ -532,15 +566,21 @@ def flash_attention_backward(
                 np.square(capped, out=capped)
                 ds *= 1.0 - capped
             # (A15), (F9) dq_I += dl k_J (the scale is applied once, below)
-            dq[..., i0:i1, :] += ds @ k_j  # (..., Hkv, G, Tb, Sb) @ (..., Hkv, 1, Sb, Dk) -> (..., Hkv, G, Tb, Dk)
+            dq[..., i0:i1, :] += (
+                ds @ k_j
+            )  # (..., Hkv, G, Tb, Sb) @ (..., Hkv, 1, Sb, Dk) -> (..., Hkv, G, Tb, Dk)
             # (A16), (F9) dk_J += sum over the group's heads of dl^T (scale q)
-            dk[..., j0:j1, :] += (ds.swapaxes(-1, -2) @ tp.qs[..., i0:i1, :]).sum(axis=-3)  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dk) -> (..., Hkv, Sb, Dk)
+            dk[..., j0:j1, :] += (ds.swapaxes(-1, -2) @ tp.qs[..., i0:i1, :]).sum(
+                axis=-3
+            )  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dk) -> (..., Hkv, Sb, Dk)
     dq *= tp.scale  # (A15)
 
     if row_is_empty.any():
         if tp.empty_rows == "uniform":
             # (A9) with P = 1/S on the row: every key of the row's kv head gets dout / S
-            dv += (np.where(row_is_empty, dout, 0.0).sum(axis=(-3, -2)) / S)[..., None, :]  # (..., Hkv, 1, Dv)
+            dv += (np.where(row_is_empty, dout, 0.0).sum(axis=(-3, -2)) / S)[
+                ..., None, :
+            ]  # (..., Hkv, 1, Dv)
         elif tp.empty_rows == "nan":
             # (A9) with P = NaN on the row: its kv head's dv is NaN
             dv[row_is_empty.any(axis=(-3, -2, -1))] = np.nan

@@ -19,6 +19,7 @@ block-diagonal mask of :func:`block_diagonal_mask` (xformers' ``BlockDiagonalMas
 
 Derivation: ``docs/derivations/varlen.md``; guide: ``docs/decoding_and_varlen.md``.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -38,8 +39,14 @@ from ..core.masks import AllowedPairs, query_offset
 from ..core.options import AttentionOptions
 
 __all__ = [
-    "VarlenGrads", "VarlenTrace", "block_diagonal_mask", "cu_seqlens_from_lengths",
-    "varlen_attention", "varlen_attention_backward", "varlen_backward", "varlen_forward",
+    "VarlenGrads",
+    "VarlenTrace",
+    "block_diagonal_mask",
+    "cu_seqlens_from_lengths",
+    "varlen_attention",
+    "varlen_attention_backward",
+    "varlen_backward",
+    "varlen_forward",
 ]
 
 Q_LAYOUT, K_LAYOUT, V_LAYOUT = "(T_total, H, Dk)", "(S_total, Hkv, Dk)", "(S_total, Hkv, Dv)"
@@ -73,7 +80,9 @@ def cu_seqlens_from_lengths(lengths: ArrayLike) -> np.ndarray:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"lengths could not be converted to a numpy array: {exc}") from None
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"lengths must be 1-D with B >= 1 entries, shape (B,); got shape {arr.shape}")
+        raise ValueError(
+            f"lengths must be 1-D with B >= 1 entries, shape (B,); got shape {arr.shape}"
+        )
     if arr.dtype.kind not in "iu":
         raise TypeError(f"lengths must hold integers; got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
@@ -83,7 +92,9 @@ def cu_seqlens_from_lengths(lengths: ArrayLike) -> np.ndarray:
     return np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(arr)])  # (B + 1,)
 
 
-def _check_cu_seqlens(name: str, cu: Any, total: int | None = None, total_name: str = "") -> np.ndarray:
+def _check_cu_seqlens(
+    name: str, cu: Any, total: int | None = None, total_name: str = ""
+) -> np.ndarray:
     """``cu`` as a fresh int64 array (B + 1,): 1-D, integer, from 0, non-decreasing, ending at ``total``."""
     if isinstance(cu, np.random.Generator):
         raise TypeError(f"{name} must be an array of integer offsets; got a numpy.random.Generator")
@@ -99,10 +110,14 @@ def _check_cu_seqlens(name: str, cu: Any, total: int | None = None, total_name: 
             f"got {arr.size} entries: {arr.tolist()}"
         )
     if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integers (cumulative sequence lengths); got dtype {arr.dtype}")
+        raise TypeError(
+            f"{name} must hold integers (cumulative sequence lengths); got dtype {arr.dtype}"
+        )
     arr = arr.astype(np.int64)  # a copy, never the caller's array; signed, so differences are exact
     if arr[0] != 0:
-        raise ValueError(f"{name}[0] must be 0 (the first sequence starts at row 0); got {name}[0] = {arr[0]}")
+        raise ValueError(
+            f"{name}[0] must be 0 (the first sequence starts at row 0); got {name}[0] = {arr[0]}"
+        )
     drops = np.flatnonzero(np.diff(arr) < 0)
     if drops.size:
         i = int(drops[0]) + 1
@@ -198,7 +213,9 @@ def block_diagonal_mask(
         if q1 == q0 or k1 == k0:
             continue  # an empty block: nothing to allow
         T_b, S_b = q1 - q0, k1 - k0
-        pairs = AllowedPairs(T_b, S_b, causal=causal, window=window, offset=query_offset(T_b, S_b, align))
+        pairs = AllowedPairs(
+            T_b, S_b, causal=causal, window=window, offset=query_offset(T_b, S_b, align)
+        )
         block = pairs.dense()  # (T_b, S_b), or None when the whole block may attend
         allowed[q0:q1, k0:k1] = True if block is None else block  # (V3)
     return allowed
@@ -215,7 +232,9 @@ class VarlenTrace(NamedTuple):
     v: np.ndarray  #: (S_total, Hkv, Dv) packed values
     cu_seqlens_q: np.ndarray  #: (B + 1,) int64 query offsets
     cu_seqlens_k: np.ndarray  #: (B + 1,) int64 key offsets
-    traces: tuple[AttentionTrace | None, ...]  #: per sequence, the AttentionTrace of its (H, T_b, Dk) problem; None when T_b = 0 or S_b = 0
+    traces: tuple[
+        AttentionTrace | None, ...
+    ]  #: per sequence, the AttentionTrace of its (H, T_b, Dk) problem; None when T_b = 0 or S_b = 0
     out: np.ndarray  #: (T_total, H, Dv) packed output, (V2)
     logsumexp: np.ndarray  #: (H, T_total) per-row logsumexp of the allowed scores, -inf on empty rows (FlashAttention's ``softmax_lse`` layout), (V6)
 
@@ -232,11 +251,17 @@ def _check_packed(q, k, v, dt):
     q, k, v = as_float("q", q, dt), as_float("k", k, dt), as_float("v", v, dt)
     for name, x, layout in (("q", q, Q_LAYOUT), ("k", k, K_LAYOUT), ("v", v, V_LAYOUT)):
         if x.ndim != 3:
-            raise ValueError(f"{name} must be packed as {layout} (3 dims, no batch axis); got shape {x.shape}")
+            raise ValueError(
+                f"{name} must be packed as {layout} (3 dims, no batch axis); got shape {x.shape}"
+            )
         if x.shape[1] < 1 or x.shape[2] < 1:
-            raise ValueError(f"{name} must have at least one head and a width >= 1 (layout {layout}); got shape {x.shape}")
+            raise ValueError(
+                f"{name} must have at least one head and a width >= 1 (layout {layout}); got shape {x.shape}"
+            )
     if k.shape[2] != q.shape[2]:
-        raise ValueError(f"k must have Dk={q.shape[2]} like q; got k.shape={k.shape}, q.shape={q.shape}")
+        raise ValueError(
+            f"k must have Dk={q.shape[2]} like q; got k.shape={k.shape}, q.shape={q.shape}"
+        )
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"v must have the same (S_total, Hkv) as k = {k.shape[:2]}; got v.shape={v.shape}, k.shape={k.shape}"
@@ -278,9 +303,12 @@ def varlen_forward(
     ((5, 2, 3), (2, 5), [(2, 2, 4), (2, 3, 3)])
     """
     given = AttentionOptions.of(options, **kwargs)
-    given.refuse(("mask", "bias", "dropout_p", "dropout_mask"), "varlen attention",
-                 "the packed layout has no (..., H, T, S) axes for them; use block_diagonal_mask "
-                 "with scaled_dot_product_attention")
+    given.refuse(
+        ("mask", "bias", "dropout_p", "dropout_mask"),
+        "varlen attention",
+        "the packed layout has no (..., H, T, S) axes for them; use block_diagonal_mask "
+        "with scaled_dot_product_attention",
+    )
     dt = given.compute_dtype(q, k, v)
     q_in, k_in, v_in = q, k, v
     q, k, v = _check_packed(q, k, v, dt)
@@ -306,7 +334,9 @@ def varlen_forward(
         if k1 == k0:
             # (V5) queries but no key: every row is empty; "zero" leaves out = 0, lse = -inf.
             if empty_rows == "raise":
-                raise ValueError(f"empty_rows='raise': {where} has {q1 - q0} queries and no key to attend")
+                raise ValueError(
+                    f"empty_rows='raise': {where} has {q1 - q0} queries and no key to attend"
+                )
             if empty_rows == "uniform":
                 raise ValueError(
                     f"empty_rows='uniform' averages the sequence's values, but {where} has no key; "
@@ -318,15 +348,27 @@ def varlen_forward(
             continue
         # (V1) the sequence's own rows, heads first: (T_b, H, Dk) -> (H, T_b, Dk), a view.
         try:
-            tr = sdpa_forward(q[q0:q1].swapaxes(0, 1), k[k0:k1].swapaxes(0, 1),
-                              v[k0:k1].swapaxes(0, 1), options=per_sequence)
+            tr = sdpa_forward(
+                q[q0:q1].swapaxes(0, 1),
+                k[k0:k1].swapaxes(0, 1),
+                v[k0:k1].swapaxes(0, 1),
+                options=per_sequence,
+            )
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         out[q0:q1] = tr.out.swapaxes(0, 1)  # (H, T_b, Dv) -> (T_b, H, Dv)   (V2)
         lse[:, q0:q1] = tr.logsumexp  # (H, T_b)   (V6)
         traces.append(tr)
-    return VarlenTrace(q=fresh(q, q_in), k=fresh(k, k_in), v=fresh(v, v_in), cu_seqlens_q=cu_q,
-                       cu_seqlens_k=cu_k, traces=tuple(traces), out=out, logsumexp=lse)
+    return VarlenTrace(
+        q=fresh(q, q_in),
+        k=fresh(k, k_in),
+        v=fresh(v, v_in),
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        traces=tuple(traces),
+        out=out,
+        logsumexp=lse,
+    )
 
 
 def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
@@ -361,7 +403,9 @@ def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
     ((5, 2, 4), (7, 1, 4), (7, 1, 3))
     """
     if not isinstance(trace, VarlenTrace):
-        raise TypeError(f"trace must be the VarlenTrace returned by varlen_forward; got {type(trace).__name__}")
+        raise TypeError(
+            f"trace must be the VarlenTrace returned by varlen_forward; got {type(trace).__name__}"
+        )
     dout = as_float("dout", dout, trace.out.dtype)
     if dout.shape != trace.out.shape:
         raise ValueError(
