@@ -44,7 +44,8 @@ class _Loader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Resolves ``attention_ref.<old>`` to ``attention_ref.<new>`` for the names in :data:`MOVED`."""
+    """Resolves ``attention_ref.<old>`` to ``attention_ref.<new>`` for the names in
+    :data:`MOVED`."""
 
     def __init__(self, package: str) -> None:
         self.package = package

@@ -10,10 +10,14 @@
 
 Usage (from the repository root)::
 
-    python benchmarks/flash_memory.py                        # the full run (a few minutes on 2 cores)
-    python benchmarks/flash_memory.py --T 2048 --time-T 512  # a quick run
-    python benchmarks/flash_memory.py --skip-memory          # the time ratios only
-    python benchmarks/flash_memory.py --threads 1            # single-threaded BLAS (shared machines)
+    # the full run (a few minutes on 2 cores)
+    python benchmarks/flash_memory.py
+    # a quick run
+    python benchmarks/flash_memory.py --T 2048 --time-T 512
+    # the time ratios only
+    python benchmarks/flash_memory.py --skip-memory
+    # single-threaded BLAS (shared machines)
+    python benchmarks/flash_memory.py --threads 1
 
 Both measurements run in child processes, the memory one first: Linux carries ``ru_maxrss`` over
 ``fork`` + ``exec``, so a child started after a large run of the parent would report the parent's
@@ -99,10 +103,10 @@ def child_time(args: argparse.Namespace) -> dict:
         q, k, v, dout = _inputs(1, args.H, T, args.D, seed=1)
         opts = dict(causal=args.causal)
 
-        def plain():
+        def plain(q=q, k=k, v=v, dout=dout, opts=opts):
             sdpa_backward(dout, sdpa_forward(q, k, v, **opts))
 
-        def tiled():
+        def tiled(q=q, k=k, v=v, dout=dout, opts=opts):
             res = flash_attention_forward(
                 q, k, v, block_q=args.block_q, block_k=args.block_k, **opts
             )
@@ -163,14 +167,16 @@ def memory(args: argparse.Namespace, argv: list[str]) -> bool:
         + (f"; VmHWM {r['vmhwm'] / GIB:.3f} GiB" if r["vmhwm"] else "")
     )
     print(
-        f"  after creating the inputs: {r['rss_inputs'] / GIB:.3f} GiB (q, k, v, dout are {inputs / GIB:.3f} GiB)"
+        f"  after creating the inputs: {r['rss_inputs'] / GIB:.3f} GiB "
+        f"(q, k, v, dout are {inputs / GIB:.3f} GiB)"
     )
     print(
         f"  one (B, H, T, S) float64 array would be {scores / GIB:.1f} GiB, "
         f"{scores / r['rss_peak']:.0f}x the tiled peak"
     )
     print(
-        f"  wall time {r['wall_s']:.0f} s (forward {r['forward_s']:.1f} s, backward {r['backward_s']:.1f} s)"
+        f"  wall time {r['wall_s']:.0f} s "
+        f"(forward {r['forward_s']:.1f} s, backward {r['backward_s']:.1f} s)"
     )
     return ok
 
@@ -183,8 +189,9 @@ def timing(args: argparse.Namespace, argv: list[str]) -> bool:
             continue
         ok &= ratio <= args.max_ratio
         print(
-            f"time: T=S={T}, B=1, H={args.H}, Dk=Dv={args.D}{', causal' if args.causal else ''}, blocks "
-            f"{args.block_q}x{args.block_k}: tiled / plain (forward+backward, best of {args.repeats}) = "
+            f"time: T=S={T}, B=1, H={args.H}, Dk=Dv={args.D}{', causal' if args.causal else ''}, "
+            f"blocks {args.block_q}x{args.block_k}: tiled / plain (forward+backward, "
+            f"best of {args.repeats}) = "
             f"{ratio:.2f}{'' if ratio <= args.max_ratio else f'  EXCEEDS {args.max_ratio}'}"
         )
     return ok

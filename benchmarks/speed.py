@@ -178,7 +178,8 @@ def has_tiled() -> bool:
 
 
 def tiled_step(q, k, v, dout, causal):
-    """Forward + backward of the tiled path, or None when ``attention_ref.variants.flash`` is absent."""
+    """Forward + backward of the tiled path, or None when ``attention_ref.variants.flash`` is
+    absent."""
     if not has_tiled():
         return None
     from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
@@ -191,7 +192,8 @@ def tiled_step(q, k, v, dout, causal):
 
 
 def floor_step(q, k, v, dout, seed: int = 1):
-    """The six matrix products of exact attention, on stand-ins for P and dS of shape (B, H, T, S)."""
+    """The six matrix products of exact attention, on stand-ins for P and dS of shape
+    (B, H, T, S)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -291,7 +293,8 @@ def ratio_table(args) -> list[str]:
         f"(best of {args.repeats}; median and range of the per-round ratios in brackets)\n"
     )
     print(
-        "| mask | ours / torch SDPA | ours / torch math | ours / floor | tiled / plain | torch SDPA backend | max abs diff vs torch |"
+        "| mask | ours / torch SDPA | ours / torch math | ours / floor | tiled / plain "
+        "| torch SDPA backend | max abs diff vs torch |"
     )
     print("|---|---|---|---|---|---|---|")
     for causal in (False, True):
@@ -314,7 +317,10 @@ def ratio_table(args) -> list[str]:
         wrong = disagreements(results, "causal" if causal else "none")
         if wrong:
             return wrong
-        diff = max(float(np.max(np.abs(a - b.numpy()))) for a, b in zip((g.dq, g.dk, g.dv), tg))
+        diff = max(
+            float(np.max(np.abs(a - b.numpy())))
+            for a, b in zip((g.dq, g.dk, g.dv), tg, strict=True)
+        )
         t = timings(candidates, args.repeats)
         tiled_cell = ratio_cell(t["tiled"], t["ours"]) if tiled is not None else "n/a"
         print(
@@ -357,9 +363,9 @@ def growth_table(args) -> None:
     tiled = has_tiled()
     print(f"\n## Growth with T = S (B={B}, H={H}, Dk=Dv={D}, no mask)\n")
     print(
-        f"Each cell: relative to T={t0}, and in brackets the factor from the previous row (T doubles). "
-        "Exact attention is O(T^2) work, x4 per doubling; peak memory grows x4 per doubling for the "
-        "plain path (its (T, S) arrays) and x2 for the tiled one (O(T)).\n"
+        f"Each cell: relative to T={t0}, and in brackets the factor from the previous row "
+        "(T doubles). Exact attention is O(T^2) work, x4 per doubling; peak memory grows x4 per "
+        "doubling for the plain path (its (T, S) arrays) and x2 for the tiled one (O(T)).\n"
     )
     names = ["plain", "tiled"] if tiled else ["plain"]
     print("| T | " + " | ".join(f"{name} time | {name} peak memory" for name in names) + " |")
@@ -388,7 +394,8 @@ def growth_table(args) -> None:
     print(
         f"\nPeak memory at T={t0}: "
         + ", ".join(f"{name} {first[name + ' memory'] / 2**20:.1f} MiB" for name in names)
-        + " (tracemalloc: NumPy's allocations during one forward + backward; the inputs are not counted)."
+        + " (tracemalloc: NumPy's allocations during one forward + backward; "
+        "the inputs are not counted)."
     )
 
 
@@ -411,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\nthreads: {blas_threads}; torch {torch.get_num_threads()} (torch.set_num_threads). "
-        f"numpy {np.__version__}, torch {torch.__version__}, attention_ref from {Path(attention_ref.__file__).parent}"
+        f"numpy {np.__version__}, torch {torch.__version__}, "
+        f"attention_ref from {Path(attention_ref.__file__).parent}"
     )
     wrong = ratio_table(args)
     if wrong:

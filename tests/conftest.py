@@ -15,7 +15,8 @@ def rng() -> np.random.Generator:
 
 
 def require_torch():
-    """Import torch, or skip -- unless ATTENTION_REF_REQUIRE_TORCH=1 (CI), where its absence fails."""
+    """Import torch, or skip -- unless ATTENTION_REF_REQUIRE_TORCH=1 (CI), where its absence
+    fails."""
     if os.environ.get("ATTENTION_REF_REQUIRE_TORCH") == "1":
         import torch  # noqa: F401  -- an ImportError here fails the test, as CI wants
 

@@ -61,7 +61,7 @@ def naive_attention(
                 if keys:
                     m = max(logits)
                     e = [math.exp(x - m) for x in logits]
-                    for j, ej in zip(keys, e):
+                    for j, ej in zip(keys, e, strict=True):
                         weights[j] = ej / sum(e)
                 elif empty_rows == "uniform":
                     weights[:] = 1.0 / S

@@ -5,9 +5,10 @@
   polarity, top-left ``is_causal`` and ``local_window_size`` when T != S, GQA grouping, uniform
   empty rows, zeroed rows beyond ``query_seq_lengths``, a float32 softmax under x64.
 * ``run_jax_sdpa`` and ``run_jax_mha`` against the reference, forward and every gradient for a
-  random cotangent, by the rule ``attention-ref compare jax`` applies (:mod:`attention_ref.oracle.conformance`):
-  JAX's softmax is float32 even for float64 inputs, so its error is judged by the error-budget
-  rule of :mod:`attention_ref.testing` against the reference computed in float32, not by 1e-12.
+  random cotangent, by the rule ``attention-ref compare jax`` applies
+  (:mod:`attention_ref.oracle.conformance`): JAX's softmax is float32 even for float64 inputs, so
+  its error is judged by the error-budget rule of :mod:`attention_ref.testing` against the reference
+  computed in float32, not by 1e-12.
 * ``options_from_jax_kwargs`` against real JAX calls with sequence lengths.
 * A wrong mapping (the other polarity or alignment) fails that rule; the caller's x64 setting
   survives; the module imports without jax.
@@ -77,8 +78,9 @@ def judge(theirs: dict, ours: dict, base: dict) -> list[BudgetReport]:
     """JAX's output and gradients judged as ``attention-ref compare jax`` judges them.
 
     ``theirs``, ``ours`` (the float64 reference) and ``base`` (the reference computed in float32,
-    :func:`~attention_ref.testing.sdpa_baseline` / :func:`~attention_ref.testing.mha_baseline`)
-    map "out", "dq", ... to arrays. The rule of :func:`attention_ref.oracle.conformance.run_conformance`:
+    :func:`~attention_ref.testing.sdpa_baseline` / :func:`~attention_ref.testing.mha_baseline`) map
+    "out", "dq", ... to arrays. The rule of
+    :func:`attention_ref.oracle.conformance.run_conformance`:
     :func:`~attention_ref.testing.check_budget`, ``OUTPUT_BUDGET`` for the output,
     ``MIXED_PRECISION_GRADIENT_BUDGET`` for each gradient, whose floor is at least the noise floor
     of the case's largest gradient (a gradient that is 0 in exact arithmetic, the key projection's
@@ -184,7 +186,8 @@ def test_dpa_kwargs_use_jax_arguments_where_they_mean_the_same():
     assert (
         jax_dpa_kwargs(3, 5, window=(None, None))["local_window_size"] is None
     )  # no restriction at all
-    # bottom_right has no JAX argument when T != S: an explicit mask; when T = S it is the same as top_left
+    # bottom_right has no JAX argument when T != S: an explicit mask; when T = S it is the same as
+    # top_left
     kw = jax_dpa_kwargs(2, 4, causal=True, window=(1, 0), align="bottom_right")
     assert not kw["is_causal"] and kw["local_window_size"] is None
     np.testing.assert_array_equal(
@@ -286,7 +289,8 @@ def test_jax_semantics_as_recorded(rng):
     outs = {n: bhtd_from_bthd(np.asarray(o)) for n, o in outs.items()}
 
     def judged(out, q, k, v, **ours) -> BudgetReport:
-        """JAX's output against the reference with the options ``ours``, by the error-budget rule."""
+        """JAX's output against the reference with the options ``ours``, by the error-budget
+        rule."""
         return check_budget(
             out,
             scaled_dot_product_attention(q, k, v, **ours),
@@ -580,7 +584,8 @@ def test_run_jax_mha_within_budget(name, rng):
         named(multi_head_attention(query, key, value, p, **options), g.as_dict()),
         named(base.out, base.grads),
     )
-    # db_k is judged too: 0 in exact arithmetic (b_k shifts whole score rows), round-off on both sides
+    # db_k is judged too: 0 in exact arithmetic (b_k shifts whole score rows), round-off on both
+    # sides
     assert ("db_k" in theirs) == (p.b_k is not None)
 
 

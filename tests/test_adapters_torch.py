@@ -235,7 +235,8 @@ def test_params_round_trip_through_a_module(kdim, vdim, bias, rng):
 
 
 def test_params_to_torch_computes_the_reference(rng):
-    """Independent of the mapping: the module built from params, called by hand, is the reference."""
+    """Independent of the mapping: the module built from params, called by hand, is the
+    reference."""
     torch = require_torch()
     p = init_params(rng, d_model=8, num_heads=4, kdim=6, vdim=3)
     module = params_to_torch(p, num_heads=4)
@@ -520,7 +521,9 @@ def test_runner_inputs_are_not_modified_and_outputs_are_fresh(rng):
     q, k, v, dout, options = build_sdpa_case(rng, mask="BHTS", bias="1HTS")
     copies = [x.copy() for x in (q, k, v, dout, options["mask"], options["bias"])]
     run = run_torch_sdpa(q, k, v, dout, **options)
-    for before, after in zip(copies, (q, k, v, dout, options["mask"], options["bias"])):
+    for before, after in zip(
+        copies, (q, k, v, dout, options["mask"], options["bias"]), strict=True
+    ):
         np.testing.assert_array_equal(before, after)
     assert run.out.dtype == np.float64 and run.out.flags.writeable
     assert not np.shares_memory(run.grads.dbias, options["bias"])
@@ -668,7 +671,8 @@ def test_imports_and_converts_without_torch():
         "import sys; sys.modules['torch'] = None\n"  # import torch now raises ImportError
         "import numpy as np\n"
         "import attention_ref.adapters.torch as t\n"
-        "assert t.mask_from_key_padding_mask(np.array([[False, True]]))[0, 0, 0].tolist() == [True, False]\n"
+        "assert t.mask_from_key_padding_mask(np.array([[False, True]]))[0, 0, 0].tolist() "
+        "== [True, False]\n"
         "try:\n"
         "    t.run_torch_sdpa(np.ones((1, 2, 3)), np.ones((1, 2, 3)), np.ones((1, 2, 3)))\n"
         "except ImportError as exc:\n"
@@ -681,7 +685,8 @@ def test_imports_and_converts_without_torch():
 
 
 def _doc_blocks(framework: str) -> list[str]:
-    """The ```python blocks of docs/adapters.md, but those that import the other framework or its adapter."""
+    """The ```python blocks of docs/adapters.md, but those that import the other framework or its
+    adapter."""
     text = (ROOT / "docs" / "adapters.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
     other = {"torch": "jax", "jax": "torch"}[framework]

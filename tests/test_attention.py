@@ -34,8 +34,8 @@ def padding_mask(B=B, T=T, S=S):
     return m
 
 
-# Each case: (id, shape overrides, options builder). Shapes keep T != S, H > 1, Hkv < H, Dk != Dv, B > 1
-# unless the case is an edge case on purpose.
+# Each case: (id, shape overrides, options builder). Shapes keep T != S, H > 1, Hkv < H,
+# Dk != Dv, B > 1 unless the case is an edge case on purpose.
 CASES = [
     ("plain GQA", {}, lambda rng, sh: {}),
     ("MHA Hkv=H", {"Hkv": 4}, lambda rng, sh: {}),

@@ -103,7 +103,7 @@ def _planted(rng):
 def _by_hand(a, e):
     """Worst error, its index, scale and both mismatch counts, entry by entry in Python."""
     nan_mm = inf_mm = 0
-    for x, y in zip(a.ravel().tolist(), e.ravel().tolist()):
+    for x, y in zip(a.ravel().tolist(), e.ravel().tolist(), strict=True):
         if math.isnan(x) or math.isnan(y):
             nan_mm += math.isnan(x) != math.isnan(y)
         elif math.isinf(x) or math.isinf(y):
@@ -252,9 +252,9 @@ def test_text_table_is_aligned_and_holds_the_cells():
     assert rule == "-" * len(head) and len(body) == len(CELLS)
     widths = _widths()
     starts = [sum(widths[:i]) + 2 * i for i in range(len(widths))]
-    for line, cells in zip([head] + body, [HEADERS] + CELLS):
+    for line, cells in zip([head] + body, [HEADERS] + CELLS, strict=True):
         assert line == line.rstrip()
-        got = [line[s : s + w] for s, w in zip(starts, widths)]
+        got = [line[s : s + w] for s, w in zip(starts, widths, strict=True)]
         assert [g.strip() for g in got] == cells
         assert got[0] == got[0].rstrip().ljust(widths[0])  # left-aligned
         assert got[1] == got[1].strip().rjust(widths[1])  # right-aligned

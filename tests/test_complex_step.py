@@ -52,7 +52,8 @@ def test_complex_step_matches_closed_form_derivatives(rng):
 
 
 def test_complex_step_is_exact_where_finite_differences_are_not(rng):
-    # f(x) = x^2 at a large x: a central difference loses ~8 digits to cancellation, the complex step none.
+    # f(x) = x^2 at a large x: a central difference loses ~8 digits to cancellation, the complex
+    # step none.
     from attention_ref.gradcheck import numerical_vjp
 
     x, c = np.array([1e4]), np.array([1.0])

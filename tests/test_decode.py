@@ -57,7 +57,8 @@ def make_sequence(rng, lead, H, Hkv, L, Dk, Dv):
 
 
 def run_decoding(q, k, v, sizes, **opts):
-    """Feed the sequence through decode_step in chunks of the given sizes; the outputs concatenated."""
+    """Feed the sequence through decode_step in chunks of the given sizes; the outputs
+    concatenated."""
     lead, Hkv, Dk, Dv = k.shape[:-3], k.shape[-3], k.shape[-1], v.shape[-1]
     cache = KVCache.empty(lead, num_kv_heads=Hkv, head_dim=Dk, v_head_dim=Dv)
     outs, start = [], 0
@@ -204,7 +205,10 @@ STEP_ERRORS = [
         (2, 1, 1, 4),
         (2, 2, 1, 3),
         ValueError,
-        r"k_new must have the cache's batch dims \(2,\), Hkv=2 heads and Dk=4, i.e. shape \(2, 2, 1, 4\); got k_new.shape=\(2, 1, 1, 4\)",
+        (
+            r"k_new must have the cache's batch dims \(2,\), Hkv=2 heads and Dk=4, "
+            r"i.e. shape \(2, 2, 1, 4\); got k_new.shape=\(2, 1, 1, 4\)"
+        ),
     ),
     (
         "k_new Dk",
@@ -244,7 +248,11 @@ STEP_ERRORS = [
         (2, 2, 1, 4),
         (2, 2, 1, 3),
         ValueError,
-        r"q_new must have shape \(\.\.\., H, T_new, Dk\) with the cache's batch dims \(\.\.\.\) = \(2,\) and Dk = 4; got q_new.shape=\(2, 4, 1, 5\)",
+        (
+            r"q_new must have shape \(\.\.\., H, T_new, Dk\) "
+            r"with the cache's batch dims \(\.\.\.\) = \(2,\) and Dk = 4; "
+            r"got q_new.shape=\(2, 4, 1, 5\)"
+        ),
     ),
     (
         "q_new batch",

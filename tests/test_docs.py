@@ -192,7 +192,7 @@ def test_labels_are_numbered_in_page_order():
         numbers = [int(re.sub(r"^\D+", "", label)) for label in labels]
         if (
             numbers != list(range(1, len(labels) + 1))
-            or len({re.sub(r"\d+$", "", l) for l in labels}) > 1
+            or len({re.sub(r"\d+$", "", label) for label in labels}) > 1
         ):
             problems.append(f"{page}.md: {labels}")
     assert not problems, "labels not numbered 1, 2, ... with one prefix per page: " + "; ".join(

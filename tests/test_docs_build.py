@@ -179,7 +179,7 @@ def _api_entries(api: str) -> dict[str, str]:
     ]
     return {
         name: api[start:end]
-        for (start, name), (end, _) in zip(starts, starts[1:] + [(len(api), "")])
+        for (start, name), (end, _) in zip(starts, starts[1:] + [(len(api), "")], strict=True)
     }
 
 

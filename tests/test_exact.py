@@ -295,7 +295,8 @@ def exact_quantities(c: Config) -> dict[str, np.ndarray]:
 
 
 def library_result(c: Config, dtype: Any, scale_factor: float = 1.0) -> dict[str, np.ndarray]:
-    """The library's quantities (trace + backward) at ``dtype``, with the scale times ``scale_factor``."""
+    """The library's quantities (trace + backward) at ``dtype``, with the scale times
+    ``scale_factor``."""
     options = dict(c.options)
     if scale_factor != 1.0:
         Dk = (
@@ -361,7 +362,7 @@ def measure(name: str, dtype: Any, scale_factor: float = 1.0) -> dict[str, float
     return errors_in_eps(CONFIGS[name], exact_result(name), dtype, scale_factor)
 
 
-# ----------------------------------------------------------------------------- 3. the measured errors
+# --------------------------------------------------------------------------- 3. the measured errors
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
@@ -437,7 +438,7 @@ def test_canonical_cases_float64_error_within_the_bound(case):
     assert not over, f"{case}: errors over the bound {bound} eps: {over}"
 
 
-# ----------------------------------------------------------------------------- 1. the exact backward
+# ---------------------------------------------------------------------------- 1. the exact backward
 
 #: Digits and step of the central differences that check the exact backward. The difference
 #: (phi(x + h t) - phi(x - h t)) / 2h errs by h^2 |phi'''| / 6 ~ 1e-40 (truncation) plus
@@ -485,7 +486,7 @@ def directional(
     t = exact._to_mp(ctx, rng.normal(size=x.shape))
     h = ctx.mpf(FD_STEP)
     fd = (phi(x + h * t) - phi(x - h * t)) / (2 * h)
-    products = [ti * gi for ti, gi in zip(t.ravel(), grad.ravel())]
+    products = [ti * gi for ti, gi in zip(t.ravel(), grad.ravel(), strict=True)]
     return Directional(fd, ctx.fsum(products), ctx.fsum(abs(p) for p in products))
 
 
@@ -504,7 +505,7 @@ def sdpa_directionals() -> dict[str, Directional]:
 
     return {
         name: directional(ctx, phi_of(name), getattr(a, name), g, rng)
-        for name, g in zip(("q", "k", "v", "bias"), grads)
+        for name, g in zip(("q", "k", "v", "bias"), grads, strict=True)
     }
 
 
@@ -731,7 +732,7 @@ def test_inputs_are_not_modified_and_outputs_are_fresh_float64(rng):
     bias = rng.normal(size=(3, 5))
     before = [x.copy() for x in (q, k, v, dout, bias)]
     ex = exact_sdpa(q, k, v, dout, bias=bias)
-    assert all(np.array_equal(a, b) for a, b in zip(before, (q, k, v, dout, bias)))
+    assert all(np.array_equal(a, b) for a, b in zip(before, (q, k, v, dout, bias), strict=True))
     for x in (r for r in ex if r is not None):
         assert x.dtype == np.float64
         assert not any(np.may_share_memory(x, y) for y in (q, k, v, dout, bias))
@@ -751,7 +752,10 @@ def test_rounding_is_correct_down_to_subnormals():
 
 
 def test_import_attention_ref_does_not_import_mpmath():
-    code = "import sys, attention_ref, attention_ref.oracle.exact; sys.exit(int('mpmath' in sys.modules))"
+    code = (
+        "import sys, attention_ref, attention_ref.oracle.exact; "
+        "sys.exit(int('mpmath' in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

@@ -203,7 +203,8 @@ def build(rng, overrides, make_opts):
 
 
 def assert_close(name, actual, expected, rtol=RTOL, floor=0.0):
-    """Same NaN/inf entries (empty rows), and max|diff| / max(max|expected|, floor) <= rtol on the rest."""
+    """Same NaN/inf entries (empty rows), and max|diff| / max(max|expected|, floor) <= rtol on the
+    rest."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(
@@ -281,7 +282,8 @@ def test_cases_have_empty_rows_under_every_policy(rng):
 
 
 def test_backward_takes_the_plain_trace_and_other_block_sizes(rng):
-    """out and logsumexp from sdpa_forward work as well; the backward's blocks need not be the forward's."""
+    """out and logsumexp from sdpa_forward work as well; the backward's blocks need not be the
+    forward's."""
     q, k, v = make_qkv(rng)
     opts = dict(causal=True, align="bottom_right", bias=rng.normal(size=(H, T, S)), softcap=3.0)
     tr = sdpa_forward(q, k, v, **opts)
@@ -405,7 +407,7 @@ def test_online_softmax_update_leaves_its_inputs_alone(rng):
     copies = [a.copy() for a in (*st, logits, values)]
     new = online_softmax_update(st, logits, values, rng.random((2, 3, 5)) < 0.5)
     assert isinstance(new, OnlineSoftmaxState)
-    for before, after in zip(copies, (*st, logits, values)):
+    for before, after in zip(copies, (*st, logits, values), strict=True):
         np.testing.assert_array_equal(before, after)
 
 
@@ -480,7 +482,7 @@ def test_memory_grows_linearly_and_stays_below_one_score_matrix():
     assert p4 < 4096 * 4096 * 8 / 8, p4
 
 
-# ----------------------------------------------------------------------------- conventions, validation
+# -------------------------------------------------------------------------- conventions, validation
 
 
 def test_inputs_are_not_modified_and_outputs_are_fresh(rng):
@@ -506,7 +508,9 @@ def test_inputs_are_not_modified_and_outputs_are_fresh(rng):
         block_q=BQ,
         block_k=BK,
     )
-    for before, after in zip(copies + list(saved), inputs + (dout, res.out, res.logsumexp)):
+    for before, after in zip(
+        copies + list(saved), inputs + (dout, res.out, res.logsumexp), strict=True
+    ):
         np.testing.assert_array_equal(before, after)
     for out in (*res, *g):
         assert not any(np.shares_memory(out, x) for x in inputs + (dout,))
@@ -567,7 +571,10 @@ def test_backward_validates_saved_arrays(rng):
         flash_attention_backward(dout, q, k, v, res.out, res.logsumexp[..., None])
     with pytest.raises(
         ValueError,
-        match=r"logsumexp must be finite, or -inf on an empty row .*; got logsumexp\[\(0, 0, 1\)\] = nan",
+        match=(
+            r"logsumexp must be finite, or -inf on an empty row .*; "
+            r"got logsumexp\[\(0, 0, 1\)\] = nan"
+        ),
     ):
         bad = res.logsumexp.copy()
         bad[0, 0, 1] = np.nan

@@ -79,7 +79,8 @@ def golden_some(tmp_path) -> Path:
 
 
 def _reference_arrays(name: str) -> dict[str, np.ndarray]:
-    """A case's arrays by golden key, computed here from attention_ref.cases, not read from a file."""
+    """A case's arrays by golden key, computed here from attention_ref.cases, not read from a
+    file."""
     data = get_case(name).build()
     ref = data.reference()
     arrays = {f"input.{n}": a for n, a in data.inputs.items()}
@@ -140,7 +141,8 @@ def test_the_same_cases_give_the_same_bytes(tmp_path):
 
 
 def test_stored_options_reproduce_the_case(golden_all):
-    """The manifest's options (defaults filled in) are the case: e.g. window becomes a tuple again."""
+    """The manifest's options (defaults filled in) are the case: e.g. window becomes a tuple
+    again."""
     golden = read_golden(golden_all)
     assert golden["sliding_window_two_sided_bottom_right"].options["window"] == (1, 1)
     assert (
@@ -294,13 +296,15 @@ def _naive_candidate(align_override=None):
 
 
 def test_callable_candidate_independent_implementation(golden_all):
-    """tests/naive.py, written from the conventions with loops, gets only what the golden set holds."""
+    """tests/naive.py, written from the conventions with loops, gets only what the golden set
+    holds."""
     names = [c.name for c in cases("sdpa")]
     results = verify_golden(golden_all, _naive_candidate(), cases=names)
     assert [r.case for r in results] == names and all(r.passed for r in results), [
         r.message for r in results if not r.passed
     ]
-    # the wrong causal/window alignment fails exactly the cases that use bottom_right (all have T != S)
+    # the wrong causal/window alignment fails exactly the cases that use bottom_right (all
+    # have T != S)
     results = verify_golden(golden_all, _naive_candidate("top_left"), cases=names)
     bottom_right = {c.name for c in cases("sdpa") if c.options.get("align") == "bottom_right"}
     assert len(bottom_right) >= 4
@@ -328,7 +332,8 @@ def test_callable_gets_copies(golden_some):
 def test_low_precision_candidate_uses_the_budget_rule(golden_some):
     """A bfloat16 candidate (the reference staged in bfloat16, q scaled first) is far outside the
     float64 rule and within the error budget; one with the scale 5% off is over budget. (On these
-    tiny cases bfloat16's own error, u = 2^-8 = 0.4%, hides a 1% scale error within the 2x budget.)"""
+    tiny cases bfloat16's own error, u = 2^-8 = 0.4%, hides a 1% scale error within the 2x
+    budget.)"""
 
     def bf16(scale_factor=1.0):
         def candidate(name, inputs, options, cotangent):
@@ -389,7 +394,8 @@ def _rezip(
 
 
 def _rewrite_gqa_q(d: Path, transform=lambda a: a, npy_version=None) -> None:
-    """Rewrite input.q of gqa.npz (valid zip, valid CRC) as ``transform(q)`` in another .npy form."""
+    """Rewrite input.q of gqa.npz (valid zip, valid CRC) as ``transform(q)`` in another .npy
+    form."""
     q = get_case("gqa").build().inputs["q"]
     _rezip(d / "gqa.npz", drop=("input.q",), add={"input.q": transform(q)}, npy_version=npy_version)
 
@@ -564,7 +570,8 @@ def test_a_changed_file_is_reported_with_the_array_that_changed(golden_some):
 
 
 def test_an_edited_option_is_caught_by_self_verification(golden_some):
-    """Checksums cover the arrays; an option edited in the manifest is caught by the recomputation."""
+    """Checksums cover the arrays; an option edited in the manifest is caught by the
+    recomputation."""
     _edit_manifest(golden_some, lambda m: _case(m, "gqa")["options"].update(scale=0.4))
     golden = read_golden(golden_some)  # every checksum still matches
     failed = [r for r in verify_golden(golden) if not r.passed]
@@ -579,7 +586,7 @@ def test_a_file_changed_after_reading_is_not_served(golden_some):
         golden["gqa"].arrays()
 
 
-# ----------------------------------------------------------------------------- the documented format, read by hand
+# -------------------------------------------------------------- the documented format, read by hand
 
 
 def _read_zip_by_hand(blob: bytes) -> dict[str, bytes]:

@@ -39,7 +39,8 @@ def test_pre_redesign_golden_set_verifies():
 
 
 def test_fixture_tolerance_catches_a_few_ulps():
-    """The bound is tight: the stored outputs pass against themselves, a 4e-15 relative change fails."""
+    """The bound is tight: the stored outputs pass against themselves, a 4e-15 relative change
+    fails."""
     golden = read_golden(FIXTURE)
 
     def stored(scale):

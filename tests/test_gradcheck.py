@@ -1,4 +1,5 @@
-"""The checker is itself tested: exact on known derivatives, and it rejects known-wrong backwards."""
+"""The checker is itself tested: exact on known derivatives, and it rejects known-wrong
+backwards."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def test_one_object_equals_keywords_on_every_path(qkv, rng):
     )
     g1 = ar.scaled_dot_product_attention_backward(dout, q, k, v, options=opts)
     g2 = ar.scaled_dot_product_attention_backward(dout, q, k, v, **kw)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         same(a, b)
     f1 = flash.flash_attention_forward(q, k, v, options=opts, block_q=2, block_k=2)
     f2 = flash.flash_attention_forward(q, k, v, block_q=2, block_k=2, **kw)
@@ -263,3 +263,21 @@ def test_the_builder_never_returns_the_callers_mask():
     mask = np.ones((3, 5), dtype=bool)
     dense = AllowedPairs.build(3, 5, mask=mask).dense()
     assert dense is not None and not np.shares_memory(dense, mask)
+
+
+def test_readme_options_example_runs_and_equals_the_keyword_calls():
+    """The README's block on AttentionOptions runs after its ten lines, and means what it says."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = text.split("## Ten lines", 1)[1].split("## API", 1)[0].split("```python")[1:]
+    assert len(blocks) == 2, "the README's Ten lines section should hold two python blocks"
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block.split("```", 1)[0], "README.md", "exec"), scope)
+    q, k, v, dout = scope["q"], scope["k"], scope["v"], scope["dout"]
+    kw = dict(causal=True, align="bottom_right", window=(2, None))
+    want = ar.scaled_dot_product_attention_backward(dout, q, k, v, **kw)
+    for got, ref in zip(scope["grads"], want, strict=True):
+        if ref is not None:
+            np.testing.assert_array_equal(got, ref)

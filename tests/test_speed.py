@@ -1,5 +1,5 @@
-"""The fast plain path: in-place updates never reach the caller's arrays or the trace; the
-softmax and its backward's shortcuts equal the literal stages; ``benchmarks/speed.py --quick`` runs."""
+"""The fast plain path: in-place updates never reach the caller's arrays or the trace; the softmax
+and its backward's shortcuts equal the literal stages; ``benchmarks/speed.py --quick`` runs."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_backward_writes_neither_the_trace_nor_the_inputs(rng, name):
     _assert_unchanged(trace, trace_before)
     for n, before in inputs_before.items():
         np.testing.assert_array_equal(inputs[n], before, err_msg=f"the caller's {n} was written")
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -129,7 +129,7 @@ def test_noise_floor_is_two_ulps_of_the_output_plus_point_three(rng):
         assert max(ratios[0.69], ratios[1.5]) >= 0.99, (precision, ratios)  # the bound is reached
 
 
-# ----------------------------------------------------------------------------- compare, assert_close
+# ---------------------------------------------------------------------------- compare, assert_close
 
 
 def test_compare_reports_where_and_both_values():
@@ -184,7 +184,8 @@ def test_assert_close_checks_nan_and_inf_placement():
 
 
 def _float32_attention(q, k, v, *, scale=None, causal=False, shift=0):
-    """An independent float32 attention (top_left causal shifted by ``shift`` diagonals: a planted bug)."""
+    """An independent float32 attention (top_left causal shifted by ``shift`` diagonals: a planted
+    bug)."""
     q, k, v = (np.asarray(a, dtype=np.float32) for a in (q, k, v))
     scale = np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     s = (q * scale) @ np.swapaxes(k, -1, -2)

@@ -4,10 +4,10 @@
   ``torch.nn.functional.scaled_dot_product_attention`` on the math backend: GQA/MQA
   (``enable_gqa``), boolean and additive masks, causal ``top_left`` (``is_causal``) and
   ``bottom_right`` (``causal_lower_right``), fully masked rows.
-* :func:`attention_ref.multi_head_attention` and its backward against ``torch.nn.MultiheadAttention``
-  with the module's weights converted to ``(in, out)``: self- and cross-attention (``kdim``/``vdim``),
-  key padding, a causal ``attn_mask``, bias on and off, averaged weights (``need_weights=True``),
-  fully padded batch elements.
+* :func:`attention_ref.multi_head_attention` and its backward against
+  ``torch.nn.MultiheadAttention`` with the module's weights converted to ``(in, out)``: self- and
+  cross-attention (``kdim``/``vdim``), key padding, a causal ``attn_mask``, bias on and off,
+  averaged weights (``need_weights=True``), fully padded batch elements.
 
 Every gradient is a vector-Jacobian product with a random cotangent (``out.backward(c)``), never
 ``.sum()``. Weights, masks and SDPA's keyword arguments are converted by
@@ -261,11 +261,13 @@ MHA_CASES = [
         key_padding="tail",
         need_weights=True,
     ),
-    # A fully padded batch element: torch's SDPA path (need_weights=False) gives zero rows, our "zero".
+    # A fully padded batch element: torch's SDPA path (need_weights=False) gives zero rows, our
+    # "zero".
     MhaCase("fully_padded-need_weights_False-zero", key_padding="all"),
-    # torch's explicit softmax (need_weights=True) gives NaN rows and NaN weights, our "nan". Forward
-    # only: torch's NaN also reaches dquery/dkey and every in_proj gradient (its -inf mask is added
-    # to the scores), ours reaches dvalue only (masked entries pass no gradient, see sdpa_backward).
+    # torch's explicit softmax (need_weights=True) gives NaN rows and NaN weights, our "nan".
+    # Forward only: torch's NaN also reaches dquery/dkey and every in_proj gradient (its -inf mask
+    # is added to the scores), ours reaches dvalue only (masked entries pass no gradient, see
+    # sdpa_backward).
     MhaCase(
         "fully_padded-need_weights_True-nan",
         key_padding="all",

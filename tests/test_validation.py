@@ -1718,7 +1718,8 @@ class Case(NamedTuple):
     inputs: Callable[[SimpleNamespace], tuple[tuple, dict]]  #: g -> (args, kwargs); accepts dtype=
 
 
-# Every public forward and backward that takes dtype=: purity, precision and dtype= are tested on each.
+# Every public forward and backward that takes dtype=: purity, precision and dtype= are tested on
+# each.
 CASES: dict[str, Case] = {
     "linear": Case(ar.linear, lambda g: ((g.x, g.w, g.b), {})),
     "linear-1d-no-bias": Case(ar.linear, lambda g: ((g.x[0, 0], g.w), {})),
@@ -1879,7 +1880,7 @@ def test_read_only_inputs_are_not_modified_and_outputs_do_not_alias_them(name, g
 
     result = case.fn(*args, **kwargs)
 
-    for a, was in zip(inputs, before):
+    for a, was in zip(inputs, before, strict=True):
         np.testing.assert_array_equal(a, was, err_msg=f"{name} modified an input")
     outputs = list(_arrays(result))
     assert outputs
@@ -1930,7 +1931,7 @@ def test_any_real_input_is_computed_in_float64(name, conversion, g):
     want = list(_arrays(case.fn(*ref_args, **ref_kwargs)))
 
     assert len(got) == len(want) > 0
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert b.dtype in (np.float64, np.bool_)
         assert a.dtype == b.dtype, (
             f"{name}: {conversion} input gave a {a.dtype} output, not {b.dtype}"

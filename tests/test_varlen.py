@@ -170,7 +170,7 @@ def test_backward_equals_each_sequence_alone(rng, _id, lq, lk, H, Hkv, Dk, Dv, o
         assert_close(actual, expected, name)
     # the trace pair gives the same gradients as the recomputing backward
     g2 = varlen_backward(dout, varlen_forward(q, k, v, cu_q, cu_k, **opts))
-    for a, b in zip(g, g2):
+    for a, b in zip(g, g2, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -215,7 +215,8 @@ def test_causal_over_the_packed_axis_is_caught(rng):
 
 
 def tiny_case(rng):
-    """5 queries, 6 keys: lengths (T_b, S_b) = (2, 3), (0, 1), (1, 2), (2, 0); GQA H = 2, Hkv = 1."""
+    """5 queries, 6 keys: lengths (T_b, S_b) = (2, 3), (0, 1), (1, 2), (2, 0);
+    GQA H = 2, Hkv = 1."""
     return make_packed(rng, [2, 0, 1, 2], [3, 1, 2, 0], 2, 1, 2, 3)
 
 
@@ -231,7 +232,8 @@ def test_packed_backward_matches_finite_differences(rng, opts):
     f = lambda q, k, v: varlen_attention(q, k, v, cu_q, cu_k, **opts)  # noqa: E731
     result = check_vjp(f, {"q": q, "k": k, "v": v}, c, {"q": g.dq, "k": g.dk, "v": g.dv})
     assert result.passed, f"\n{result}"
-    # the check can fail: a key gradient shifted by one packed row (an off-by-one offset) is rejected
+    # the check can fail: a key gradient shifted by one packed row (an off-by-one offset) is
+    # rejected
     shifted = check_vjp(
         f,
         {"q": q, "k": k, "v": v},
@@ -347,7 +349,7 @@ def test_dtype_layout_and_no_aliasing(rng):
     tr = varlen_forward(q.astype(np.float32), k, v, list(cu_q), cu_k.astype(np.int32))
     assert tr.out.dtype == np.float64 and tr.q.dtype == np.float64
     g = varlen_attention_backward(dout, q, k, v, cu_q.astype(np.uint32), cu_k)
-    for x, c in zip((q, k, v, cu_q, cu_k), copies):
+    for x, c in zip((q, k, v, cu_q, cu_k), copies, strict=True):
         np.testing.assert_array_equal(x, c)  # inputs untouched
     tr = varlen_forward(q, k, v, cu_q, cu_k)
     for out in (tr.out, tr.q, tr.k, tr.v, tr.cu_seqlens_q, tr.cu_seqlens_k, g.dq, g.dk, g.dv):
@@ -423,21 +425,30 @@ OFFSET_ERRORS = [
         [0, 2, 4],
         [0, 3, 6],
         ValueError,
-        r"cu_seqlens_q\[-1\] must equal the packed length q.shape\[0\] \(T_total\) = 5; got cu_seqlens_q\[-1\] = 4",
+        (
+            r"cu_seqlens_q\[-1\] must equal the packed length q.shape\[0\] \(T_total\) = 5; "
+            r"got cu_seqlens_q\[-1\] = 4"
+        ),
     ),
     (
         "k last != S_total",
         [0, 2, 5],
         [0, 3, 7],
         ValueError,
-        r"cu_seqlens_k\[-1\] must equal the packed length k.shape\[0\] \(S_total\) = 6; got cu_seqlens_k\[-1\] = 7",
+        (
+            r"cu_seqlens_k\[-1\] must equal the packed length k.shape\[0\] \(S_total\) = 6; "
+            r"got cu_seqlens_k\[-1\] = 7"
+        ),
     ),
     (
         "different B",
         [0, 2, 5],
         [0, 1, 3, 6],
         ValueError,
-        r"same number of sequences B; got B = 2 \(cu_seqlens_q has 3 entries\) and B = 3 \(cu_seqlens_k has 4 entries\)",
+        (
+            r"same number of sequences B; got B = 2 \(cu_seqlens_q has 3 entries\) and "
+            r"B = 3 \(cu_seqlens_k has 4 entries\)"
+        ),
     ),
     (
         "float offsets",
@@ -487,7 +498,10 @@ SHAPE_ERRORS = [
         (1, 5, 2, 3),
         (6, 1, 3),
         (6, 1, 4),
-        r"q must be packed as \(T_total, H, Dk\) \(3 dims, no batch axis\); got shape \(1, 5, 2, 3\)",
+        (
+            r"q must be packed as \(T_total, H, Dk\) \(3 dims, no batch axis\); "
+            r"got shape \(1, 5, 2, 3\)"
+        ),
     ),
     ("k Dk", (5, 2, 3), (6, 1, 2), (6, 1, 4), r"k must have Dk=3 like q; got k.shape=\(6, 1, 2\)"),
     (
@@ -536,7 +550,10 @@ def test_options_and_dout_are_checked(rng):
     tr = varlen_forward(rng.normal(size=(3, 2, 3)), k, v, [0, 3], [0, 2])
     with pytest.raises(
         ValueError,
-        match=r"dout must have the packed output's shape \(T_total, H, Dv\) = \(3, 2, 4\); got \(2, 3, 4\)",
+        match=(
+            r"dout must have the packed output's shape \(T_total, H, Dv\) = \(3, 2, 4\); "
+            r"got \(2, 3, 4\)"
+        ),
     ):
         varlen_backward(rng.normal(size=(2, 3, 4)), tr)
     with pytest.raises(TypeError, match="trace must be the VarlenTrace"):

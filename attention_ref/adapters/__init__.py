@@ -64,7 +64,9 @@ class UnsupportedOption(ValueError):
     Examples
     --------
     >>> from attention_ref.adapters import UnsupportedOption
-    >>> exc = UnsupportedOption("softcap", "jax.nn.dot_product_attention", "it has no soft-cap argument")
+    >>> exc = UnsupportedOption(
+    ...     "softcap", "jax.nn.dot_product_attention", "it has no soft-cap argument"
+    ... )
     >>> str(exc)
     'jax.nn.dot_product_attention cannot express softcap: it has no soft-cap argument'
     >>> isinstance(exc, ValueError), exc.option
@@ -189,9 +191,9 @@ def _prepare(
             raise UnsupportedOption(
                 "empty_rows",
                 framework,
-                f"{int(empty.sum())} query row(s) have no key to attend (the first at index {first} "
-                f"of the combined mask's (..., T) rows); it gives such a row {policy!r}, not "
-                f"{empty_rows!r} (pass empty_rows={policy!r} to compare with it)",
+                f"{int(empty.sum())} query row(s) have no key to attend (the first at index "
+                f"{first} of the combined mask's (..., T) rows); it gives such a row {policy!r}, "
+                f"not {empty_rows!r} (pass empty_rows={policy!r} to compare with it)",
             )
     return _Options(mask, bias, bool(causal), align, window, opt.scale, structural, allowed)
 
@@ -215,7 +217,8 @@ def _head_arrays(q: Any, k: Any, v: Any, dt: np.dtype, ndim: int | None = None):
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     if k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3]:
         raise ValueError(
-            f"q, k and v must have the same batch dims; got q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}"
+            f"q, k and v must have the same batch dims; got q.shape={q.shape}, k.shape={k.shape}, "
+            f"v.shape={v.shape}"
         )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(

@@ -99,7 +99,8 @@ def _jax() -> Any:
 
 
 def _x64(jax: Any) -> Any:
-    """A context manager enabling 64-bit types for its block only (the caller's setting is restored)."""
+    """A context manager enabling 64-bit types for its block only (the caller's setting is
+    restored)."""
     enable_x64 = getattr(jax, "enable_x64", None)
     if enable_x64 is not None:
         return enable_x64(True)
@@ -204,7 +205,8 @@ def _call(
     kwargs: dict[str, Any],
     cotangent: np.ndarray | None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-    """Run a compiled function inside ``enable_x64``; NumPy copies of the output and the gradients."""
+    """Run a compiled function inside ``enable_x64``; NumPy copies of the output and the
+    gradients."""
     static = {n: v for n, v in kwargs.items() if n not in ("mask", "bias")}
     with _x64(jax):
         jnp = jax.numpy
@@ -285,7 +287,8 @@ def _lengths(name: str, x: Any) -> np.ndarray:
     arr = np.asarray(_numpy(x))
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise TypeError(
-            f"{name} must be a 1-D integer array of shape (B,); got dtype {arr.dtype}, shape {arr.shape}"
+            f"{name} must be a 1-D integer array of shape (B,); got dtype {arr.dtype}, shape "
+            f"{arr.shape}"
         )
     return arr
 
@@ -324,7 +327,9 @@ def mask_from_seq_lengths(
     --------
     >>> import numpy as np
     >>> from attention_ref.adapters.jax import mask_from_seq_lengths
-    >>> m = mask_from_seq_lengths(3, 4, query_seq_lengths=np.array([2]), key_value_seq_lengths=np.array([3]))
+    >>> m = mask_from_seq_lengths(
+    ...     3, 4, query_seq_lengths=np.array([2]), key_value_seq_lengths=np.array([3])
+    ... )
     >>> m.shape
     (1, 1, 3, 4)
     >>> m[0, 0].astype(int)
@@ -336,7 +341,8 @@ def mask_from_seq_lengths(
     S = check_positive_int("S", S)
     if query_seq_lengths is None and key_value_seq_lengths is None:
         raise ValueError(
-            "mask_from_seq_lengths needs query_seq_lengths, key_value_seq_lengths or both; got neither"
+            "mask_from_seq_lengths needs query_seq_lengths, key_value_seq_lengths or both; got "
+            "neither"
         )
     ql = None if query_seq_lengths is None else _lengths("query_seq_lengths", query_seq_lengths)
     kl = (
@@ -544,7 +550,8 @@ def options_from_jax_kwargs(
             )
         ):
             raise ValueError(
-                f"local_window_size must be a non-negative int or a pair (left, right) of them; got {local_window_size!r}"
+                "local_window_size must be a non-negative int or a pair (left, right) of them; "
+                f"got {local_window_size!r}"
             )
         window = (int(sides[0]), int(sides[1]))
     m = None if mask is None else _four_d("mask", _bool_array("mask", mask, "True = takes part"))
@@ -588,8 +595,8 @@ def options_from_jax_kwargs(
                 raise UnsupportedOption(
                     "query_seq_lengths",
                     "attention_ref",
-                    "JAX zeroes the query rows beyond query_seq_lengths but gives other fully masked "
-                    "rows uniform weights; one empty_rows policy cannot express both",
+                    "JAX zeroes the query rows beyond query_seq_lengths but gives other fully "
+                    "masked rows uniform weights; one empty_rows policy cannot express both",
                 )
             empty_rows = JAX_QUERY_PADDING_ROWS
     return {
@@ -658,8 +665,14 @@ def run_jax_sdpa(
     >>> from attention_ref import scaled_dot_product_attention
     >>> from attention_ref.adapters.jax import run_jax_sdpa
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.normal(size=(2, 4, 3, 8)), rng.normal(size=(2, 2, 5, 8)), rng.normal(size=(2, 2, 5, 8))
-    >>> run = run_jax_sdpa(q, k, v, rng.normal(size=(2, 4, 3, 8)), causal=True, empty_rows="uniform")
+    >>> q, k, v = (
+    ...     rng.normal(size=(2, 4, 3, 8)),
+    ...     rng.normal(size=(2, 2, 5, 8)),
+    ...     rng.normal(size=(2, 2, 5, 8)),
+    ... )
+    >>> run = run_jax_sdpa(
+    ...     q, k, v, rng.normal(size=(2, 4, 3, 8)), causal=True, empty_rows="uniform"
+    ... )
     >>> err = np.abs(run.out - scaled_dot_product_attention(q, k, v, causal=True)).max()
     >>> bool(1e-12 < err < 1e-5)       # float32 softmax: not float64 round-off, not a wrong answer
     True
@@ -699,7 +712,8 @@ def run_jax_sdpa(
         raise UnsupportedOption(
             "Dv != Dk",
             _DPA,
-            f"it requires value to have the key's shape (B, S, Hkv, Dk); got Dk={q.shape[-1]}, Dv={v.shape[-1]}",
+            f"it requires value to have the key's shape (B, S, Hkv, Dk); got Dk={q.shape[-1]}, "
+            f"Dv={v.shape[-1]}",
         )
     T, S = q.shape[-2], k.shape[-2]
     scores_shape = q.shape[:-1] + (S,)  # (B, H, T, S)
@@ -802,8 +816,12 @@ def run_jax_mha(
     >>> from attention_ref.adapters.jax import run_jax_mha
     >>> rng = np.random.default_rng(0)
     >>> p = init_params(rng, d_model=8, num_heads=4, num_kv_heads=2, kdim=6, vdim=5)
-    >>> x, mem_k, mem_v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 7, 5))
-    >>> run = run_jax_mha(x, mem_k, mem_v, p, rng.normal(size=(2, 3, 8)), num_heads=4, num_kv_heads=2)
+    >>> x, mem_k, mem_v = (
+    ...     rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 7, 5))
+    ... )
+    >>> run = run_jax_mha(
+    ...     x, mem_k, mem_v, p, rng.normal(size=(2, 3, 8)), num_heads=4, num_kv_heads=2
+    ... )
     >>> run.out.shape, run.grads.dvalue.shape, run.grads.dparams.w_k.shape
     ((2, 3, 8), (2, 7, 5), (6, 4))
     """
@@ -847,12 +865,14 @@ def run_jax_mha(
     for name in ("w_q", "w_k", "w_v", "w_o"):
         if name not in arrays or arrays[name].ndim != 2:
             raise ValueError(
-                f"params.{name} must be an array of shape (in, out); got {getattr(params, name)!r:.60}"
+                f"params.{name} must be an array of shape (in, out); got "
+                f"{getattr(params, name)!r:.60}"
             )
     w_q, w_k, w_v, w_o = arrays["w_q"], arrays["w_k"], arrays["w_v"], arrays["w_o"]
     if w_q.shape[1] % H or w_v.shape[1] % Hkv:
         raise ValueError(
-            f"params.w_q's columns must split into H={H} heads and w_v's into Hkv={Hkv}; got {w_q.shape}, {w_v.shape}"
+            f"params.w_q's columns must split into H={H} heads and w_v's into Hkv={Hkv}; got "
+            f"{w_q.shape}, {w_v.shape}"
         )
     Dk, Dv = w_q.shape[1] // H, w_v.shape[1] // Hkv
     if w_k.shape[1] != Hkv * Dk:
@@ -870,14 +890,16 @@ def run_jax_mha(
         arr = as_float(name, _numpy(x), dt)
         if arr.ndim != 3 or arr.size == 0 or arr.shape[-1] != w.shape[0]:
             raise ValueError(
-                f"{name} must have shape (B, positions, {w.shape[0]}) (from params.w_{name[0]}); got shape {arr.shape}"
+                f"{name} must have shape (B, positions, {w.shape[0]}) (from params.w_{name[0]}); "
+                f"got shape {arr.shape}"
             )
         arrays[name] = arr
     B, T, S = arrays["query"].shape[0], arrays["query"].shape[1], arrays["key"].shape[1]
     if arrays["key"].shape[:2] != (B, S) or arrays["value"].shape[:2] != (B, S):
         raise ValueError(
-            f"query, key and value must share B and key, value S; got query.shape={arrays['query'].shape}, "
-            f"key.shape={arrays['key'].shape}, value.shape={arrays['value'].shape}"
+            "query, key and value must share B and key, value S; got "
+            f"query.shape={arrays['query'].shape}, key.shape={arrays['key'].shape}, "
+            f"value.shape={arrays['value'].shape}"
         )
     mask_np = None if mask is None else _bool_array("mask", mask, "True = may attend")
     _check_full_shape("mask", mask_np, (B, H, T, S))
@@ -891,7 +913,8 @@ def run_jax_mha(
     dout_arr = None if dout is None else as_float("dout", _numpy(dout), dt)
     if dout_arr is not None and dout_arr.shape != (B, T, w_o.shape[1]):
         raise ValueError(
-            f"dout must have the output's shape (B, T, D_out) = {(B, T, w_o.shape[1])}; got {dout_arr.shape}"
+            f"dout must have the output's shape (B, T, D_out) = {(B, T, w_o.shape[1])}; got "
+            f"{dout_arr.shape}"
         )
     kwargs = jax_dpa_kwargs(
         T,

@@ -130,7 +130,8 @@ def _math_backend(torch: Any) -> Iterator[None]:
 
 
 def mask_from_key_padding_mask(key_padding_mask: ArrayLike) -> np.ndarray:
-    r"""``nn.MultiheadAttention``'s ``key_padding_mask`` (True = ignore) as a reference ``mask`` (True = may attend).
+    r"""``nn.MultiheadAttention``'s ``key_padding_mask`` (True = ignore) as a reference ``mask``
+    (True = may attend).
 
     Parameters
     ----------
@@ -167,7 +168,8 @@ def mask_from_key_padding_mask(key_padding_mask: ArrayLike) -> np.ndarray:
 
 
 def key_padding_mask_from_mask(mask: ArrayLike) -> np.ndarray:
-    r"""A key-padding-shaped reference ``mask`` (True = may attend) as ``key_padding_mask`` (True = ignore).
+    r"""A key-padding-shaped reference ``mask`` (True = may attend) as ``key_padding_mask`` (True =
+    ignore).
 
     Parameters
     ----------
@@ -204,7 +206,8 @@ def key_padding_mask_from_mask(mask: ArrayLike) -> np.ndarray:
 
 
 def mask_from_ignore_mask(attn_mask: ArrayLike, *, num_heads: int | None = None) -> np.ndarray:
-    r"""``nn.MultiheadAttention``'s boolean ``attn_mask`` (True = ignore) as a reference ``mask`` (True = may attend).
+    r"""``nn.MultiheadAttention``'s boolean ``attn_mask`` (True = ignore) as a reference ``mask``
+    (True = may attend).
 
     Parameters
     ----------
@@ -241,12 +244,14 @@ def mask_from_ignore_mask(attn_mask: ArrayLike, *, num_heads: int | None = None)
         )
     if num_heads is None:
         raise ValueError(
-            f"num_heads is needed to split a 3-D attn_mask (B*H, T, S); got attn_mask.shape={ignore.shape}"
+            "num_heads is needed to split a 3-D attn_mask (B*H, T, S); got "
+            f"attn_mask.shape={ignore.shape}"
         )
     H = check_positive_int("num_heads", num_heads)
     if ignore.shape[0] % H:
         raise ValueError(
-            f"attn_mask's first axis (B*H) must be a multiple of num_heads={H}; got shape {ignore.shape}"
+            f"attn_mask's first axis (B*H) must be a multiple of num_heads={H}; got shape "
+            f"{ignore.shape}"
         )
     return ~ignore.reshape(
         ignore.shape[0] // H, H, *ignore.shape[1:]
@@ -254,7 +259,8 @@ def mask_from_ignore_mask(attn_mask: ArrayLike, *, num_heads: int | None = None)
 
 
 def ignore_mask_from_mask(mask: ArrayLike) -> np.ndarray:
-    r"""A reference ``mask`` (True = may attend) as ``nn.MultiheadAttention``'s boolean ``attn_mask`` (True = ignore).
+    r"""A reference ``mask`` (True = may attend) as ``nn.MultiheadAttention``'s boolean
+    ``attn_mask`` (True = ignore).
 
     Parameters
     ----------
@@ -330,7 +336,8 @@ def mask_and_bias_from_additive_mask(attn_mask: ArrayLike) -> tuple[np.ndarray, 
 def additive_mask_from_mask(
     mask: ArrayLike | None = None, bias: ArrayLike | None = None
 ) -> np.ndarray:
-    r"""A reference ``mask`` and/or ``bias`` as one float additive ``attn_mask``: ``bias`` where allowed, ``-inf`` elsewhere.
+    r"""A reference ``mask`` and/or ``bias`` as one float additive ``attn_mask``: ``bias`` where
+    allowed, ``-inf`` elsewhere.
 
     Parameters
     ----------
@@ -431,7 +438,8 @@ def _module_arrays(module: Any, *, grad: bool, dt: np.dtype) -> MultiHeadParams:
 
 
 def params_from_torch(module: Any) -> tuple[MultiHeadParams, dict[str, Any]]:
-    r"""An ``nn.MultiheadAttention``'s weights as :class:`~attention_ref.MultiHeadParams`, and its configuration.
+    r"""An ``nn.MultiheadAttention``'s weights as :class:`~attention_ref.MultiHeadParams`, and its
+    configuration.
 
     torch stores ``(out, in)`` and computes ``x @ w.T + b``; the reference stores ``(in, out)``
     and computes ``x @ w + b``: every weight is transposed. With ``kdim = vdim = embed_dim`` the
@@ -484,7 +492,8 @@ def params_from_torch(module: Any) -> tuple[MultiHeadParams, dict[str, Any]]:
 
 
 def param_grads_from_torch(module: Any) -> MultiHeadParams:
-    r"""The gradients of an ``nn.MultiheadAttention``'s weights, in the reference's ``(in, out)`` layout.
+    r"""The gradients of an ``nn.MultiheadAttention``'s weights, in the reference's ``(in, out)``
+    layout.
 
     Read after ``out.backward(dout)``; the layout is that of :func:`params_from_torch`, so the
     result compares field by field with ``multi_head_attention_backward(...).dparams``.
@@ -528,7 +537,8 @@ def params_to_torch(
     num_kv_heads: int | None = None,
     dtype: DTypeLike | None = None,
 ) -> Any:
-    r"""An ``nn.MultiheadAttention`` (``batch_first=True``, float64) holding :class:`~attention_ref.MultiHeadParams`.
+    r"""An ``nn.MultiheadAttention`` (``batch_first=True``, float64) holding
+    :class:`~attention_ref.MultiHeadParams`.
 
     The inverse of :func:`params_from_torch`: weights are transposed to ``(out, in)``; with
     ``kdim = vdim = D`` they are packed into ``in_proj_weight`` (rows q, k, v).
@@ -600,7 +610,8 @@ def params_to_torch(
         raise UnsupportedOption(
             "params.w_q",
             _MHA,
-            f"it projects the query to embed_dim = D = {D} columns (H*Dk = D); w_q has shape {w_q.shape}",
+            f"it projects the query to embed_dim = D = {D} columns (H*Dk = D); w_q has shape "
+            f"{w_q.shape}",
         )
     if w_k.shape[1] != D:
         raise UnsupportedOption(
@@ -613,13 +624,15 @@ def params_to_torch(
         raise UnsupportedOption(
             "params.w_v",
             _MHA,
-            f"its value projection has embed_dim = H*Dv = {D} columns (Dv = Dk = {Dk}); w_v has shape {w_v.shape}",
+            f"its value projection has embed_dim = H*Dv = {D} columns (Dv = Dk = {Dk}); w_v has "
+            f"shape {w_v.shape}",
         )
     if w_o.shape != (D, D):
         raise UnsupportedOption(
             "params.w_o",
             _MHA,
-            f"its out_proj maps embed_dim to embed_dim, shape (D, D) = {(D, D)}; w_o has shape {w_o.shape}",
+            f"its out_proj maps embed_dim to embed_dim, shape (D, D) = {(D, D)}; w_o has shape "
+            f"{w_o.shape}",
         )
     names = ("b_q", "b_k", "b_v", "b_o")
     present = [n for n in names if getattr(params, n) is not None]
@@ -685,7 +698,8 @@ def torch_sdpa_kwargs(
     options: AttentionOptions | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    r"""The keyword arguments of ``torch.nn.functional.scaled_dot_product_attention`` for the reference's options.
+    r"""The keyword arguments of ``torch.nn.functional.scaled_dot_product_attention`` for the
+    reference's options.
 
     ``F.scaled_dot_product_attention(q, k, v, **torch_sdpa_kwargs(T, S, **options))`` computes
     ``scaled_dot_product_attention(q, k, v, **options)`` (with torch's math backend):
@@ -790,7 +804,8 @@ def torch_sdpa_kwargs(
 
 
 def _key_padding_or_none(mask: np.ndarray, B: int, S: int) -> np.ndarray | None:
-    """``key_padding_mask`` (B, S) when ``mask`` varies only along B and S (shape (b, 1, 1, s)), else None."""
+    """``key_padding_mask`` (B, S) when ``mask`` varies only along B and S (shape (b, 1, 1, s)),
+    else None."""
     m4 = mask.reshape(
         (1,) * (4 - mask.ndim) + mask.shape
     )  # (b, h, t, s); mask.ndim <= 4 was checked
@@ -932,7 +947,8 @@ def run_torch_sdpa(
     options: AttentionOptions | None = None,
     **kwargs: Any,
 ) -> FrameworkRun:
-    r"""Run ``torch.nn.functional.scaled_dot_product_attention`` on the reference's inputs and options.
+    r"""Run ``torch.nn.functional.scaled_dot_product_attention`` on the reference's inputs and
+    options.
 
     The options are mapped by :func:`torch_sdpa_kwargs`; torch runs on its math backend, in
     float64 unless ``dtype`` says otherwise, and with ``dout`` the gradients come from autograd,
@@ -970,8 +986,14 @@ def run_torch_sdpa(
     >>> from attention_ref import scaled_dot_product_attention
     >>> from attention_ref.adapters.torch import run_torch_sdpa
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.normal(size=(2, 4, 3, 8)), rng.normal(size=(2, 2, 5, 8)), rng.normal(size=(2, 2, 5, 6))
-    >>> run = run_torch_sdpa(q, k, v, rng.normal(size=(2, 4, 3, 6)), causal=True, align="bottom_right")
+    >>> q, k, v = (
+    ...     rng.normal(size=(2, 4, 3, 8)),
+    ...     rng.normal(size=(2, 2, 5, 8)),
+    ...     rng.normal(size=(2, 2, 5, 6)),
+    ... )
+    >>> run = run_torch_sdpa(
+    ...     q, k, v, rng.normal(size=(2, 4, 3, 6)), causal=True, align="bottom_right"
+    ... )
     >>> ours = scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right")
     >>> bool(np.abs(run.out - ours).max() < 1e-12), run.grads.dk.shape
     (True, (2, 2, 5, 8))
@@ -1015,7 +1037,8 @@ def run_torch_sdpa(
     grad = dout_arr is not None
     if dout_arr is not None and dout_arr.shape != q.shape[:-1] + (v.shape[-1],):
         raise ValueError(
-            f"dout must have the output's shape (..., H, T, Dv) = {q.shape[:-1] + (v.shape[-1],)}; got {dout_arr.shape}"
+            f"dout must have the output's shape (..., H, T, Dv) = {q.shape[:-1] + (v.shape[-1],)}; "
+            f"got {dout_arr.shape}"
         )
 
     leaves = {
@@ -1117,7 +1140,9 @@ def run_torch_mha(
     >>> from attention_ref.adapters.torch import run_torch_mha
     >>> rng = np.random.default_rng(0)
     >>> p = init_params(rng, d_model=8, num_heads=2, kdim=6, vdim=5)
-    >>> x, mem_k, mem_v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 7, 5))
+    >>> x, mem_k, mem_v = (
+    ...     rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 7, 5))
+    ... )
     >>> run = run_torch_mha(x, mem_k, mem_v, p, rng.normal(size=(2, 3, 8)), num_heads=2)
     >>> bool(np.abs(run.out - multi_head_attention(x, mem_k, mem_v, p, num_heads=2)).max() < 1e-12)
     True
@@ -1161,20 +1186,23 @@ def run_torch_mha(
         arr = as_float(name, _numpy(x), dt)
         if arr.ndim != 3 or arr.size == 0 or arr.shape[-1] != widths[name]:
             raise ValueError(
-                f"{name} must have shape {layouts[name]} with last axis {widths[name]} (from params); got shape {arr.shape}"
+                f"{name} must have shape {layouts[name]} with last axis {widths[name]} (from "
+                f"params); got shape {arr.shape}"
             )
         inputs[name] = arr
     B, T, S = inputs["query"].shape[0], inputs["query"].shape[1], inputs["key"].shape[1]
     if inputs["key"].shape[:2] != (B, S) or inputs["value"].shape[:2] != (B, S):
         raise ValueError(
-            f"query, key and value must share B and key, value S; got query.shape={inputs['query'].shape}, "
-            f"key.shape={inputs['key'].shape}, value.shape={inputs['value'].shape}"
+            "query, key and value must share B and key, value S; got "
+            f"query.shape={inputs['query'].shape}, key.shape={inputs['key'].shape}, "
+            f"value.shape={inputs['value'].shape}"
         )
     dout_arr = None if dout is None else as_float("dout", _numpy(dout), dt)
     grad = dout_arr is not None
     if dout_arr is not None and dout_arr.shape != (B, T, module.embed_dim):
         raise ValueError(
-            f"dout must have the output's shape (B, T, D) = {(B, T, module.embed_dim)}; got {dout_arr.shape}"
+            f"dout must have the output's shape (B, T, D) = {(B, T, module.embed_dim)}; got "
+            f"{dout_arr.shape}"
         )
     leaves = {name: _tensor(torch, a, requires_grad=grad) for name, a in inputs.items()}
     if bias is not None:

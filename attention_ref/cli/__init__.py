@@ -26,17 +26,18 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="verify every backward against finite differences and the complex step (the default)",
-        description="Run every stage's backward, and scaled dot-product and multi-head attention on "
-        "every canonical case, and compare each gradient with finite differences (a central-"
-        "difference VJP with a random cotangent) and with the complex step (exact to round-off). "
-        "Prints a table: case, function, worst relative error, pass/fail. Exit status 1 if any "
-        "gradient fails.",
+        description="Run every stage's backward, and scaled dot-product and multi-head attention "
+        "on every canonical case, and compare each gradient with finite differences (a "
+        "central-difference VJP with a random cotangent) and with the complex step (exact to "
+        "round-off). Prints a table: case, function, worst relative error, pass/fail. Exit status "
+        "1 if any gradient fails.",
     )
     check.add_argument(
         "--seed",
         type=int,
         default=0,
-        help="0 (default): the canonical inputs; another value draws other inputs for the same cases",
+        help="0 (default): the canonical inputs; another value draws other inputs for the same "
+        "cases",
     )
     check.add_argument(
         "--quick", action="store_true", help="leave out the long cases and the realistic-size run"
@@ -46,18 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     lister = sub.add_parser(
         "cases",
         help="list the canonical cases",
-        description="List the canonical cases (attention_ref.cases): name, kind, dimensions, options.",
+        description="List the canonical cases (attention_ref.cases): name, kind, dimensions, "
+        "options.",
     )
     lister.add_argument("--json", action="store_true", help="machine-readable output")
 
     golden = sub.add_parser(
         "golden",
         help="write golden test vectors (.npz + manifest.json) for implementations outside Python",
-        description="Write golden test vectors into DIR: for each canonical case, <case>.npz with its "
-        "inputs, options, cotangent, output, gradients and intermediates (uncompressed .npy entries, "
-        "little-endian float64 or bool), and manifest.json with the format version, the conventions, "
-        "and every array's shape, dtype and sha256. The format is documented in docs/golden.md. "
-        "Refuses a non-empty DIR unless --overwrite.",
+        description="Write golden test vectors into DIR: for each canonical case, <case>.npz with "
+        "its inputs, options, cotangent, output, gradients and intermediates (uncompressed .npy "
+        "entries, little-endian float64 or bool), and manifest.json with the format version, the "
+        "conventions, and every array's shape, dtype and sha256. The format is documented in "
+        "docs/golden.md. Refuses a non-empty DIR unless --overwrite.",
     )
     golden.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
     golden.add_argument(
@@ -76,14 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify",
         help="verify a golden set's checksums, and its outputs or a candidate's",
-        description="Read the golden set in DIR and verify every checksum, shape and dtype against its "
-        "manifest (a corrupt or incomplete set fails). Then, without --candidate, recompute the "
-        "reference from the stored inputs and compare the stored outputs, gradients and "
-        "intermediates with it; with --candidate DIR2, compare the implementation's outputs in "
-        "DIR2/<case>.npz (output.out required; any grad.* and intermediate.*) with the stored ones. "
-        "Rule: |actual - reference| <= atol + rtol |reference| (float64 default rtol 1e-12, atol "
-        "1e-14), or with --precision the error-budget rule for outputs and gradients. Exit status 1 "
-        "on any failure.",
+        description="Read the golden set in DIR and verify every checksum, shape and dtype "
+        "against its manifest (a corrupt or incomplete set fails). Then, without --candidate, "
+        "recompute the reference from the stored inputs and compare the stored outputs, gradients "
+        "and intermediates with it; with --candidate DIR2, compare the implementation's outputs "
+        "in DIR2/<case>.npz (output.out required; any grad.* and intermediate.*) with the stored "
+        "ones. Rule: |actual - reference| <= atol + rtol |reference| (float64 default rtol 1e-12, "
+        "atol 1e-14), or with --precision the error-budget rule for outputs and gradients. Exit "
+        "status 1 on any failure.",
     )
     verify.add_argument("directory", metavar="DIR", help="the golden set")
     verify.add_argument(
@@ -106,13 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare",
         help="run an installed framework's attention on every canonical case and judge it",
-        description="Run PyTorch's F.scaled_dot_product_attention and nn.MultiheadAttention (torch), or "
-        "jax.nn.dot_product_attention and a jnp multi-head attention around it (jax), through the "
-        "adapters on every canonical case, forward and backward with the case's random cotangent, and "
-        "print a conformance table: case, output or gradient, relative error, pass/fail/skip, and the "
-        "rule (float64: 1e-12 relative for torch; the error-budget rule against a float32 baseline for "
-        "jax, whose softmax is float32). Fully masked rows follow the framework's convention. Options "
-        "the framework cannot express are skipped with the reason. Exit status 1 if any row fails.",
+        description="Run PyTorch's F.scaled_dot_product_attention and nn.MultiheadAttention "
+        "(torch), or jax.nn.dot_product_attention and a jnp multi-head attention around it (jax), "
+        "through the adapters on every canonical case, forward and backward with the case's "
+        "random cotangent, and print a conformance table: case, output or gradient, relative "
+        "error, pass/fail/skip, and the rule (float64: 1e-12 relative for torch; the error-budget "
+        "rule against a float32 baseline for jax, whose softmax is float32). Fully masked rows "
+        "follow the framework's convention. Options the framework cannot express are skipped with "
+        "the reason. Exit status 1 if any row fails.",
     )
     compare.add_argument(
         "framework", choices=("torch", "jax"), help="the framework to run (must be installed)"
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         status = _run(argv)
         sys.stdout.flush()  # a broken pipe shows up here when the output was still buffered
     except BrokenPipeError:
-        # Python's documented recipe: point stdout at devnull so that the flush at exit cannot fail again.
+        # Python's documented recipe: point stdout at devnull so that the flush at exit cannot fail
+        # again.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141

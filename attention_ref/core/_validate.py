@@ -16,7 +16,8 @@ EMPTY_ROW_POLICIES = ("zero", "uniform", "nan", "raise")
 
 
 def _is_complex(x: Any) -> bool:
-    """Whether ``x`` holds complex numbers; anything unconvertible is left for as_float to report."""
+    """Whether ``x`` holds complex numbers; anything unconvertible is left for as_float to
+    report."""
     if x is None or isinstance(x, np.random.Generator):
         return False
     try:
@@ -49,7 +50,8 @@ def resolve_dtype(dtype: Any, *inputs: Any) -> np.dtype:
 
 
 def as_float(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
-    """``x`` as an array of ``dtype``; bool/int/float inputs (complex ones for a complex ``dtype``), never modified."""
+    """``x`` as an array of ``dtype``; bool/int/float inputs (complex ones for a complex ``dtype``),
+    never modified."""
     if isinstance(x, np.random.Generator):
         raise TypeError(f"{name} must be an array of real numbers; got a numpy.random.Generator")
     try:
@@ -133,10 +135,11 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(
-            f"window must be None or a pair (left, right) of non-negative ints or None; got {window!r}"
+            "window must be None or a pair (left, right) of non-negative ints or None; got "
+            f"{window!r}"
         )
     sides: list[int | None] = []
-    for side_name, side in zip(("window[0] (left)", "window[1] (right)"), window):
+    for side_name, side in zip(("window[0] (left)", "window[1] (right)"), window, strict=True):
         if side is None:
             sides.append(None)
             continue
@@ -165,7 +168,8 @@ def fresh(out: np.ndarray, *inputs: Any) -> np.ndarray:
 
 
 def sum_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Sum ``x`` over the axes that broadcasting expanded from ``shape`` (a broadcast's backward)."""
+    """Sum ``x`` over the axes that broadcasting expanded from ``shape`` (a broadcast's
+    backward)."""
     extra = x.ndim - len(shape)
     if extra:
         x = x.sum(axis=tuple(range(extra)))

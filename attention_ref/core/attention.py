@@ -56,9 +56,9 @@ class AttentionTrace(NamedTuple):
     scale: float  #: the score scale used (1/sqrt(Dk) unless given)
     softcap: float | None  #: the soft-cap, or None
     bias: np.ndarray | None  #: additive bias, broadcastable to (..., H, T, S)
-    allowed: (
-        np.ndarray | None
-    )  #: bool, broadcastable to (..., H, T, S) (e.g. (T, S) for causal only); True = may attend; None = all
+    #: bool, broadcastable to (..., H, T, S) (e.g. (T, S) for causal only); True = may attend;
+    #: None = all
+    allowed: np.ndarray | None
     row_is_empty: np.ndarray  #: (..., H, T) bool: the query row has no key to attend
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
@@ -130,7 +130,8 @@ def dropout_keep_mask(
         for n in shape
     ):
         raise ValueError(
-            f"shape must be a tuple of non-negative ints (the weights' shape (..., H, T, S)); got {shape!r}"
+            "shape must be a tuple of non-negative ints (the weights' shape (..., H, T, S)); got "
+            f"{shape!r}"
         )
     p = check_real_scalar("dropout_p", dropout_p, positive=False)
     if p >= 1:
@@ -148,7 +149,8 @@ def dropout_forward(probs: np.ndarray, keep_mask: np.ndarray, dropout_p: float) 
 def dropout_backward(
     ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float, *, in_place: bool = False
 ) -> np.ndarray:
-    r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of ``docs/derivations/attention.md``.
+    r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of
+    ``docs/derivations/attention.md``.
 
     With ``in_place=True`` the result overwrites ``ddropped``, which the caller owns and gives up.
     """
@@ -195,7 +197,8 @@ def check_qkv(q: Any, k: Any, v: Any, dt: np.dtype) -> tuple[np.ndarray, np.ndar
         )
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(
-            f"v must have S={k.shape[-2]} positions like k; got v.shape={v.shape}, k.shape={k.shape}"
+            f"v must have S={k.shape[-2]} positions like k; got v.shape={v.shape}, "
+            f"k.shape={k.shape}"
         )
     H, Hkv = q.shape[-3], k.shape[-3]
     if H % Hkv:
@@ -369,7 +372,9 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     >>> import numpy as np
     >>> from attention_ref import sdpa_forward, sdpa_backward
     >>> rng = np.random.default_rng(0)
-    >>> tr = sdpa_forward(rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 6)))
+    >>> tr = sdpa_forward(
+    ...     rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 6))
+    ... )
     >>> g = sdpa_backward(rng.normal(size=tr.out.shape), tr)
     >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias
     ((2, 3, 4), (2, 5, 4), (2, 5, 6), None)
@@ -382,23 +387,25 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     dout = as_float("dout", dout, dt)
     if dout.shape != trace.out.shape:
         raise ValueError(
-            f"dout must have the output's shape (..., H, T, Dv) = {trace.out.shape}; got {dout.shape}"
+            f"dout must have the output's shape (..., H, T, Dv) = {trace.out.shape}; got "
+            f"{dout.shape}"
         )
 
     # (A8), (A9) out = P' v
     ddropped, dv = weighted_values_backward(
         dout, trace.dropped_probs, trace.v
     )  # (..., H, T, S), (..., Hkv, S, Dv)
-    # ddropped is this function's own array: (A10)-(A12) update it in place (the trace is never written).
+    # ddropped is this function's own array: (A10)-(A12) update it in place (the trace is never
+    # written).
     # (A10) P' = P * keep / (1 - p)
     dprobs = ddropped
     if trace.keep_mask is not None:
         dprobs = dropout_backward(ddropped, trace.keep_mask, trace.dropout_p, in_place=True)
     # (A11) P = softmax(masked scores)
     dmasked = softmax_grad(dprobs, trace.probs, in_place=True)  # (..., H, T, S)
-    # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row with
-    # an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty rows
-    # (whose P the policy set) need zeroing.
+    # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row
+    # with an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty
+    # rows (whose P the policy set) need zeroing.
     dlogits = apply_mask_backward(
         dmasked, trace.allowed if trace.row_is_empty.any() else None, in_place=True
     )

@@ -55,7 +55,8 @@ def split_heads(x: ArrayLike, num_heads: int, *, dtype: DTypeLike | None = None)
 
 
 def merge_heads(x: ArrayLike, *, dtype: DTypeLike | None = None) -> np.ndarray:
-    r"""Concatenate heads: ``(..., H, T, Dh) -> (..., T, H*Dh)``, the inverse of :func:`split_heads`.
+    r"""Concatenate heads: ``(..., H, T, Dh) -> (..., T, H*Dh)``, the inverse of
+    :func:`split_heads`.
 
     Parameters
     ----------

@@ -41,7 +41,8 @@ def query_offset(T: int, S: int, align: str) -> int:
 def _positional(
     rows: np.ndarray, cols: np.ndarray, causal: bool, window: Window | None, offset: int
 ) -> np.ndarray | None:
-    """Causal AND window for query rows ``rows`` and keys ``cols``: (len(rows), len(cols)) or None."""
+    """Causal AND window for query rows ``rows`` and keys ``cols``: (len(rows), len(cols)) or
+    None."""
     if not causal and window is None:
         return None
     i = rows[:, None] + offset  # (Tb, 1) i', the query's position on the key axis
@@ -215,7 +216,8 @@ class AllowedPairs:
         return self.mask is None and not self.causal and self.window is None and self.bias is None
 
     def dense(self) -> np.ndarray | None:
-        r"""The whole "may attend" array, broadcastable to ``(..., T, S)``; None when every pair may.
+        r"""The whole "may attend" array, broadcastable to ``(..., T, S)``; None when every pair
+        may.
 
         The array is this call's own (never a caller's mask).
         """

@@ -207,8 +207,9 @@ class MultiHeadGrads(NamedTuple):
     dbias: np.ndarray | None  #: gradient of the attention bias, or None
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """Every gradient keyed by the name of its input: ``query``, ``key``, ``value``, ``w_q``, ...,
-        ``bias``; gradients that are None are left out. Handy for :func:`attention_ref.gradcheck.check_vjp`."""
+        """Every gradient keyed by the name of its input: ``query``, ``key``, ``value``,
+        ``w_q``, ..., ``bias``; gradients that are None are left out. Handy for
+        :func:`attention_ref.gradcheck.check_vjp`."""
         out = {
             "query": self.dquery,
             "key": self.dkey,
@@ -251,15 +252,18 @@ def _check_widths(query, key, value, p: MultiHeadParams, H: int, Hkv: int):
         n_in = getattr(p, w).shape[0]
         if x.shape[-1] != n_in:
             raise ValueError(
-                f"{name}'s last axis must match params.{w}.shape[0] = {n_in}; got {name}.shape={x.shape}"
+                f"{name}'s last axis must match params.{w}.shape[0] = {n_in}; got "
+                f"{name}.shape={x.shape}"
             )
     if key.shape[:-1] != value.shape[:-1]:
         raise ValueError(
-            f"key and value must share (..., S); got key.shape={key.shape}, value.shape={value.shape}"
+            f"key and value must share (..., S); got key.shape={key.shape}, "
+            f"value.shape={value.shape}"
         )
     if query.shape[:-2] != key.shape[:-2]:
         raise ValueError(
-            f"query and key must have the same batch dims (...); got query.shape={query.shape}, key.shape={key.shape}"
+            f"query and key must have the same batch dims (...); got query.shape={query.shape}, "
+            f"key.shape={key.shape}"
         )
     if p.w_q.shape[1] % H:
         raise ValueError(
@@ -268,7 +272,8 @@ def _check_widths(query, key, value, p: MultiHeadParams, H: int, Hkv: int):
     Dk = p.w_q.shape[1] // H
     if p.w_k.shape[1] != Hkv * Dk:
         raise ValueError(
-            f"params.w_k must have Hkv*Dk = {Hkv}*{Dk} = {Hkv * Dk} columns; got shape {p.w_k.shape}"
+            f"params.w_k must have Hkv*Dk = {Hkv}*{Dk} = {Hkv * Dk} columns; got shape "
+            f"{p.w_k.shape}"
         )
     if p.w_v.shape[1] % Hkv:
         raise ValueError(
@@ -398,11 +403,12 @@ def mha_backward(dout: ArrayLike, trace: MultiHeadTrace) -> MultiHeadGrads:
             f"trace must be the MultiHeadTrace returned by mha_forward; got {type(trace).__name__}"
         )
     p, dt = trace.params, trace.out.dtype
-    H, Hkv = trace.num_heads, trace.num_kv_heads
+    H = trace.num_heads
     dout = as_float("dout", dout, dt)
     if dout.shape != trace.out.shape:
         raise ValueError(
-            f"dout must have the output's shape (..., T, D_out) = {trace.out.shape}; got {dout.shape}"
+            f"dout must have the output's shape (..., T, D_out) = {trace.out.shape}; got "
+            f"{dout.shape}"
         )
 
     g_o = linear_backward(dout, trace.concat, p.w_o, p.b_o, dtype=dt)  # (M7) via (L2)-(L4)
@@ -489,7 +495,9 @@ def multi_head_attention(
     >>> from attention_ref import init_params, multi_head_attention
     >>> rng = np.random.default_rng(0)
     >>> p = init_params(rng, d_model=8, num_heads=4, num_kv_heads=2, kdim=6, vdim=5)
-    >>> x, mem_k, mem_v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 7, 5))
+    >>> x, mem_k, mem_v = (
+    ...     rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 6)), rng.normal(size=(2, 7, 5))
+    ... )
     >>> multi_head_attention(x, mem_k, mem_v, p, num_heads=4, num_kv_heads=2).shape
     (2, 3, 8)
     """

@@ -38,7 +38,8 @@ def ungroup_heads(x: np.ndarray) -> np.ndarray:
 
 
 def stack_group_rows(x: np.ndarray, num_kv_heads: int) -> np.ndarray:
-    """View ``(..., H, T, X)`` as ``(..., Hkv, G*T, X)``: each group's G query heads as one block of rows.
+    """View ``(..., H, T, X)`` as ``(..., Hkv, G*T, X)``: each group's G query heads as one block of
+    rows.
 
     A product that contracts this axis sums over the group's heads, as (A9) and (A16) do.
     """
@@ -77,7 +78,8 @@ def scaled_scores_backward(
         dsg @ k[..., :, None, :, :]
     )  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
     dq *= scale
-    # (A16) dk = scale * sum over the group's heads of ds^T @ q: one product over their stacked G*T rows
+    # (A16) dk = scale * sum over the group's heads of ds^T @ q: one product over their stacked G*T
+    # rows
     ds_rows = stack_group_rows(dscores, hkv)  # (..., Hkv, G*T, S)
     dk = transposed_product(ds_rows, stack_group_rows(q, hkv))  # (..., Hkv, S, Dk)
     dk *= scale
@@ -131,7 +133,8 @@ def apply_mask(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
 def apply_mask_backward(
     dmasked: np.ndarray, allowed: np.ndarray | None, *, in_place: bool = False
 ) -> np.ndarray:
-    r"""Gradient of :func:`apply_mask`: it passes only where allowed, (A12) of ``docs/derivations/attention.md``.
+    r"""Gradient of :func:`apply_mask`: it passes only where allowed, (A12) of
+    ``docs/derivations/attention.md``.
 
     The fill is a constant, so a masked entry's logit gets no gradient. With ``in_place=True``
     the result overwrites ``dmasked``, which the caller owns and gives up.
@@ -144,7 +147,8 @@ def apply_mask_backward(
 
 
 def add_bias_backward(dlogits: np.ndarray, bias_shape: tuple[int, ...]) -> np.ndarray:
-    r"""Gradient of ``logits = capped + bias`` for the bias, (A13) of ``docs/derivations/attention.md``.
+    r"""Gradient of ``logits = capped + bias`` for the bias, (A13) of
+    ``docs/derivations/attention.md``.
 
     The bias was broadcast to (..., H, T, S); its gradient sums over the broadcast axes. The
     gradient for ``capped`` is ``dlogits`` itself.
@@ -156,7 +160,8 @@ def add_bias_backward(dlogits: np.ndarray, bias_shape: tuple[int, ...]) -> np.nd
 
 
 def weighted_values(weights: np.ndarray, v: np.ndarray) -> np.ndarray:
-    r"""``weights @ v`` with GQA grouping, (A7): (..., H, T, S), (..., Hkv, S, Dv) -> (..., H, T, Dv)."""
+    r"""``weights @ v`` with GQA grouping, (A7): (..., H, T, S), (..., Hkv, S, Dv) ->
+    (..., H, T, Dv)."""
     pg = group_heads(weights, v.shape[-3])  # (..., Hkv, G, T, S)
     out = (
         pg @ v[..., :, None, :, :]
@@ -167,7 +172,8 @@ def weighted_values(weights: np.ndarray, v: np.ndarray) -> np.ndarray:
 def weighted_values_backward(
     dout: np.ndarray, weights: np.ndarray, v: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""``(dweights, dv)`` of :func:`weighted_values`: (A8) and (A9) of ``docs/derivations/attention.md``.
+    r"""``(dweights, dv)`` of :func:`weighted_values`: (A8) and (A9) of
+    ``docs/derivations/attention.md``.
 
     ``dv`` sums over the query heads of each group; like ``dk`` in :func:`scaled_scores_backward`
     it is computed as its transpose and returned as a view with its last two axes swapped.

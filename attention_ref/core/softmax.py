@@ -145,7 +145,8 @@ def softmax_backward(
 
     Notes
     -----
-    .. math:: \frac{\partial L}{\partial x_i} = p_i \Big(dp_i - \sum_j dp_j\, p_j\Big) \qquad \text{(S4)}
+    .. math::
+        \frac{\partial L}{\partial x_i} = p_i \Big(dp_i - \sum_j dp_j\, p_j\Big) \qquad \text{(S4)}
 
     Examples
     --------

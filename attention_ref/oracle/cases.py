@@ -76,9 +76,8 @@ class Case:
     options: Mapping[str, Any] = field(
         default_factory=dict
     )  #: scalar options (causal, align, window, ...)
-    extras: tuple[
-        str, ...
-    ] = ()  #: array extras: "padding", "empty_row", "bias", "neg_inf_bias", "dropout", "no_param_bias"
+    #: array extras: "padding", "empty_row", "bias", "neg_inf_bias", "dropout", "no_param_bias"
+    extras: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()  #: groups: "mask", "causal", "gqa", "long", ...
 
     def __str__(self) -> str:
@@ -116,7 +115,8 @@ class CaseData:
     cotangent: np.ndarray  #: a random upstream gradient of the output's shape
 
     def function(self) -> Callable[..., np.ndarray]:
-        """``f(**inputs) -> out``: the reference forward with the options closed over (for gradcheck)."""
+        """``f(**inputs) -> out``: the reference forward with the options closed over (for
+        gradcheck)."""
         opts = dict(self.options)
         if self.case.kind == "sdpa":
             return lambda **inputs: scaled_dot_product_attention(**inputs, **opts)
@@ -143,7 +143,8 @@ class CaseData:
         return mha_forward(params=MultiHeadParams(**weights), **kwargs)
 
     def reference(self, dtype: Any = None) -> Reference:
-        """Output, gradients (for ``cotangent``) and intermediates, from one forward and backward."""
+        """Output, gradients (for ``cotangent``) and intermediates, from one forward and
+        backward."""
         tr = self.trace(dtype)
         if isinstance(tr, AttentionTrace):
             g = sdpa_backward(self.cotangent, tr)

@@ -57,7 +57,8 @@ class Row(NamedTuple):
 
     @property
     def exact_zero(self) -> bool:
-        """The true gradient is 0 (within the complex step's round-off): relative errors mean nothing."""
+        """The true gradient is 0 (within the complex step's round-off): relative errors mean
+        nothing."""
         return self.cs.scale <= self.cs_atol
 
     def as_dict(self) -> dict[str, Any]:

@@ -62,10 +62,11 @@ FLOAT64_RTOL = 1e-12
 #: exact arithmetic: the budget each needed, (error - floor) / baseline error, was 1.95 at the
 #: 99th percentile, 3.88 at the 99.9th, 13.65 at most (dk, padding_empty_rows_zero, seed 771),
 #: and above 8 ten times: PyTorch's smallest factor is too tight. 24x is 1.75x the largest
-#: measured (the tail falls like x^-3.7: 126, 10 and 2 needed more than 4, 8 and 12). FlashAttention's
-#: 3x assumes the candidate and the baseline round the same stages; PyTorch's own SDPA tests allow
-#: 8x (dv), 25x (dk) and 160x (dq) the low-precision reference's error for fused kernels
-#: (test/test_transformers.py, ``fudge_factors``). A wrong convention exceeds the allowance 1e5-fold.
+#: measured (the tail falls like x^-3.7: 126, 10 and 2 needed more than 4, 8 and 12).
+#: FlashAttention's 3x assumes the candidate and the baseline round the same stages; PyTorch's own
+#: SDPA tests allow 8x (dv), 25x (dk) and 160x (dq) the low-precision reference's error for fused
+#: kernels (test/test_transformers.py, ``fudge_factors``). A wrong convention exceeds the allowance
+#: 1e5-fold.
 MIXED_PRECISION_GRADIENT_BUDGET = 24.0
 
 
@@ -150,7 +151,8 @@ def _baseline(data: CaseData, options: dict[str, Any], precision: str):
 def run_conformance(
     framework: str, selected: list[Any] | None = None, progress: Callable[[str], None] | None = None
 ) -> list[ConformanceRow]:
-    """Run ``framework`` on the canonical cases (all, or ``selected``) and judge every output and gradient.
+    """Run ``framework`` on the canonical cases (all, or ``selected``) and judge every output and
+    gradient.
 
     Parameters
     ----------
@@ -269,9 +271,9 @@ def run_conformance(
             )
             zero = quantity != "out" and r.candidate.scale <= FLOAT64_RTOL * grad_scale
             verdict = (
-                f"{low} budget: {'gradient is 0; ' if zero else ''}error {r.candidate.max_abs_error:.1e} "
-                f"<= {r.allowed:.1e} ({r.rtol_budget:g} x baseline {r.baseline.max_abs_error:.1e} "
-                f"+ floor {r.floor:.1e})"
+                f"{low} budget: {'gradient is 0; ' if zero else ''}error "
+                f"{r.candidate.max_abs_error:.1e} <= {r.allowed:.1e} ({r.rtol_budget:g} x baseline "
+                f"{r.baseline.max_abs_error:.1e} + floor {r.floor:.1e})"
                 if r.passed
                 else str(r).replace("\n", " ")
             )

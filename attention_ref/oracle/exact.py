@@ -107,7 +107,8 @@ def _context(dps: Any) -> Any:
         import mpmath
     except ImportError:
         raise ImportError(
-            "attention_ref.oracle.exact needs mpmath (>=1.3,<1.4): pip install 'attention_ref[exact]'"
+            "attention_ref.oracle.exact needs mpmath (>=1.3,<1.4): pip install "
+            "'attention_ref[exact]'"
         ) from None
     ctx = mpmath.MPContext()
     ctx.dps = int(dps)
@@ -276,7 +277,7 @@ def _attention_backward(
     if a.bias is not None and a.bias_index is not None:
         # (A13) each bias entry gets the sum of dlogits over the scores it was broadcast to
         terms: list[list[Any]] = [[] for _ in range(a.bias.size)]
-        for index, dl in zip(a.bias_index.ravel().tolist(), dlogits.ravel()):
+        for index, dl in zip(a.bias_index.ravel().tolist(), dlogits.ravel(), strict=True):
             terms[index].append(dl)
         dbias = np.empty(a.bias.size, dtype=object)
         dbias[:] = [ctx.fsum(t) for t in terms]
@@ -291,8 +292,8 @@ def _check_size(name: str, scores: int, work: int, formula: str) -> None:
     """Refuse shapes that would keep mpmath busy for more than about 10 s."""
     if scores > MAX_SCORES:
         raise ValueError(
-            f"{name} is for small shapes: these inputs have B*H*T*S = {scores} attention scores, more "
-            f"than MAX_SCORES = {MAX_SCORES}; shrink B, H, T or S"
+            f"{name} is for small shapes: these inputs have B*H*T*S = {scores} attention scores, "
+            f"more than MAX_SCORES = {MAX_SCORES}; shrink B, H, T or S"
         )
     if work > MAX_MULTIPLY_ADDS:
         raise ValueError(
@@ -310,7 +311,8 @@ def _attention_args(
     k: np.ndarray,
     v: np.ndarray,
 ) -> _AttentionArgs:
-    """The mp form of the checked options, for mp arrays q (N, H, T, Dk), k (N, Hkv, S, Dk), v (N, Hkv, S, Dv).
+    """The mp form of the checked options, for mp arrays q (N, H, T, Dk), k (N, Hkv, S, Dk), v
+    (N, Hkv, S, Dv).
 
     ``lead`` is the leading (...) shape that N flattens.
     """
@@ -378,8 +380,8 @@ def _refuse_generator(dropout_mask: Any) -> None:
     if isinstance(dropout_mask, np.random.Generator):
         raise TypeError(
             "dropout_mask must be a boolean keep-mask of shape (..., H, T, S) (True = keep), not a "
-            "numpy.random.Generator: draw one with attention_ref.dropout_keep_mask and pass the same "
-            "mask to the code under test"
+            "numpy.random.Generator: draw one with attention_ref.dropout_keep_mask and pass the "
+            "same mask to the code under test"
         )
 
 
@@ -407,7 +409,8 @@ def _prepare_sdpa(
         dout = as_float("dout", dout, f64)
         if dout.shape != lead + (H, T, Dv):
             raise ValueError(
-                f"dout must have the output's shape (..., H, T, Dv) = {lead + (H, T, Dv)}; got {dout.shape}"
+                f"dout must have the output's shape (..., H, T, Dv) = {lead + (H, T, Dv)}; got "
+                f"{dout.shape}"
             )
         dout_mp = _to_mp(ctx, dout).reshape(N, H, T, Dv)
     args = _attention_args(
@@ -443,7 +446,8 @@ def exact_sdpa(
     dps: int = DEFAULT_DPS,
     **kwargs: Any,
 ) -> ExactAttention:
-    r"""Scaled dot-product attention and its gradients in exact (mpmath) arithmetic, for small shapes.
+    r"""Scaled dot-product attention and its gradients in exact (mpmath) arithmetic, for small
+    shapes.
 
     The same computation as :func:`~attention_ref.scaled_dot_product_attention` and
     :func:`~attention_ref.scaled_dot_product_attention_backward`, with the same options, carried
@@ -704,7 +708,8 @@ def _prepare_mha(
         dout = as_float("dout", dout, f64)
         if dout.shape != lead + (T, D_out):
             raise ValueError(
-                f"dout must have the output's shape (..., T, D_out) = {lead + (T, D_out)}; got {dout.shape}"
+                f"dout must have the output's shape (..., T, D_out) = {lead + (T, D_out)}; got "
+                f"{dout.shape}"
             )
         dout_mp = _to_mp(ctx, dout).reshape(N, T, D_out)
     # q, k and v are placeholders of the per-head shapes: _mha_mp fills them in, (M1)-(M3)
@@ -749,7 +754,8 @@ def exact_mha(
 
     The same computation as :func:`~attention_ref.multi_head_attention` and
     :func:`~attention_ref.multi_head_attention_backward`, at ``dps`` significant digits from the
-    float64 inputs and weights taken exactly; each result is the float64 nearest to its mpmath value.
+    float64 inputs and weights taken exactly; each result is the float64 nearest to its mpmath
+    value.
 
     Parameters
     ----------

@@ -127,52 +127,61 @@ CONVENTIONS: dict[str, Any] = {
     "layout": {
         "sdpa": "q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv), out (B, H, T, Dv); C order "
         "(row-major, the last axis varies fastest)",
-        "mha": "query (B, T, D), key (B, S, Dk_in), value (B, S, Dv_in), out (B, T, D_out); per-head "
-        "intermediates (B, H, T, Dk) and (B, Hkv, S, Dk) like sdpa",
+        "mha": "query (B, T, D), key (B, S, Dk_in), value (B, S, Dv_in), out (B, T, D_out); "
+        "per-head intermediates (B, H, T, Dk) and (B, Hkv, S, Dk) like sdpa",
     },
-    "scale": "scores are multiplied by scale; scale null means 1 / sqrt(Dk); scale_used is the value applied",
+    "scale": "scores are multiplied by scale; scale null means 1 / sqrt(Dk); scale_used is the "
+    "value applied",
     "order_of_operations": [
         "scores = q @ k^T * scale",
         "softcap (if not null): scores = softcap * tanh(scores / softcap)",
         "+ bias (additive, broadcast to (B, H, T, S); a -inf entry masks its pair)",
-        "mask: the boolean mask AND causal AND window; masked entries are excluded from the softmax",
+        "mask: the boolean mask AND causal AND window; masked entries are excluded from the "
+        "softmax",
         "probs = softmax over S of the allowed entries; empty rows follow empty_rows",
         "dropout (dropout_p > 0): probs * option.dropout_mask / (1 - dropout_p)",
         "out = (dropped) probs @ v",
     ],
-    "mask": "bool, broadcastable to (B, H, T, S); true = may attend (PyTorch scaled_dot_product_attention, JAX)",
+    "mask": "bool, broadcastable to (B, H, T, S); true = may attend (PyTorch "
+    "scaled_dot_product_attention, JAX)",
     "causal": {
         "top_left": "query i may attend key j when j <= i (PyTorch is_causal, JAX)",
         "bottom_right": "query i may attend key j when j <= i + S - T (FlashAttention, decoding)",
     },
-    "window": "window [left, right]: query i may attend key j when i' - left <= j <= i' + right, with "
-    "i' = i (align top_left) or i + S - T (align bottom_right); a null side is unbounded; "
+    "window": "window [left, right]: query i may attend key j when i' - left <= j <= i' + right, "
+    "with i' = i (align top_left) or i + S - T (align bottom_right); a null side is unbounded; "
     "combined with causal by AND",
     "empty_rows": {
-        "zero": "a query row with no key to attend gives weights 0 and output 0, and passes no gradient",
+        "zero": "a query row with no key to attend gives weights 0 and output 0, and passes no "
+        "gradient",
         "uniform": "such a row gives weights 1/S over all keys (output = mean of v)",
         "nan": "such a row gives NaN",
         "raise": "such a row is an error",
     },
-    "gqa": "query head h uses key/value head h // (H // Hkv); key/value gradients sum over the heads of each group",
-    "dropout": "deterministic: option.dropout_mask is the keep-mask (true = kept), kept weights are "
-    "scaled by 1 / (1 - dropout_p); intermediate.probs are the weights before dropout",
-    "weights": "y = x @ w + b with w of shape (in, out) (PyTorch nn.Linear stores (out, in): transpose it)",
+    "gqa": "query head h uses key/value head h // (H // Hkv); key/value gradients sum over the "
+    "heads of each group",
+    "dropout": "deterministic: option.dropout_mask is the keep-mask (true = kept), kept weights "
+    "are scaled by 1 / (1 - dropout_p); intermediate.probs are the weights before dropout",
+    "weights": "y = x @ w + b with w of shape (in, out) (PyTorch nn.Linear stores (out, in): "
+    "transpose it)",
     "mha": [
         "q = split_heads(query @ w_q + b_q, H), k = split_heads(key @ w_k + b_k, Hkv), "
         "v = split_heads(value @ w_v + b_v, Hkv)",
         "split_heads: (B, T, H*Dh) -> (B, H, T, Dh) with out[b, h, t, d] = x[b, t, h*Dh + d]",
-        "context = sdpa(q, k, v, options); out = merge_heads(context) @ w_o + b_o, merge_heads the inverse of split_heads",
+        "context = sdpa(q, k, v, options); out = merge_heads(context) @ w_o + b_o, merge_heads "
+        "the inverse of split_heads",
         "a case without b_q, b_k, b_v, b_o has no projection biases",
     ],
-    "gradients": "grad.X is the vector-Jacobian product sum(cotangent * d output.out / d input.X), of "
-    "input.X's shape; an input broadcast in the forward (a bias of shape (1, H, T, S)) has "
-    "its gradient summed over the broadcast axes",
+    "gradients": "grad.X is the vector-Jacobian product sum(cotangent * d output.out / "
+    "d input.X), of input.X's shape; an input broadcast in the forward (a bias of shape "
+    "(1, H, T, S)) has its gradient summed over the broadcast axes",
     "intermediates": {
         "scores": "(B, H, T, S) q @ k^T * scale, before softcap, bias and mask",
-        "masked_scores": "(B, H, T, S) after softcap, bias and mask; masked entries hold masked_fill, not -inf",
+        "masked_scores": "(B, H, T, S) after softcap, bias and mask; masked entries hold "
+        "masked_fill, not -inf",
         "row_max": "(B, H, T) max of masked_scores over the allowed keys; -inf for an empty row",
-        "logsumexp": "(B, H, T) log of sum of exp(masked_scores) over the allowed keys; -inf for an empty row",
+        "logsumexp": "(B, H, T) log of sum of exp(masked_scores) over the allowed keys; -inf for "
+        "an empty row",
         "probs": "(B, H, T, S) attention weights after the empty-row policy, before dropout",
         "q": "MHA: (B, H, T, Dk) per-head queries",
         "k": "MHA: (B, Hkv, S, Dk) per-head keys",
@@ -185,7 +194,8 @@ CONVENTIONS: dict[str, Any] = {
 }
 
 _GROUP_DOC = {
-    "input": "the differentiable arguments (sdpa: q, k, v, bias; mha: query, key, value, w_q ... b_o, bias)",
+    "input": "the differentiable arguments (sdpa: q, k, v, bias; mha: query, key, value, w_q ... "
+    "b_o, bias)",
     "option": "array-valued options: mask (bool), dropout_mask (bool)",
     "cotangent": "the random upstream gradient of output.out (same shape)",
     "output": "output.out, the reference output",
@@ -248,7 +258,8 @@ def _select(cases: Iterable[Case | str] | None) -> list[Case]:
             )
         if c.kind not in KINDS or not _NAME.fullmatch(c.name):
             raise ValueError(
-                f"case name must match {_NAME.pattern} and kind be one of {KINDS}; got {c.name!r}, {c.kind!r}"
+                f"case name must match {_NAME.pattern} and kind be one of {KINDS}; got {c.name!r}, "
+                f"{c.kind!r}"
             )
         if any(s.name == c.name for s in selected):
             raise ValueError(f"cases must not repeat a name; {c.name!r} appears twice")
@@ -414,7 +425,8 @@ def write_golden(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    r"""Write golden test vectors for ``cases`` into ``directory``: one ``.npz`` per case and a manifest.
+    r"""Write golden test vectors for ``cases`` into ``directory``: one ``.npz`` per case and a
+    manifest.
 
     Each case's file ``<name>.npz`` holds its arrays under the keys ``input.<name>``,
     ``option.<name>``, ``cotangent``, ``output.out``, ``grad.<name>`` and
@@ -615,7 +627,8 @@ _DIMS = {
 
 
 def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -> GoldenCase | None:
-    """A manifest case entry as a :class:`GoldenCase`, or None (with problems) if it is malformed."""
+    """A manifest case entry as a :class:`GoldenCase`, or None (with problems) if it is
+    malformed."""
     where = f"cases[{i}]"
     bad: list[str] = []
 
@@ -681,8 +694,8 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
         )
         if not ok:
             bad.append(
-                f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8 or |b1), "
-                f"sha256 and nonfinite counts; got {a!r:.120}"
+                f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8 or "
+                f"|b1), sha256 and nonfinite counts; got {a!r:.120}"
             )
             continue
         specs.append(
@@ -723,7 +736,8 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
         and by_key["cotangent"].shape != by_key["output.out"].shape
     ):
         bad.append(
-            f"cotangent's shape {list(by_key['cotangent'].shape)} must be output.out's {list(by_key['output.out'].shape)}"
+            f"cotangent's shape {list(by_key['cotangent'].shape)} must be output.out's "
+            f"{list(by_key['output.out'].shape)}"
         )
     for k, want in _expected_shapes(kind, dims).items():
         if k in by_key and by_key[k].shape != want:
@@ -822,7 +836,8 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
             digest = hashlib.sha256(data).hexdigest()
             if digest != spec.sha256:
                 wrong.append(
-                    f"sha256 of the data is {digest}, manifest.json says {spec.sha256} (corrupt data)"
+                    f"sha256 of the data is {digest}, manifest.json says {spec.sha256} "
+                    "(corrupt data)"
                 )
             if wrong:
                 problems += [Problem(file, spec.key, w) for w in wrong]
@@ -935,7 +950,8 @@ class GoldenCase:
         return CaseData(case, inputs, options, self.arrays()["cotangent"].copy())
 
     def reference(self) -> Reference:
-        """The stored output, gradients and intermediates, as a :class:`~attention_ref.cases.Reference`."""
+        """The stored output, gradients and intermediates, as a
+        :class:`~attention_ref.cases.Reference`."""
         return Reference(
             self.arrays()["output.out"], self._group("grad"), self._group("intermediate")
         )
@@ -983,7 +999,10 @@ class GoldenSet:
         return len(self.cases)
 
     def __repr__(self) -> str:
-        return f"GoldenSet({str(self.directory)!r}, {len(self.cases)} cases, format_version {self.format_version})"
+        return (
+            f"GoldenSet({str(self.directory)!r}, {len(self.cases)} cases, format_version "
+            f"{self.format_version})"
+        )
 
 
 def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
@@ -1169,7 +1188,8 @@ def verify_golden(
     cases: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[ArrayResult]:
-    r"""Judge an implementation's outputs against a golden set, or the golden set against the reference.
+    r"""Judge an implementation's outputs against a golden set, or the golden set against the
+    reference.
 
     The golden directory is read and verified first (:func:`read_golden`). Then, per case:
 
@@ -1266,7 +1286,8 @@ def verify_golden(
         cand_dir = Path(candidate)
         if not cand_dir.is_dir():
             raise ValueError(
-                f"candidate must be an existing directory, a callable or None; {cand_dir} is not a directory"
+                f"candidate must be an existing directory, a callable or None; {cand_dir} is not a "
+                "directory"
             )
     elif callable(candidate):
         call = candidate
@@ -1365,7 +1386,7 @@ def _judge_candidate(
                 reference=gc.reference(),
             )
             keys = ["output.out"] + [f"grad.{n}" for n in grads]
-            for k, rep in zip(keys, reports):
+            for k, rep in zip(keys, reports, strict=True):
                 results.append(
                     ArrayResult(
                         name,
@@ -1522,12 +1543,14 @@ def main_golden(
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['name']:<{width}}  {r['kind']:<4}  {r['arrays']:>6}  {r['bytes'] / 1024:>6.1f}  {r['sha256'][:16]}"
+            f"{r['name']:<{width}}  {r['kind']:<4}  {r['arrays']:>6}  {r['bytes'] / 1024:>6.1f}  "
+            f"{r['sha256'][:16]}"
         )
     total = sum(r["bytes"] for r in rows)
     print(
-        f"\nwrote {len(rows)} cases ({sum(r['arrays'] for r in rows)} arrays, {total / 1024:.1f} KiB) and "
-        f"{MANIFEST_NAME} (sha256 {msha}) to {directory} in {time.perf_counter() - start:.1f} s"
+        f"\nwrote {len(rows)} cases ({sum(r['arrays'] for r in rows)} arrays, {total / 1024:.1f} "
+        f"KiB) and {MANIFEST_NAME} (sha256 {msha}) to {directory} in "
+        f"{time.perf_counter() - start:.1f} s"
     )
     return 0
 
@@ -1544,7 +1567,8 @@ def main_verify(
     as_json: bool = False,
     markdown: bool = False,
 ) -> int:
-    """``attention-ref verify DIR [--candidate DIR2]``: returns the exit status (1 on any failure)."""
+    """``attention-ref verify DIR [--candidate DIR2]``: returns the exit status (1 on any
+    failure)."""
     start = time.perf_counter()
     say = _say(quiet)
     try:
@@ -1620,9 +1644,14 @@ def main_verify(
     print(f"comparing {mode}\n")
     print(format_results(results, fmt="markdown" if markdown else "text"))
     rules = sorted({r.rule for r in results if r.rule})
+    budget_rule = (
+        "; budget: error <= factor x the baseline error + floor (attention_ref.testing)"
+        if precision
+        else ""
+    )
     print(
         f"rule: |actual - reference| <= atol + rtol * |reference| element-wise"
-        f"{'; budget: error <= factor x the baseline error + floor (attention_ref.testing)' if precision else ''}"
+        f"{budget_rule}"
         f" -- used: {', '.join(rules) or 'none'} ({time.perf_counter() - start:.1f} s)"
     )
     return 0 if ok else 1

@@ -56,10 +56,11 @@ FD_EPS = 1e-6
 #: a wrong backward is off by O(1).
 FD_RTOL = 1e-6
 #: Safety factor of the absolute noise floor. A central difference divides each output's round-off
-#: by 2 eps, and the dot product with the cotangent adds it up, so |<f(x+eps t) - f(x-eps t), c>| / (2 eps)
-#: is off by at most about u * ||f(x)|| * ||c|| / eps per ulp of error in f (Cauchy-Schwarz,
-#: u = float64 epsilon). The bound is loose (it assumes every rounding error aligned with c; the
-#: errors measured here are ~100x below it); the factor 10 covers outputs carrying a few ulps each.
+#: by 2 eps, and the dot product with the cotangent adds it up, so
+#: |<f(x+eps t) - f(x-eps t), c>| / (2 eps) is off by at most about u * ||f(x)|| * ||c|| / eps per
+#: ulp of error in f (Cauchy-Schwarz, u = float64 epsilon). The bound is loose (it assumes every
+#: rounding error aligned with c; the errors measured here are ~100x below it); the factor 10
+#: covers outputs carrying a few ulps each.
 #: The floor is what lets an exactly-zero gradient (a softmax over one key, the key projection's
 #: bias b_k) pass, and it is far below the O(||grad||) error of a wrong backward.
 FD_NOISE_FACTOR = 10.0
@@ -75,7 +76,8 @@ CS_RTOL = 1e-12
 
 
 def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS) -> float:
-    r"""Absolute round-off bound of a central-difference VJP entry: ``10 u ||f|| ||c|| / eps``, (G3).
+    r"""Absolute round-off bound of a central-difference VJP entry: ``10 u ||f|| ||c|| / eps``,
+    (G3).
 
     Parameters
     ----------
@@ -111,14 +113,15 @@ def fd_noise_floor(f_value: ArrayLike, cotangent: ArrayLike, eps: float = FD_EPS
     if not np.isfinite(floor):
         # An infinite atol would pass any gradient: refuse instead.
         raise ValueError(
-            "no finite round-off bound: f's value or the cotangent holds non-finite or huge entries "
-            "(e.g. a masked-score fill of -1.8e308); pass atol explicitly"
+            "no finite round-off bound: f's value or the cotangent holds non-finite or huge "
+            "entries (e.g. a masked-score fill of -1.8e308); pass atol explicitly"
         )
     return floor
 
 
 def _norm(x: ArrayLike) -> float:
-    """Euclidean norm, scaled by the largest magnitude so large finite entries do not overflow early."""
+    """Euclidean norm, scaled by the largest magnitude so large finite entries do not overflow
+    early."""
     a = np.abs(np.ravel(np.asarray(x, dtype=np.float64)))
     if a.size == 0:
         return 0.0
@@ -195,7 +198,10 @@ def numerical_vjp(
 ) -> np.ndarray:
     r"""Central-difference vector-Jacobian product :math:`J^\top c` of ``f`` at ``x``.
 
-    .. math:: (J^\top c)_i \approx \Big\langle \frac{f(x + \epsilon e_i) - f(x - \epsilon e_i)}{2\epsilon},\ c \Big\rangle \qquad \text{(G1)}
+    .. math::
+        (J^\top c)_i \approx
+        \Big\langle \frac{f(x + \epsilon e_i) - f(x - \epsilon e_i)}{2\epsilon},\ c \Big\rangle
+        \qquad \text{(G1)}
 
     Parameters
     ----------
@@ -239,7 +245,8 @@ def numerical_vjp(
 
 
 def _imag_part(value: Any, expected_shape: tuple[int, ...] | None) -> np.ndarray:
-    """``Im f``, refusing a real result: that forward dropped the imaginary part (not complex-safe)."""
+    """``Im f``, refusing a real result: that forward dropped the imaginary part (not
+    complex-safe)."""
     arr = np.asarray(value)
     if arr.dtype.kind != "c":
         raise ValueError(
@@ -256,7 +263,9 @@ def complex_step_vjp(
 ) -> np.ndarray:
     r"""Complex-step vector-Jacobian product :math:`J^\top c` of ``f`` at ``x``, exact to round-off.
 
-    .. math:: (J^\top c)_i = \Big\langle \frac{\operatorname{Im} f(x + i h e_i)}{h},\ c \Big\rangle + O(h^2) \qquad \text{(G4)}
+    .. math::
+        (J^\top c)_i = \Big\langle \frac{\operatorname{Im} f(x + i h e_i)}{h},\ c \Big\rangle
+        + O(h^2) \qquad \text{(G4)}
 
     No difference of two nearby values is taken, so there is no cancellation and ``h`` can be
     tiny (1e-30): the result is as accurate as ``f`` itself, ~1e-15 relative, where a central
@@ -438,7 +447,8 @@ def check_directional(
     rtol: float = FD_RTOL,
     atol: float | None = None,
 ) -> GradCheckResult:
-    r"""Compare :math:`\langle J t, c\rangle` with :math:`\langle t, J^\top c\rangle` along random directions.
+    r"""Compare :math:`\langle J t, c\rangle` with :math:`\langle t, J^\top c\rangle` along random
+    directions.
 
     .. math::
         \Big\langle \frac{f(x + \epsilon t) - f(x - \epsilon t)}{2\epsilon},\ c \Big\rangle
@@ -501,7 +511,8 @@ def check_directional(
 
 
 def _complex_step_directions(f, xs, n, c, grad, h, num_directions: int, rng: np.random.Generator):
-    """``(<t, grad>, <Im f(x + i h t) / h, c>)`` over random unit directions ``t`` of input ``n``, (G5)."""
+    """``(<t, grad>, <Im f(x + i h t) / h, c>)`` over random unit directions ``t`` of input ``n``,
+    (G5)."""
     analytic, numeric = [], []
     for _ in range(num_directions):
         t = rng.normal(size=xs[n].shape)
@@ -531,7 +542,9 @@ def check_complex_step(
     element. With ``num_directions=n`` each input is checked along ``n`` random unit directions
     ``t``, one complex forward per direction whatever the size of ``x``:
 
-    .. math:: \Big\langle \frac{\operatorname{Im} f(x + i h t)}{h},\ c \Big\rangle = \langle t,\ J^\top c\rangle + O(h^2) \qquad \text{(G5)}
+    .. math::
+        \Big\langle \frac{\operatorname{Im} f(x + i h t)}{h},\ c \Big\rangle
+        = \langle t,\ J^\top c\rangle + O(h^2) \qquad \text{(G5)}
 
     Parameters
     ----------

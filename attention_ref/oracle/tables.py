@@ -138,10 +138,11 @@ def render_table(
         heads = [h.replace("|", r"\|") for h in heads]
     widths = [
         max([len(h), c.min_width] + [len(r[i]) for r in body])
-        for i, (c, h) in enumerate(zip(cols, heads))
+        for i, (c, h) in enumerate(zip(cols, heads, strict=True))
     ]
     padded = [
-        [_pad(s, w, c.align) for s, w, c in zip(cells, widths, cols)] for cells in [heads] + body
+        [_pad(s, w, c.align) for s, w, c in zip(cells, widths, cols, strict=True)]
+        for cells in [heads] + body
     ]
     head_lines = _lines(title)
     if fmt == "text":
@@ -151,7 +152,7 @@ def render_table(
         lines = ["| " + " | ".join(cells) + " |" for cells in padded]
         rule = [
             "-" * (w + 1) + ":" if c.align == "right" else ":" + "-" * (w + 1)
-            for w, c in zip(widths, cols)
+            for w, c in zip(widths, cols, strict=True)
         ]
         table = lines[:1] + ["|" + "|".join(rule) + "|"] + lines[1:]
         head_lines += [""] if head_lines else []

@@ -143,7 +143,8 @@ def round_to(x: ArrayLike, precision: str) -> np.ndarray:
 
 
 def noise_floor(reference: ArrayLike, precision: str) -> float:
-    r"""The absolute allowance of the error budget: two ulps of ``max|reference| + 0.3`` in ``precision``.
+    r"""The absolute allowance of the error budget: two ulps of ``max|reference| + 0.3`` in
+    ``precision``.
 
     FlashAttention's tests compute it empirically as ``2 * max|fl(fl(r + 0.3) - 0.3) - r|``: the
     cost of doing any arithmetic at all on the output in that precision. Over a large tensor that
@@ -191,16 +192,18 @@ class BudgetReport(NamedTuple):
 
     @property
     def ratio(self) -> float:
-        """Candidate error / baseline error (inf when the baseline is exact and the candidate is not)."""
+        """Candidate error / baseline error (inf when the baseline is exact and the candidate is
+        not)."""
         c, b = self.candidate.max_abs_error, self.baseline.max_abs_error
         return 0.0 if c == 0 else (c / b if b > 0 else float("inf"))
 
     def __str__(self) -> str:
         verdict = "within budget" if self.passed else "OVER BUDGET"
         return (
-            f"{self.name}: {verdict} ({self.precision}): candidate error {self.candidate.max_abs_error:.3e} "
-            f"vs allowed {self.allowed:.3e} = {self.rtol_budget:g} x baseline error "
-            f"{self.baseline.max_abs_error:.3e} + floor {self.floor:.3e} (ratio {self.ratio:.2f})\n"
+            f"{self.name}: {verdict} ({self.precision}): candidate error "
+            f"{self.candidate.max_abs_error:.3e} vs allowed {self.allowed:.3e} = "
+            f"{self.rtol_budget:g} x baseline error {self.baseline.max_abs_error:.3e} + floor "
+            f"{self.floor:.3e} (ratio {self.ratio:.2f})\n"
             f"  candidate: {self.candidate}\n  baseline:  {self.baseline}"
         )
 
@@ -246,13 +249,17 @@ def check_budget(
     >>> from attention_ref import scaled_dot_product_attention as sdpa
     >>> from attention_ref.testing import check_budget
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.normal(size=(2, 8, 16)), rng.normal(size=(2, 8, 16)), rng.normal(size=(2, 8, 16))
+    >>> q, k, v = (
+    ...     rng.normal(size=(2, 8, 16)), rng.normal(size=(2, 8, 16)), rng.normal(size=(2, 8, 16))
+    ... )
     >>> ref = sdpa(q, k, v)
     >>> base = sdpa(q, k, v, dtype=np.float32)
     >>> cand = sdpa(q[..., ::-1], k[..., ::-1], v, dtype=np.float32)   # another summation order
     >>> check_budget(cand, ref, base, precision="float32").passed
     True
-    >>> check_budget(sdpa(q, k, v, scale=0.99 / 4, dtype=np.float32), ref, base, precision="float32").passed
+    >>> check_budget(
+    ...     sdpa(q, k, v, scale=0.99 / 4, dtype=np.float32), ref, base, precision="float32"
+    ... ).passed
     False
     """
     precision = _check_precision(precision)
@@ -307,7 +314,8 @@ def assert_within_budget(
 
 
 class Baseline(NamedTuple):
-    """A reference computed in a lower precision (float32 arrays holding that precision's values)."""
+    """A reference computed in a lower precision (float32 arrays holding that precision's
+    values)."""
 
     out: np.ndarray
     grads: (
@@ -432,8 +440,8 @@ def sdpa_baseline(
     precision = _check_precision(precision)
     if precision == "float64":
         raise ValueError(
-            "precision must be a low precision for a baseline ('float32', 'float16' or 'bfloat16'); "
-            "got 'float64' (the reference itself)"
+            "precision must be a low precision for a baseline ('float32', 'float16' or "
+            "'bfloat16'); got 'float64' (the reference itself)"
         )
     if not isinstance(reorder, (bool, np.bool_)):
         raise TypeError(f"reorder must be a bool; got {reorder!r}")
@@ -506,7 +514,8 @@ def mha_baseline(
     precision = _check_precision(precision)
     if precision == "float64":
         raise ValueError(
-            "precision must be a low precision for a baseline ('float32', 'float16' or 'bfloat16'); got 'float64'"
+            "precision must be a low precision for a baseline ('float32', 'float16' or "
+            "'bfloat16'); got 'float64'"
         )
     if not isinstance(params, MultiHeadParams):
         raise TypeError(f"params must be a MultiHeadParams; got {type(params).__name__}")
@@ -612,7 +621,9 @@ def budget_reports(
     >>> from attention_ref.cases import get_case
     >>> from attention_ref.testing import budget_reports, sdpa_baseline
     >>> data = get_case("gqa").build()
-    >>> cand = sdpa_baseline(**data.inputs, dout=data.cotangent, precision="bfloat16", reorder=True, **data.options)
+    >>> cand = sdpa_baseline(
+    ...     **data.inputs, dout=data.cotangent, precision="bfloat16", reorder=True, **data.options
+    ... )
     >>> [r.passed for r in budget_reports(data, cand.out, cand.grads, precision="bfloat16")]
     [True, True, True, True]
     """
@@ -644,7 +655,8 @@ def budget_reports(
     for name, g in (grads or {}).items():
         if base.grads is None or name not in base.grads:
             raise ValueError(
-                f"grads has {name!r}, which is not an input of case {data.case.name!r}: {sorted(data.inputs)}"
+                f"grads has {name!r}, which is not an input of case {data.case.name!r}: "
+                f"{sorted(data.inputs)}"
             )
         reports.append(
             check_budget(

@@ -99,7 +99,8 @@ class KVCache:
                 )
         if v.shape[:-1] != k.shape[:-1]:
             raise ValueError(
-                f"v must have the same (..., Hkv, S) as k = {k.shape[:-1]}; got v.shape={v.shape}, k.shape={k.shape}"
+                f"v must have the same (..., Hkv, S) as k = {k.shape[:-1]}; got v.shape={v.shape}, "
+                f"k.shape={k.shape}"
             )
         object.__setattr__(self, "k", _read_only(fresh(k, self.k)))
         object.__setattr__(self, "v", _read_only(fresh(v, self.v)))
@@ -169,7 +170,8 @@ class KVCache:
         return self.k.shape[-2]
 
     def append(self, k_new: ArrayLike, v_new: ArrayLike) -> KVCache:
-        r"""A new cache holding these positions followed by ``k_new``, ``v_new``; ``self`` is unchanged.
+        r"""A new cache holding these positions followed by ``k_new``, ``v_new``; ``self`` is
+        unchanged.
 
         Parameters
         ----------
@@ -201,8 +203,8 @@ class KVCache:
             want = lead + (hkv, x.shape[-2], width)
             if x.shape != want:
                 raise ValueError(
-                    f"{name} must have the cache's batch dims {lead}, Hkv={hkv} heads and {wname}={width}, "
-                    f"i.e. shape {want}; got {name}.shape={x.shape}"
+                    f"{name} must have the cache's batch dims {lead}, Hkv={hkv} heads and "
+                    f"{wname}={width}, i.e. shape {want}; got {name}.shape={x.shape}"
                 )
         if v_new.shape[-2] != k_new.shape[-2]:
             raise ValueError(
@@ -230,7 +232,8 @@ def decode_step(
     options: AttentionOptions | None = None,
     **kwargs: Any,
 ) -> DecodeResult:
-    r"""One decoding step: append ``k_new``, ``v_new`` to the cache and attend ``q_new`` to all of it.
+    r"""One decoding step: append ``k_new``, ``v_new`` to the cache and attend ``q_new`` to all of
+    it.
 
     Parameters
     ----------

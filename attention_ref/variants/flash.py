@@ -30,8 +30,9 @@ from ..core.options import AttentionOptions
 from ..core.scores import group_heads, masked_fill_value, ungroup_heads
 
 #: Default query rows per block. Large blocks amortise NumPy's per-call overhead; at 256 x 256 the
-#: tiled forward+backward took 0.6-0.75x the plain path's time at T = S = 1024..4096 (single-threaded
-#: BLAS; benchmarks/README.md), and each of a block's arrays is 0.5 MiB per head in float64.
+#: tiled forward+backward took 0.6-0.75x the plain path's time at T = S = 1024..4096
+#: (single-threaded BLAS; benchmarks/README.md), and each of a block's arrays is 0.5 MiB per head in
+#: float64.
 BLOCK_Q = 256
 #: Default keys per block (see ``BLOCK_Q``).
 BLOCK_K = 256
@@ -68,7 +69,8 @@ def online_softmax_init(
     Parameters
     ----------
     rows : tuple of int
-        Shape of the block of rows, e.g. ``(..., H, T)`` (a GQA view ``(..., Hkv, G, T)`` works too).
+        Shape of the block of rows, e.g. ``(..., H, T)`` (a GQA view ``(..., Hkv, G, T)`` works
+        too).
     dv : int
         Width of the values, Dv.
     dtype : dtype, default float64
@@ -156,7 +158,8 @@ def online_softmax_update(
     p = logits - m_new
     np.exp(p, out=p)  # (..., T, Sb) e^{l~ - m'}   (F3)
     if allowed is not None:
-        p *= allowed  # a row with nothing allowed yet has m' = fill and exp(fill - fill) = 1: zero it
+        # a row with nothing allowed yet has m' = fill and exp(fill - fill) = 1: zero it
+        p *= allowed
     row_sum = rescale * state.row_sum + p.sum(axis=-1, keepdims=True)  # (..., T, 1)   (F3)
     acc = rescale * state.acc  # (..., T, Dv)   (F4)
     acc += p @ values  # (..., T, Sb) @ (..., Sb, Dv) -> (..., T, Dv)   (F4)
@@ -184,16 +187,21 @@ def online_softmax_finish(state: OnlineSoftmaxState) -> tuple[np.ndarray, np.nda
     Examples
     --------
     >>> import numpy as np
-    >>> from attention_ref.variants.flash import online_softmax_finish, online_softmax_init, online_softmax_update
+    >>> from attention_ref.variants.flash import (
+    ...     online_softmax_finish,
+    ...     online_softmax_init,
+    ...     online_softmax_update,
+    ... )
     >>> st = online_softmax_update(online_softmax_init((2,), 1), np.zeros((2, 3)), np.ones((3, 1)),
     ...                            allowed=np.array([[True], [False]]))
     >>> out, lse, empty = online_softmax_finish(st)
     >>> out[:, 0].tolist(), bool(np.isclose(lse[0], np.log(3))), float(lse[1]), empty.tolist()
     ([1.0, 0.0], True, -inf, [False, True])
     """
-    l = state.row_sum[..., 0]  # (..., T)
-    row_is_empty = l == 0  # l >= 1 once a row has seen an allowed key: its max contributes e^0
-    safe_l = np.where(row_is_empty, 1.0, l)[..., None]  # (..., T, 1)
+    row_sum = state.row_sum[..., 0]  # (..., T)
+    # row_sum >= 1 once a row has seen an allowed key: its max contributes e^0
+    row_is_empty = row_sum == 0
+    safe_l = np.where(row_is_empty, 1.0, row_sum)[..., None]  # (..., T, 1)
     out = state.acc / safe_l  # (..., T, Dv)   (F5)
     lse = state.row_max[..., 0] + np.log(safe_l[..., 0])  # (..., T)   (F5)
     lse[row_is_empty] = -np.inf
@@ -220,7 +228,8 @@ class _Tiled(NamedTuple):
 
 
 def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
-    """An array broadcastable to (..., H, T, S), as (..., Hkv|1, G|1, T|1, S|1): ``ndim + 1`` dims."""
+    """An array broadcastable to (..., H, T, S), as (..., Hkv|1, G|1, T|1, S|1): ``ndim + 1``
+    dims."""
     shape = (1,) * (ndim - x.ndim) + tuple(x.shape)  # (..., H|1, T|1, S|1)
     heads = shape[-3]
     split = (1, 1) if heads == 1 else (num_kv_heads, heads // num_kv_heads)
@@ -354,7 +363,9 @@ def flash_attention_forward(
     >>> from attention_ref.variants.flash import flash_attention_forward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 7, 8)), rng.normal(size=(2, 9, 8)), rng.normal(size=(2, 9, 5))
-    >>> res = flash_attention_forward(q, k, v, causal=True, align="bottom_right", block_q=3, block_k=4)
+    >>> res = flash_attention_forward(
+    ...     q, k, v, causal=True, align="bottom_right", block_q=3, block_k=4
+    ... )
     >>> res.out.shape, res.logsumexp.shape
     ((4, 7, 5), (4, 7))
     >>> plain = scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right")
@@ -474,7 +485,8 @@ def flash_attention_backward(
     -----
     .. math::
         P_{ij} = e^{\tilde\ell_{ij} - \text{lse}_i}\ \text{(F6)},\quad
-        D_i = \textstyle\sum_e d\text{out}_{ie}\, \text{out}_{ie} = \sum_j P_{ij}\, dP_{ij}\ \text{(F7)},\quad
+        D_i = \textstyle\sum_e d\text{out}_{ie}\, \text{out}_{ie}
+        = \sum_j P_{ij}\, dP_{ij}\ \text{(F7)},\quad
         d\ell_{ij} = P_{ij}\,(dP_{ij} - D_i)\ \text{(F8)}.
 
     Empty rows follow the policy as :func:`~attention_ref.sdpa_backward` does: no gradient from
@@ -495,7 +507,9 @@ def flash_attention_backward(
     >>> bias = rng.normal(size=(7, 9))
     >>> res = flash_attention_forward(q, k, v, bias=bias, block_q=4, block_k=4)
     >>> dout = rng.normal(size=res.out.shape)
-    >>> g = flash_attention_backward(dout, q, k, v, res.out, res.logsumexp, bias=bias, block_q=4, block_k=4)
+    >>> g = flash_attention_backward(
+    ...     dout, q, k, v, res.out, res.logsumexp, bias=bias, block_q=4, block_k=4
+    ... )
     >>> g.dq.shape, g.dk.shape, g.dv.shape, g.dbias.shape
     ((4, 7, 8), (2, 9, 8), (2, 9, 5), (7, 9))
     >>> ref = scaled_dot_product_attention_backward(dout, q, k, v, bias=bias)

@@ -3,7 +3,8 @@ r"""Packed variable-length batches: sequences of different lengths along one axi
 The layout is FlashAttention's ``flash_attn_varlen_func``: the B sequences of a batch are
 concatenated along the first axis, with no padding,
 
-* ``q`` (T_total, H, Dk), ``k`` (S_total, Hkv, Dk), ``v`` (S_total, Hkv, Dv), ``out`` (T_total, H, Dv);
+* ``q`` (T_total, H, Dk), ``k`` (S_total, Hkv, Dk), ``v`` (S_total, Hkv, Dv), ``out``
+  (T_total, H, Dv);
 * ``cu_seqlens_q`` (B + 1,) and ``cu_seqlens_k`` (B + 1,): cumulative lengths, integers starting
   at 0, non-decreasing, ending at T_total and S_total. Sequence ``b`` owns query rows
   ``cu_seqlens_q[b] : cu_seqlens_q[b + 1]`` (T_b of them) and key rows
@@ -95,7 +96,8 @@ def cu_seqlens_from_lengths(lengths: ArrayLike) -> np.ndarray:
 def _check_cu_seqlens(
     name: str, cu: Any, total: int | None = None, total_name: str = ""
 ) -> np.ndarray:
-    """``cu`` as a fresh int64 array (B + 1,): 1-D, integer, from 0, non-decreasing, ending at ``total``."""
+    """``cu`` as a fresh int64 array (B + 1,): 1-D, integer, from 0, non-decreasing, ending at
+    ``total``."""
     if isinstance(cu, np.random.Generator):
         raise TypeError(f"{name} must be an array of integer offsets; got a numpy.random.Generator")
     try:
@@ -127,7 +129,8 @@ def _check_cu_seqlens(
         )
     if total is not None and arr[-1] != total:
         raise ValueError(
-            f"{name}[-1] must equal the packed length {total_name} = {total}; got {name}[-1] = {arr[-1]}"
+            f"{name}[-1] must equal the packed length {total_name} = {total}; got {name}[-1] = "
+            f"{arr[-1]}"
         )
     return arr
 
@@ -236,7 +239,9 @@ class VarlenTrace(NamedTuple):
         AttentionTrace | None, ...
     ]  #: per sequence, the AttentionTrace of its (H, T_b, Dk) problem; None when T_b = 0 or S_b = 0
     out: np.ndarray  #: (T_total, H, Dv) packed output, (V2)
-    logsumexp: np.ndarray  #: (H, T_total) per-row logsumexp of the allowed scores, -inf on empty rows (FlashAttention's ``softmax_lse`` layout), (V6)
+    #: (H, T_total) per-row logsumexp of the allowed scores, -inf on empty rows (FlashAttention's
+    #: ``softmax_lse`` layout), (V6)
+    logsumexp: np.ndarray
 
 
 class VarlenGrads(NamedTuple):
@@ -256,7 +261,8 @@ def _check_packed(q, k, v, dt):
             )
         if x.shape[1] < 1 or x.shape[2] < 1:
             raise ValueError(
-                f"{name} must have at least one head and a width >= 1 (layout {layout}); got shape {x.shape}"
+                f"{name} must have at least one head and a width >= 1 (layout {layout}); got shape "
+                f"{x.shape}"
             )
     if k.shape[2] != q.shape[2]:
         raise ValueError(
@@ -264,12 +270,13 @@ def _check_packed(q, k, v, dt):
         )
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(
-            f"v must have the same (S_total, Hkv) as k = {k.shape[:2]}; got v.shape={v.shape}, k.shape={k.shape}"
+            f"v must have the same (S_total, Hkv) as k = {k.shape[:2]}; got v.shape={v.shape}, "
+            f"k.shape={k.shape}"
         )
     if q.shape[1] % k.shape[1]:
         raise ValueError(
-            f"q's head count H={q.shape[1]} must be a multiple of k's Hkv={k.shape[1]} (grouped-query "
-            f"attention); got q.shape={q.shape}, k.shape={k.shape}"
+            f"q's head count H={q.shape[1]} must be a multiple of k's Hkv={k.shape[1]} "
+            f"(grouped-query attention); got q.shape={q.shape}, k.shape={k.shape}"
         )
     return q, k, v
 
@@ -409,7 +416,8 @@ def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
     dout = as_float("dout", dout, trace.out.dtype)
     if dout.shape != trace.out.shape:
         raise ValueError(
-            f"dout must have the packed output's shape (T_total, H, Dv) = {trace.out.shape}; got {dout.shape}"
+            f"dout must have the packed output's shape (T_total, H, Dv) = {trace.out.shape}; got "
+            f"{dout.shape}"
         )
     cu_q, cu_k = trace.cu_seqlens_q, trace.cu_seqlens_k
     dq = np.zeros_like(trace.q)  # (T_total, H, Dk); rows of sequences without keys stay 0   (V5)
@@ -543,7 +551,9 @@ def varlen_attention_backward(
     >>> from attention_ref.variants.varlen import varlen_attention_backward
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.normal(size=(4, 2, 3)), rng.normal(size=(6, 2, 3)), rng.normal(size=(6, 2, 5))
-    >>> g = varlen_attention_backward(rng.normal(size=(4, 2, 5)), q, k, v, [0, 1, 1, 4], [0, 2, 3, 6])
+    >>> g = varlen_attention_backward(
+    ...     rng.normal(size=(4, 2, 5)), q, k, v, [0, 1, 1, 4], [0, 2, 3, 6]
+    ... )
     >>> g.dq.shape, g.dk.shape, bool((g.dk[2] == 0).all())    # key row 2: a sequence with no query
     ((4, 2, 3), (6, 2, 3), True)
     """
