@@ -680,33 +680,9 @@ def run_jax_sdpa(
     (dtype('float64'), (2, 2, 5, 8))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (
-        mask,
-        bias,
-        causal,
-        align,
-        window,
-        softcap,
-        scale,
-        dropout_p,
-        dropout_mask,
-        empty_rows,
-        dtype,
-    ) = (
-        opts.mask,
-        opts.bias,
-        opts.causal,
-        opts.align,
-        opts.window,
-        opts.softcap,
-        opts.scale,
-        opts.dropout_p,
-        opts.dropout_mask,
-        opts.empty_rows,
-        opts.dtype,
-    )
+    mask, bias = opts.mask, opts.bias
     jax = _jax()
-    dt = _dtype(dtype)
+    dt = _dtype(opts.dtype)
     q, k, v = _head_arrays(q, k, v, dt, ndim=4)
     if v.shape[-1] != q.shape[-1]:
         raise UnsupportedOption(
@@ -731,14 +707,7 @@ def run_jax_sdpa(
         S,
         mask=mask_np,
         bias=bias_np,
-        causal=causal,
-        align=align,
-        window=window,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        dropout_mask=dropout_mask,
-        empty_rows=empty_rows,
+        options=opts,
     )
     leaves = {
         "q": bthd_from_bhtd(q),
@@ -826,33 +795,9 @@ def run_jax_mha(
     ((2, 3, 8), (2, 7, 5), (6, 4))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (
-        mask,
-        bias,
-        causal,
-        align,
-        window,
-        softcap,
-        scale,
-        dropout_p,
-        dropout_mask,
-        empty_rows,
-        dtype,
-    ) = (
-        opts.mask,
-        opts.bias,
-        opts.causal,
-        opts.align,
-        opts.window,
-        opts.softcap,
-        opts.scale,
-        opts.dropout_p,
-        opts.dropout_mask,
-        opts.empty_rows,
-        opts.dtype,
-    )
+    mask, bias = opts.mask, opts.bias
     jax = _jax()
-    dt = _dtype(dtype)
+    dt = _dtype(opts.dtype)
     H = check_positive_int("num_heads", num_heads)
     Hkv = H if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
     if H % Hkv:
@@ -921,14 +866,7 @@ def run_jax_mha(
         S,
         mask=mask_np,
         bias=bias_np,
-        causal=causal,
-        align=align,
-        window=window,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        dropout_mask=dropout_mask,
-        empty_rows=empty_rows,
+        options=opts,
     )
     if kwargs["bias"] is not None:
         arrays["bias"] = kwargs["bias"].astype(dt)

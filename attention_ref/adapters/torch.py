@@ -999,33 +999,9 @@ def run_torch_sdpa(
     (True, (2, 2, 5, 8))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (
-        mask,
-        bias,
-        causal,
-        align,
-        window,
-        softcap,
-        scale,
-        dropout_p,
-        dropout_mask,
-        empty_rows,
-        dtype,
-    ) = (
-        opts.mask,
-        opts.bias,
-        opts.causal,
-        opts.align,
-        opts.window,
-        opts.softcap,
-        opts.scale,
-        opts.dropout_p,
-        opts.dropout_mask,
-        opts.empty_rows,
-        opts.dtype,
-    )
+    mask, bias = opts.mask, opts.bias
     torch = _torch()
-    dt = _dtype(dtype)
+    dt = _dtype(opts.dtype)
     q, k, v = _head_arrays(q, k, v, dt)
     H, T, S, Hkv = q.shape[-3], q.shape[-2], k.shape[-2], k.shape[-3]
     scores_shape = q.shape[:-1] + (S,)  # (..., H, T, S)
@@ -1053,15 +1029,7 @@ def run_torch_sdpa(
         num_kv_heads=Hkv,
         mask=mask_np,
         bias=leaves.get("bias"),
-        causal=causal,
-        align=align,
-        window=window,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        dropout_mask=dropout_mask,
-        empty_rows=empty_rows,
-        dtype=dt,
+        options=opts.replace(dtype=dt),
     )
     with _math_backend(torch):
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -1150,33 +1118,9 @@ def run_torch_mha(
     ((2, 7, 6), (6, 8))
     """
     opts = AttentionOptions.of(options, **kwargs)
-    (
-        mask,
-        bias,
-        causal,
-        align,
-        window,
-        softcap,
-        scale,
-        dropout_p,
-        dropout_mask,
-        empty_rows,
-        dtype,
-    ) = (
-        opts.mask,
-        opts.bias,
-        opts.causal,
-        opts.align,
-        opts.window,
-        opts.softcap,
-        opts.scale,
-        opts.dropout_p,
-        opts.dropout_mask,
-        opts.empty_rows,
-        opts.dtype,
-    )
+    mask, bias = opts.mask, opts.bias
     torch = _torch()
-    dt = _dtype(dtype)
+    dt = _dtype(opts.dtype)
     H = check_positive_int("num_heads", num_heads)
     module = params_to_torch(params, num_heads=H, num_kv_heads=num_kv_heads, dtype=dt)
     widths = {"query": module.embed_dim, "key": module.kdim, "value": module.vdim}
@@ -1217,15 +1161,7 @@ def run_torch_mha(
         head_dim=module.head_dim,
         mask=mask,
         bias=leaves.get("bias"),
-        causal=causal,
-        align=align,
-        window=window,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        dropout_mask=dropout_mask,
-        empty_rows=empty_rows,
-        dtype=dt,
+        options=opts.replace(dtype=dt),
     )
     with _math_backend(torch):
         out, _ = module(leaves["query"], leaves["key"], leaves["value"], **kwargs)
