@@ -28,10 +28,15 @@ from ._validate import (
 )
 from .masks import AllowedPairs
 from .options import AttentionOptions
+from .primitives import (
+    dropout_backward_into,
+    masked_softmax,
+    softmax_backward_into,
+    zero_masked_into,
+)
 from .scores import (
     add_bias_backward,
     apply_mask,
-    apply_mask_backward,
     scaled_scores,
     scaled_scores_backward,
     softcap_backward,
@@ -39,7 +44,7 @@ from .scores import (
     weighted_values,
     weighted_values_backward,
 )
-from .softmax import softmax_grad, stable_shift
+from .softmax import stable_shift
 
 
 class AttentionTrace(NamedTuple):
@@ -146,17 +151,10 @@ def dropout_forward(probs: np.ndarray, keep_mask: np.ndarray, dropout_p: float) 
     return dropped
 
 
-def dropout_backward(
-    ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float, *, in_place: bool = False
-) -> np.ndarray:
+def dropout_backward(ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float) -> np.ndarray:
     r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of
-    ``docs/derivations/attention.md``.
-
-    With ``in_place=True`` the result overwrites ``ddropped``, which the caller owns and gives up.
-    """
-    dprobs = np.multiply(ddropped, keep_mask, out=ddropped if in_place else None)
-    dprobs *= 1.0 / (1.0 - dropout_p)  # (A10)
-    return dprobs
+    ``docs/derivations/attention.md``."""
+    return ddropped * keep_mask * (1.0 / (1.0 - dropout_p))  # (A10)
 
 
 def require_forward_keep_mask(dropout_mask: Any, trace_pair: str) -> None:
@@ -263,9 +261,7 @@ def sdpa_forward(
         row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)  # (..., H, T)
     else:
         allowed = fresh(allowed, mask)
-        row_is_empty = np.broadcast_to(
-            ~allowed.any(axis=-1), scores_shape[:-1]
-        ).copy()  # (..., H, T)
+        row_is_empty = np.broadcast_to(~allowed.any(axis=-1), scores_shape[:-1]).copy()
     if opt.empty_rows == "raise" and row_is_empty.any():
         where = np.argwhere(row_is_empty)
         raise ValueError(
@@ -278,20 +274,11 @@ def sdpa_forward(
     logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
     masked = apply_mask(logits, allowed)  # (A4)
 
-    # (A5) = (S1)-(S3) over the allowed keys. exp is taken of the logits, not of the masked scores,
-    # and the masked weights are set to 0: exp(fill - max) is exactly 0 (A12), but numpy's exp is
-    # ~6x slower where it underflows. (A masked logit may overflow exp; it is discarded too.)
+    # (A5) = (S1)-(S3) over the allowed keys: the softmax of the masked logits, with the row max of
+    # the allowed ones as the shift. masked_softmax exponentiates the logits and zeroes the masked
+    # weights (the same numbers as exponentiating the fill, faster: core/primitives.py).
     shift = stable_shift(masked, axis=-1)  # (..., H, T, 1) row max over the allowed keys   (S1)
-    probs = (
-        logits - shift
-    )  # (..., H, T, S) the one new array: exponentiated and normalised in place
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.exp(probs, out=probs)  # (S2)
-    if allowed is not None:
-        np.copyto(probs, 0.0, where=~allowed)  # masked weights: exp(fill - max) = 0   (A4), (A12)
-    row_sum = probs.sum(axis=-1, keepdims=True)  # (..., H, T, 1); 0 on an empty row
-    with np.errstate(divide="ignore", invalid="ignore"):
-        probs /= row_sum  # (S3); an empty row gives 0/0 here, and its policy below
+    probs, row_sum = masked_softmax(logits, shift, allowed)  # (..., H, T, S)   (S2), (S3)
     row_max = shift[..., 0]  # (..., H, T)
     with np.errstate(divide="ignore"):
         lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
@@ -391,24 +378,22 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
             f"{dout.shape}"
         )
 
-    # (A8), (A9) out = P' v
-    ddropped, dv = weighted_values_backward(
-        dout, trace.dropped_probs, trace.v
-    )  # (..., H, T, S), (..., Hkv, S, Dv)
-    # ddropped is this function's own array: (A10)-(A12) update it in place (the trace is never
-    # written).
+    # (A8), (A9) out = P' v: ddropped (..., H, T, S), dv (..., Hkv, S, Dv)
+    ddropped, dv = weighted_values_backward(dout, trace.dropped_probs, trace.v)
+    # ddropped is this function's own array: (A10)-(A12) overwrite it (core/primitives.py), never
+    # the trace's arrays.
     # (A10) P' = P * keep / (1 - p)
     dprobs = ddropped
     if trace.keep_mask is not None:
-        dprobs = dropout_backward(ddropped, trace.keep_mask, trace.dropout_p, in_place=True)
-    # (A11) P = softmax(masked scores)
-    dmasked = softmax_grad(dprobs, trace.probs, in_place=True)  # (..., H, T, S)
+        dprobs = dropout_backward_into(ddropped, trace.keep_mask, trace.dropout_p)
+    # (A11) P = softmax(masked logits)
+    dmasked = softmax_backward_into(dprobs, trace.probs)  # (..., H, T, S)
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row
     # with an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty
     # rows (whose P the policy set) need zeroing.
-    dlogits = apply_mask_backward(
-        dmasked, trace.allowed if trace.row_is_empty.any() else None, in_place=True
-    )
+    dlogits = dmasked
+    if trace.allowed is not None and trace.row_is_empty.any():
+        dlogits = zero_masked_into(dmasked, trace.allowed)
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
     dbias = add_bias_backward(dlogits, trace.bias.shape) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import sum_to_shape
+from .primitives import transposed_product
 
 # ----------------------------------------------------------------------------- GQA grouping
 
@@ -68,15 +69,14 @@ def scaled_scores_backward(
     r"""``(dq, dk)`` of :func:`scaled_scores`: (A15) and (A16) of ``docs/derivations/attention.md``.
 
     ``dk`` sums over the query heads of each group. It is computed as its transpose,
-    ``q^T @ ds`` (see :func:`transposed_product`), so it is returned as a view with its last two
-    axes swapped.
+    ``q^T @ ds`` (:func:`attention_ref.core.primitives.transposed_product`), so it is returned
+    as a view with its last two axes swapped.
     """
     hkv = k.shape[-3]
     dsg = group_heads(dscores, hkv)  # (..., Hkv, G, T, S)
     # (A15) s = scale * q k^T, so dq = scale * ds @ k
-    dq = (
-        dsg @ k[..., :, None, :, :]
-    )  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
+    # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dk) -> (..., Hkv, G, T, Dk)
+    dq = dsg @ k[..., :, None, :, :]
     dq *= scale
     # (A16) dk = scale * sum over the group's heads of ds^T @ q: one product over their stacked G*T
     # rows
@@ -84,18 +84,6 @@ def scaled_scores_backward(
     dk = transposed_product(ds_rows, stack_group_rows(q, hkv))  # (..., Hkv, S, Dk)
     dk *= scale
     return ungroup_heads(dq), dk
-
-
-def transposed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    r"""``a^T @ b`` over the last two axes, computed as ``(b^T @ a)^T``.
-
-    ``a`` (..., N, S), ``b`` (..., N, D) -> (..., S, D), a view of a (..., D, S) array. The two
-    are the same sums; when S >> D, OpenBLAS computes the second (an untransposed (N, S) operand,
-    the small one transposed) about 1.4x faster (``benchmarks/README.md``).
-    """
-    return (b.swapaxes(-1, -2) @ a).swapaxes(
-        -1, -2
-    )  # (..., D, N) @ (..., N, S) -> (..., D, S) -> (..., S, D)
 
 
 def softcap_forward(scores: np.ndarray, cap: float) -> np.ndarray:
@@ -130,20 +118,15 @@ def apply_mask(logits: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return masked
 
 
-def apply_mask_backward(
-    dmasked: np.ndarray, allowed: np.ndarray | None, *, in_place: bool = False
-) -> np.ndarray:
+def apply_mask_backward(dmasked: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     r"""Gradient of :func:`apply_mask`: it passes only where allowed, (A12) of
     ``docs/derivations/attention.md``.
 
-    The fill is a constant, so a masked entry's logit gets no gradient. With ``in_place=True``
-    the result overwrites ``dmasked``, which the caller owns and gives up.
+    The fill is a constant, so a masked entry's logit gets no gradient.
     """
     if allowed is None:
         return dmasked
-    dlogits = dmasked if in_place else dmasked.copy()
-    np.copyto(dlogits, 0, where=~allowed)  # (A12)
-    return dlogits
+    return np.where(allowed, dmasked, 0)  # (A12)
 
 
 def add_bias_backward(dlogits: np.ndarray, bias_shape: tuple[int, ...]) -> np.ndarray:
@@ -163,9 +146,8 @@ def weighted_values(weights: np.ndarray, v: np.ndarray) -> np.ndarray:
     r"""``weights @ v`` with GQA grouping, (A7): (..., H, T, S), (..., Hkv, S, Dv) ->
     (..., H, T, Dv)."""
     pg = group_heads(weights, v.shape[-3])  # (..., Hkv, G, T, S)
-    out = (
-        pg @ v[..., :, None, :, :]
-    )  # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dv) -> (..., Hkv, G, T, Dv)
+    # (..., Hkv, G, T, S) @ (..., Hkv, 1, S, Dv) -> (..., Hkv, G, T, Dv)
+    out = pg @ v[..., :, None, :, :]
     return ungroup_heads(out)  # (..., H, T, Dv)   (A7)
 
 
@@ -181,9 +163,8 @@ def weighted_values_backward(
     hkv = v.shape[-3]
     dog = group_heads(dout, hkv)  # (..., Hkv, G, T, Dv)
     # (A8) out = P v, so dP = dout @ v^T
-    dweights = dog @ v[..., :, None, :, :].swapaxes(
-        -1, -2
-    )  # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
+    # (..., Hkv, G, T, Dv) @ (..., Hkv, 1, Dv, S) -> (..., Hkv, G, T, S)
+    dweights = dog @ v[..., :, None, :, :].swapaxes(-1, -2)
     # (A9) dv = sum over the group's heads of P^T @ dout: one product over their stacked G*T rows
     p_rows = stack_group_rows(weights, hkv)  # (..., Hkv, G*T, S)
     dv = transposed_product(p_rows, stack_group_rows(dout, hkv))  # (..., Hkv, S, Dv)

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._validate import as_float, resolve_dtype
+from .primitives import row_dot
 
 
 def _check_axis(axis, ndim: int) -> int:
@@ -49,33 +50,15 @@ def softmax_of(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = x - m  # x's shape; the one new array, exponentiated and normalised in place
     np.exp(e, out=e)  # (S2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        e /= e.sum(
-            axis=axis, keepdims=True
-        )  # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
+        # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
+        e /= e.sum(axis=axis, keepdims=True)
     return e
 
 
-def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Internal: ``sum_j a_j b_j`` over the last axis, kept as an axis of length 1.
-
-    A batch of ``(1, S) @ (S, 1)`` products, so no ``a * b`` temporary of the inputs' size is
-    made; unlike :func:`numpy.vdot`, a complex ``a`` is not conjugated (the complex step needs
-    the same formula as the real case).
-    """
-    return (a[..., None, :] @ b[..., :, None])[
-        ..., 0
-    ]  # (..., 1, S) @ (..., S, 1) -> (..., 1, 1) -> (..., 1)
-
-
-def softmax_grad(dprobs: np.ndarray, probs: np.ndarray, *, in_place: bool = False) -> np.ndarray:
-    """Internal: (S4) along the last axis of validated arrays of the same shape.
-
-    With ``in_place=True`` the result overwrites ``dprobs``, which the caller owns and gives up.
-    """
+def softmax_grad(dprobs: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Internal: (S4) along the last axis of validated arrays of the same shape, a new array."""
     dot = row_dot(dprobs, probs)  # (..., 1) sum_j dp_j p_j
-    dx = np.subtract(dprobs, dot, out=dprobs if in_place else None)  # dprobs' shape
-    dx *= probs  # (S4)
-    return dx
+    return (dprobs - dot) * probs  # (S4)
 
 
 def softmax(x: ArrayLike, axis: int = -1, *, dtype: DTypeLike | None = None) -> np.ndarray:
@@ -160,9 +143,8 @@ def softmax_backward(
     dprobs = as_float("dprobs", dprobs, probs.dtype)
     if dprobs.shape != probs.shape:
         raise ValueError(f"dprobs must have probs' shape {probs.shape}; got {dprobs.shape}")
-    dx = softmax_grad(
-        np.moveaxis(dprobs, axis, -1), np.moveaxis(probs, axis, -1)
-    )  # (S4) on the last axis
+    # (S4) on the last axis
+    dx = softmax_grad(np.moveaxis(dprobs, axis, -1), np.moveaxis(probs, axis, -1))
     return np.moveaxis(dx, -1, axis)
 
 
