@@ -47,6 +47,7 @@ def test_fields_are_the_options_every_path_documents():
         "dropout_mask",
         "empty_rows",
         "dtype",
+        "rounding",
     )
     # golden files record every scalar option, taken from the one definition
     from attention_ref.oracle.golden import _scalar_defaults

@@ -144,6 +144,7 @@ def _prepare(
     refused only when such a row exists (otherwise the policy does not matter). ``no_dropout``
     says why the framework cannot take the reference's explicit dropout keep-mask.
     """
+    options.refuse(("rounding",), framework, "it rounds as it computes; compare it with a baseline")
     mask, bias = options.mask, options.bias
     if mask is not None:
         mask = _bool_array("mask", mask, "True = may attend")

@@ -28,6 +28,7 @@ from ._validate import (
 )
 from .masks import AllowedPairs
 from .options import AttentionOptions
+from .precision import EXACT, Rounding
 from .primitives import (
     dropout_backward_into,
     masked_softmax,
@@ -68,21 +69,30 @@ class AttentionTrace(NamedTuple):
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
     capped_scores: np.ndarray  #: (..., H, T, S) after the soft-cap, (A2)
-    logits: (
-        np.ndarray
-    )  #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias)
-    masked_scores: (
-        np.ndarray
-    )  #: (..., H, T, S) after bias and mask; masked entries hold a finite fill, (A4)
-    row_max: np.ndarray  #: (..., H, T) max over the allowed scores; -inf for an empty row
-    logsumexp: (
-        np.ndarray
-    )  #: (..., H, T) log of the sum of exp over allowed scores; -inf for an empty row
+    #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias)
+    logits: np.ndarray
+    #: (..., H, T, S) the logits where allowed, a finite fill elsewhere, (A4)
+    masked_logits: np.ndarray
+    row_max: np.ndarray  #: (..., H, T) max over the allowed logits; -inf for an empty row
+    #: (..., H, T) log of the sum of exp over the allowed logits; -inf for an empty row
+    logsumexp: np.ndarray
     probs: np.ndarray  #: (..., H, T, S) attention weights (softmax, empty-row policy applied), (A5)
     dropout_p: float  #: dropout probability
-    keep_mask: np.ndarray | None  #: (..., H, T, S) bool dropout keep-mask, or None
+    dropout_mask: np.ndarray | None  #: (..., H, T, S) bool dropout keep-mask (True = kept), or None
     dropped_probs: np.ndarray  #: (..., H, T, S) weights after dropout, (A6)
     out: np.ndarray  #: (..., H, T, Dv) output, (A7)
+    #: the rounding policy of a low-precision baseline (None: the reference, nothing rounded)
+    rounding: Rounding | None = None
+
+    @property
+    def masked_scores(self) -> np.ndarray:
+        """The 0.1 name of :attr:`masked_logits` (what golden files call ``masked_scores``)."""
+        return self.masked_logits
+
+    @property
+    def keep_mask(self) -> np.ndarray | None:
+        """The 0.1 name of :attr:`dropout_mask`."""
+        return self.dropout_mask
 
 
 class AttentionGrads(NamedTuple):
@@ -94,12 +104,10 @@ class AttentionGrads(NamedTuple):
     """
 
     dq: np.ndarray  #: (..., H, T, Dk)
-    dk: (
-        np.ndarray
-    )  #: (..., Hkv, S, Dk), summed over the query heads of each group; a transposed view
-    dv: (
-        np.ndarray
-    )  #: (..., Hkv, S, Dv), summed over the query heads of each group; a transposed view
+    #: (..., Hkv, S, Dk), summed over the query heads of each group; a transposed view
+    dk: np.ndarray
+    #: (..., Hkv, S, Dv), summed over the query heads of each group; a transposed view
+    dv: np.ndarray
     dbias: np.ndarray | None  #: bias's own shape, or None without a bias
 
 
@@ -144,20 +152,22 @@ def dropout_keep_mask(
     return rng.random(shape) >= p
 
 
-def dropout_forward(probs: np.ndarray, keep_mask: np.ndarray, dropout_p: float) -> np.ndarray:
+def dropout_forward(probs: np.ndarray, dropout_mask: np.ndarray, dropout_p: float) -> np.ndarray:
     r"""Dropout on the weights, (A6): ``probs * keep / (1 - p)``."""
-    dropped = probs * keep_mask
+    dropped = probs * dropout_mask
     dropped *= 1.0 / (1.0 - dropout_p)  # (A6)
     return dropped
 
 
-def dropout_backward(ddropped: np.ndarray, keep_mask: np.ndarray, dropout_p: float) -> np.ndarray:
+def dropout_backward(
+    ddropped: np.ndarray, dropout_mask: np.ndarray, dropout_p: float
+) -> np.ndarray:
     r"""Gradient of :func:`dropout_forward`: ``d * keep / (1 - p)``, (A10) of
     ``docs/derivations/attention.md``."""
-    return ddropped * keep_mask * (1.0 / (1.0 - dropout_p))  # (A10)
+    return ddropped * dropout_mask * (1.0 / (1.0 - dropout_p))  # (A10)
 
 
-def require_forward_keep_mask(dropout_mask: Any, trace_pair: str) -> None:
+def require_forward_dropout_mask(dropout_mask: Any, trace_pair: str) -> None:
     """A backward that recomputes its forward needs the forward's keep-mask, not a Generator."""
     if isinstance(dropout_mask, np.random.Generator):
         raise ValueError(
@@ -269,9 +279,16 @@ def sdpa_forward(
             f"index {tuple(int(i) for i in where[0])} of (..., H, T)"
         )
 
-    scores = scaled_scores(q, k, opt.score_scale)  # (..., H, T, S)   (A1)
-    capped = softcap_forward(scores, opt.softcap) if opt.softcap is not None else scores  # (A2)
-    logits = capped + opt.bias if opt.bias is not None else capped  # (A3)
+    # fl: each stage's output rounded to the working precision; the identity for the reference
+    # (core/precision.py). The inputs come first: a low-precision kernel stores them rounded.
+    fl = opt.rounding or EXACT
+    q, k, v, bias_r = fl(q), fl(k), fl(v), fl(opt.bias)
+    if fl.scale_q_first:  # FlashAttention's reorder_ops: scale q (rounded), then the product
+        scores = fl(scaled_scores(fl(q * opt.score_scale), k, 1.0))  # (..., H, T, S)   (A1)
+    else:
+        scores = fl(scaled_scores(q, k, opt.score_scale))  # (..., H, T, S)   (A1)
+    capped = fl(softcap_forward(scores, opt.softcap)) if opt.softcap is not None else scores  # (A2)
+    logits = fl(capped + bias_r) if bias_r is not None else capped  # (A3)
     masked = apply_mask(logits, allowed)  # (A4)
 
     # (A5) = (S1)-(S3) over the allowed keys: the softmax of the masked logits, with the row max of
@@ -287,6 +304,7 @@ def sdpa_forward(
         probs[row_is_empty] = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[opt.empty_rows]
         row_max[row_is_empty] = -np.inf
         lse[row_is_empty] = -np.inf
+    probs = fl(probs)
 
     keep = None
     dropped = probs
@@ -296,11 +314,10 @@ def sdpa_forward(
             keep = dropout_keep_mask(scores_shape, opt.dropout_p, keep)
         else:
             keep = fresh(keep, dropout_mask)
-        dropped = dropout_forward(probs, keep, opt.dropout_p)  # (A6)
+        dropped = fl(dropout_forward(probs, keep, opt.dropout_p))  # (A6)
 
-    out = weighted_values(
-        dropped, v
-    )  # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
+    # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
+    out = fl(weighted_values(dropped, v))
 
     return AttentionTrace(
         q=fresh(q, q_in),
@@ -308,21 +325,22 @@ def sdpa_forward(
         v=fresh(v, v_in),
         scale=opt.score_scale,
         softcap=opt.softcap,
-        bias=fresh(opt.bias, bias) if opt.bias is not None else None,
+        bias=fresh(bias_r, bias) if bias_r is not None else None,
         allowed=allowed,
         row_is_empty=row_is_empty,
         empty_rows=opt.empty_rows,
         scores=scores,
         capped_scores=capped,
         logits=logits,
-        masked_scores=masked,
+        masked_logits=masked,
         row_max=row_max,
         logsumexp=lse,
         probs=probs,
         dropout_p=opt.dropout_p,
-        keep_mask=keep,
+        dropout_mask=keep,
         dropped_probs=dropped,
         out=out,
+        rounding=opt.rounding,
     )
 
 
@@ -371,7 +389,8 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
             f"trace must be the AttentionTrace returned by sdpa_forward; got {type(trace).__name__}"
         )
     dt = trace.out.dtype
-    dout = as_float("dout", dout, dt)
+    fl = trace.rounding or EXACT  # the forward's rounding policy (core/precision.py)
+    dout = fl(as_float("dout", dout, dt))
     if dout.shape != trace.out.shape:
         raise ValueError(
             f"dout must have the output's shape (..., H, T, Dv) = {trace.out.shape}; got "
@@ -380,14 +399,15 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
 
     # (A8), (A9) out = P' v: ddropped (..., H, T, S), dv (..., Hkv, S, Dv)
     ddropped, dv = weighted_values_backward(dout, trace.dropped_probs, trace.v)
+    ddropped, dv = fl(ddropped), fl(dv)
     # ddropped is this function's own array: (A10)-(A12) overwrite it (core/primitives.py), never
     # the trace's arrays.
     # (A10) P' = P * keep / (1 - p)
     dprobs = ddropped
-    if trace.keep_mask is not None:
-        dprobs = dropout_backward_into(ddropped, trace.keep_mask, trace.dropout_p)
+    if trace.dropout_mask is not None:
+        dprobs = fl(dropout_backward_into(ddropped, trace.dropout_mask, trace.dropout_p))
     # (A11) P = softmax(masked logits)
-    dmasked = softmax_backward_into(dprobs, trace.probs)  # (..., H, T, S)
+    dmasked = fl(softmax_backward_into(dprobs, trace.probs))  # (..., H, T, S)
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row
     # with an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty
     # rows (whose P the policy set) need zeroing.
@@ -395,16 +415,14 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     if trace.allowed is not None and trace.row_is_empty.any():
         dlogits = zero_masked_into(dmasked, trace.allowed)
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
-    dbias = add_bias_backward(dlogits, trace.bias.shape) if trace.bias is not None else None
+    dbias = fl(add_bias_backward(dlogits, trace.bias.shape)) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)
-    dscores = (
-        softcap_backward(dlogits, trace.capped_scores, trace.softcap)
-        if trace.softcap is not None
-        else dlogits
-    )
+    dscores = dlogits
+    if trace.softcap is not None:
+        dscores = fl(softcap_backward(dlogits, trace.capped_scores, trace.softcap))
     # (A15), (A16) scores = scale * q k^T
     dq, dk = scaled_scores_backward(dscores, trace.q, trace.k, trace.scale)
-    return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias)
+    return AttentionGrads(dq=fl(dq), dk=fl(dk), dv=dv, dbias=dbias)
 
 
 def scaled_dot_product_attention(
@@ -518,5 +536,5 @@ def scaled_dot_product_attention_backward(
     ((4, 3, 8), (2, 5, 8), (2, 5, 6), (3, 5))
     """
     given = AttentionOptions.of(options, **kwargs)
-    require_forward_keep_mask(given.dropout_mask, "sdpa_forward/sdpa_backward")
+    require_forward_dropout_mask(given.dropout_mask, "sdpa_forward/sdpa_backward")
     return sdpa_backward(dout, sdpa_forward(q, k, v, options=given))

@@ -25,13 +25,14 @@ from numpy.typing import ArrayLike
 from ._validate import as_float, check_ndim, check_nonempty, check_positive_int, fresh
 from .attention import (
     AttentionTrace,
-    require_forward_keep_mask,
+    require_forward_dropout_mask,
     sdpa_backward,
     sdpa_forward,
 )
 from .heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
-from .linear import linear, linear_backward
+from .linear import LinearGrads, linear, linear_backward
 from .options import AttentionOptions
+from .precision import EXACT
 
 
 @dataclass(frozen=True)
@@ -334,21 +335,23 @@ def mha_forward(
         query if value is query_in else (key if value is key_in else as_float("value", value, dt))
     )
     _check_widths(query, key, value, p, H, Hkv)
+    # fl: each stage's output rounded to the working precision, the identity for the reference
+    # (core/precision.py); a low-precision layer holds its inputs and weights rounded too.
+    fl = given.rounding or EXACT
+    if not fl.exact:
+        query, key, value = fl(query), fl(key), fl(value)
+        p = MultiHeadParams(**{n: fl(a) for n, a in p.as_dict().items()})
 
-    q = split_heads(
-        linear(query, p.w_q, p.b_q, dtype=dt), H, dtype=dt
-    )  # (..., T, Dq_in) -> (..., H, T, Dk)   (M1)
-    k = split_heads(
-        linear(key, p.w_k, p.b_k, dtype=dt), Hkv, dtype=dt
-    )  # (..., S, Dk_in) -> (..., Hkv, S, Dk)  (M2)
-    v = split_heads(
-        linear(value, p.w_v, p.b_v, dtype=dt), Hkv, dtype=dt
-    )  # (..., S, Dv_in) -> (..., Hkv, S, Dv)  (M3)
+    # (..., T, Dq_in) -> (..., H, T, Dk)   (M1)
+    q = split_heads(fl(linear(query, p.w_q, p.b_q, dtype=dt)), H, dtype=dt)
+    # (..., S, Dk_in) -> (..., Hkv, S, Dk)   (M2)
+    k = split_heads(fl(linear(key, p.w_k, p.b_k, dtype=dt)), Hkv, dtype=dt)
+    # (..., S, Dv_in) -> (..., Hkv, S, Dv)   (M3)
+    v = split_heads(fl(linear(value, p.w_v, p.b_v, dtype=dt)), Hkv, dtype=dt)
     attn = sdpa_forward(q, k, v, options=given.replace(dtype=dt))  # (..., H, T, Dv)   (M4)
     concat = merge_heads(attn.out, dtype=dt)  # (..., H, T, Dv) -> (..., T, H*Dv)   (M5)
-    out = linear(
-        concat, p.w_o, p.b_o, dtype=dt
-    )  # (..., T, H*Dv) @ (H*Dv, D_out) -> (..., T, D_out)   (M6)
+    # (..., T, H*Dv) @ (H*Dv, D_out) -> (..., T, D_out)   (M6)
+    out = fl(linear(concat, p.w_o, p.b_o, dtype=dt))
     return MultiHeadTrace(
         query=fresh(query, query_in),
         key=fresh(key, key_in),
@@ -404,26 +407,25 @@ def mha_backward(dout: ArrayLike, trace: MultiHeadTrace) -> MultiHeadGrads:
         )
     p, dt = trace.params, trace.out.dtype
     H = trace.num_heads
-    dout = as_float("dout", dout, dt)
+    fl = trace.attention.rounding or EXACT  # the forward's rounding policy (core/precision.py)
+    dout = fl(as_float("dout", dout, dt))
     if dout.shape != trace.out.shape:
         raise ValueError(
             f"dout must have the output's shape (..., T, D_out) = {trace.out.shape}; got "
             f"{dout.shape}"
         )
 
-    g_o = linear_backward(dout, trace.concat, p.w_o, p.b_o, dtype=dt)  # (M7) via (L2)-(L4)
+    def rounded(g: LinearGrads) -> LinearGrads:
+        return g if fl.exact else LinearGrads(fl(g.dx), fl(g.dweight), fl(g.dbias))
+
+    g_o = rounded(linear_backward(dout, trace.concat, p.w_o, p.b_o, dtype=dt))  # (M7), (L2)-(L4)
     dcontext = merge_heads_backward(g_o.dx, H, dtype=dt)  # (..., T, H*Dv) -> (..., H, T, Dv)   (M8)
     g_attn = sdpa_backward(dcontext, trace.attention)  # (M9) via (A8)-(A16)
     # (M10) back through each head split and input projection
-    g_q = linear_backward(
-        split_heads_backward(g_attn.dq, dtype=dt), trace.query, p.w_q, p.b_q, dtype=dt
-    )
-    g_k = linear_backward(
-        split_heads_backward(g_attn.dk, dtype=dt), trace.key, p.w_k, p.b_k, dtype=dt
-    )
-    g_v = linear_backward(
-        split_heads_backward(g_attn.dv, dtype=dt), trace.value, p.w_v, p.b_v, dtype=dt
-    )
+    dq, dk, dv = (split_heads_backward(g, dtype=dt) for g in (g_attn.dq, g_attn.dk, g_attn.dv))
+    g_q = rounded(linear_backward(dq, trace.query, p.w_q, p.b_q, dtype=dt))
+    g_k = rounded(linear_backward(dk, trace.key, p.w_k, p.b_k, dtype=dt))
+    g_v = rounded(linear_backward(dv, trace.value, p.w_v, p.b_v, dtype=dt))
     dparams = MultiHeadParams(
         w_q=g_q.dweight,
         w_k=g_k.dweight,
@@ -563,7 +565,7 @@ def multi_head_attention_backward(
     ((2, 5, 8), (8, 8))
     """
     given = AttentionOptions.of(options, **kwargs)
-    require_forward_keep_mask(given.dropout_mask, "mha_forward/mha_backward")
+    require_forward_dropout_mask(given.dropout_mask, "mha_forward/mha_backward")
     trace = mha_forward(
         query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads, options=given
     )

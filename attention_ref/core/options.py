@@ -30,6 +30,7 @@ from ._validate import (
     check_real_scalar,
     check_window,
 )
+from .precision import Rounding
 
 __all__ = ["Align", "AttentionOptions", "CheckedOptions", "EmptyRows", "SCORES_LAYOUT", "Window"]
 
@@ -79,6 +80,11 @@ class AttentionOptions:
     dtype : dtype, optional
         Compute dtype; float64 when omitted (complex128 for complex inputs, the complex step).
         Lower precision only for baselines.
+    rounding : Rounding, optional
+        Where a low-precision baseline rounds (:class:`~attention_ref.core.precision.Rounding`):
+        every stage's output rounded to bfloat16, float16 or float32, products accumulated in
+        float32 (the compute dtype is then float32). None, the reference, rounds nowhere.
+        :func:`attention_ref.testing.sdpa_baseline` is attention under this policy.
 
     Notes
     -----
@@ -117,6 +123,7 @@ class AttentionOptions:
     dropout_mask: Any = None
     empty_rows: EmptyRows = "zero"
     dtype: Any = None
+    rounding: Rounding | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -190,9 +197,12 @@ class AttentionOptions:
             )
 
     def compute_dtype(self, *inputs: Any) -> np.dtype:
-        """The dtype to compute in: ``dtype``, else float64 (complex128 for complex inputs)."""
+        """The dtype to compute in: ``dtype``; else float32 under a low-precision ``rounding``;
+        else float64 (complex128 for complex inputs)."""
         from ._validate import resolve_dtype
 
+        if self.dtype is None and isinstance(self.rounding, Rounding) and not self.rounding.exact:
+            return self.rounding.compute_dtype
         return resolve_dtype(self.dtype, *inputs, self.bias)
 
     def check(self, q: np.ndarray, k: np.ndarray) -> CheckedOptions:
@@ -272,6 +282,18 @@ class AttentionOptions:
             if not isinstance(keep, np.random.Generator):
                 keep = _as_keep_mask(keep, scores_shape)
         empty_rows = check_choice("empty_rows", self.empty_rows, EMPTY_ROW_POLICIES)
+        rounding = self.rounding
+        if rounding is not None:
+            if not isinstance(rounding, Rounding):
+                raise TypeError(
+                    "rounding must be None or an attention_ref.core.precision.Rounding; got "
+                    f"{type(rounding).__name__}"
+                )
+            if dt != rounding.compute_dtype:
+                raise ValueError(
+                    f"rounding={rounding!r} computes in {rounding.compute_dtype}; got the compute "
+                    f"dtype {dt} (leave dtype unset)"
+                )
         return CheckedOptions(
             mask=mask,
             bias=bias,
@@ -284,6 +306,7 @@ class AttentionOptions:
             dropout_mask=keep,
             empty_rows=cast(EmptyRows, empty_rows),
             dtype=dt,
+            rounding=rounding,
         )
 
 

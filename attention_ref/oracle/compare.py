@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..core.precision import PRECISIONS, check_precision
+
 __all__ = [
     "PRECISIONS",
     "Tolerance",
@@ -38,9 +40,6 @@ __all__ = [
     "assert_close",
     "to_numpy",
 ]
-
-#: The precisions a candidate may compute in.
-PRECISIONS = ("float64", "float32", "float16", "bfloat16")
 
 
 class Tolerance(NamedTuple):
@@ -117,13 +116,6 @@ def to_numpy(x: Any) -> tuple[np.ndarray, str | None]:
     if arr.dtype.kind in "biu":
         return arr, None
     raise TypeError(f"expected a real array (float, int or bool); got dtype {arr.dtype}")
-
-
-def check_precision(precision: Any) -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`; otherwise a ``ValueError``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
-    return str(precision)
 
 
 # ----------------------------------------------------------------------------- the report

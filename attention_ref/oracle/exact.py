@@ -370,7 +370,7 @@ def _refuse_complex(arrays: dict[str, Any]) -> None:
 
 def _refuse_dtype(given: AttentionOptions) -> None:
     given.refuse(
-        ("dtype",),
+        ("dtype", "rounding"),
         "the exact reference",
         "it computes in mpmath at dps significant digits and returns float64",
     )

@@ -95,7 +95,7 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 #: Keyword arguments of the reference that are arrays: stored as ``option.<name>``; ``bias`` is
 #: differentiable, so it is an input.
 _ARRAY_OPTIONS = ("mask", "dropout_mask")
-_NOT_OPTIONS = ("dtype", "bias", "params") + _ARRAY_OPTIONS
+_NOT_OPTIONS = ("dtype", "rounding", "bias", "params") + _ARRAY_OPTIONS
 
 
 def _scalar_defaults(kind: str) -> dict[str, Any]:

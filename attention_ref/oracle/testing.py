@@ -40,16 +40,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..core._validate import sum_to_shape
-from ..core.attention import AttentionGrads, sdpa_forward
-from ..core.mha import MultiHeadParams
+from ..core.attention import sdpa_backward, sdpa_forward
+from ..core.mha import MultiHeadParams, mha_backward, mha_forward
 from ..core.options import AttentionOptions
-from ..core.scores import (
-    apply_mask,
-    apply_mask_backward,
-    group_heads,
-    ungroup_heads,
-)
+from ..core.precision import UNIT_ROUNDOFF, Rounding, round_to, round_to_bfloat16
 from .compare import (  # the one comparison report: re-exported here, its documented home
     DEFAULT_TOLERANCES,
     PRECISIONS,
@@ -86,9 +80,6 @@ __all__ = [
     "to_numpy",
 ]
 
-#: Unit roundoff u = 2^-p of each precision (p significant bits: 53, 24, 11, 8).
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-
 #: Budget factor for outputs: FlashAttention's tests allow 2x the baseline's error (``rtol = 2``).
 OUTPUT_BUDGET = 2.0
 #: Budget factor for gradients: 3x, as FlashAttention-2's tests (tests/test_flash_attn.py) allow
@@ -97,49 +88,6 @@ OUTPUT_BUDGET = 2.0
 #: more products per input). Implementations whose accumulation differs much from the baseline's
 #: may need more: PyTorch's own SDPA tests allow 8x-160x for fused kernels' gradients.
 GRADIENT_BUDGET = 3.0
-
-
-# ----------------------------------------------------------------------------- rounding
-
-
-def round_to_bfloat16(x: ArrayLike) -> np.ndarray:
-    """Round to the nearest bfloat16 value (ties to even), returned as float32.
-
-    bfloat16 keeps float32's 8 exponent bits and 8 significant bits (7 stored). Rounding a
-    float32 adds ``0x7FFF`` plus the lowest kept bit to its bit pattern and clears the low 16 bits:
-    round-to-nearest-even on the dropped half. Infinities stay infinite, values past the
-    largest bfloat16 round to infinity, NaNs stay NaN.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from attention_ref.testing import round_to_bfloat16
-    >>> round_to_bfloat16(np.array([1 + 2**-8, 1 + 3 * 2**-8, 3.14159])).tolist()   # ties to even
-    [1.0, 1.015625, 3.140625]
-    """
-    f = np.asarray(x, dtype=np.float32)
-    bits = f.view(np.uint32).astype(np.uint64)
-    lsb = (bits >> 16) & 1
-    rounded = ((bits + 0x7FFF + lsb) & 0xFFFF0000).astype(np.uint32).view(np.float32)
-    return np.where(np.isnan(f), np.float32(np.nan), rounded).astype(np.float32)
-
-
-def round_to(x: ArrayLike, precision: str) -> np.ndarray:
-    """Round to the nearest value of ``precision``; float64 stays float64, the others give float32.
-
-    Examples
-    --------
-    >>> from attention_ref.testing import round_to
-    >>> float(round_to(0.1, "float16")), float(round_to(0.1, "bfloat16"))
-    (0.0999755859375, 0.10009765625)
-    """
-    precision = _check_precision(precision)
-    if precision == "float64":
-        return np.asarray(x, dtype=np.float64)
-    if precision == "bfloat16":
-        return round_to_bfloat16(x)
-    with np.errstate(over="ignore"):
-        return np.asarray(x, dtype=np.float32).astype(precision).astype(np.float32)
 
 
 def noise_floor(reference: ArrayLike, precision: str) -> float:
@@ -318,69 +266,26 @@ class Baseline(NamedTuple):
     values)."""
 
     out: np.ndarray
-    grads: (
-        dict[str, np.ndarray] | None
-    )  #: keyed like the inputs (q, k, v, bias / query, ..., w_q, ...)
+    #: keyed like the inputs (q, k, v, bias / query, ..., w_q, ...)
+    grads: dict[str, np.ndarray] | None
 
 
-def _stage_sdpa(q, k, v, dout, rnd, reorder, options: AttentionOptions):
-    """SDPA forward (and backward) in float32 with every stage's output rounded by ``rnd``."""
-    tr = sdpa_forward(q, k, v, options=options.replace(dtype=np.float32))  # masks, keep-mask, scale
-    hkv = k.shape[-3]
-    kt = k[..., :, None, :, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, S)
-    if reorder:
-        s = (
-            group_heads(rnd(tr.q * np.float32(tr.scale)), hkv) @ kt
-        )  # scale q first (FlashAttention's reorder_ops)
-    else:
-        s = (group_heads(tr.q, hkv) @ kt) * np.float32(tr.scale)
-    scores = rnd(ungroup_heads(s))  # (..., H, T, S)
-    capped = (
-        rnd(tr.softcap * np.tanh(scores / np.float32(tr.softcap)))
-        if tr.softcap is not None
-        else scores
-    )
-    logits = rnd(capped + tr.bias) if tr.bias is not None else capped
-    masked = apply_mask(logits, tr.allowed)
-    m = np.max(masked, axis=-1, keepdims=True)
-    e = np.exp(masked - m)
-    probs = e / e.sum(axis=-1, keepdims=True)
-    probs[tr.row_is_empty] = {
-        "zero": 0.0,
-        "uniform": 1.0 / masked.shape[-1],
-        "nan": np.nan,
-        "raise": 0.0,
-    }[tr.empty_rows]
-    probs = rnd(probs)
-    dropped = (
-        rnd(probs * tr.keep_mask / np.float32(1 - tr.dropout_p))
-        if tr.keep_mask is not None
-        else probs
-    )
-    vg = v[..., :, None, :, :]  # (..., Hkv, 1, S, Dv)
-    out = rnd(ungroup_heads(group_heads(dropped, hkv) @ vg))  # (..., H, T, Dv)
-    if dout is None:
-        return out, None, tr
-    dog = group_heads(rnd(dout), hkv)
-    ddropped = rnd(ungroup_heads(dog @ vg.swapaxes(-1, -2)))  # dP'
-    dv = rnd((group_heads(dropped, hkv).swapaxes(-1, -2) @ dog).sum(axis=-3))
-    dprobs = (
-        rnd(ddropped * tr.keep_mask / np.float32(1 - tr.dropout_p))
-        if tr.keep_mask is not None
-        else ddropped
-    )
-    dmasked = rnd(probs * (dprobs - (dprobs * probs).sum(axis=-1, keepdims=True)))
-    dlogits = apply_mask_backward(dmasked, tr.allowed)
-    dbias = rnd(sum_to_shape(dlogits, tr.bias.shape)) if tr.bias is not None else None
-    dscores = (
-        rnd(dlogits * (1 - (capped / np.float32(tr.softcap)) ** 2))
-        if tr.softcap is not None
-        else dlogits
-    )
-    dsg = group_heads(dscores, hkv)
-    dq = rnd(ungroup_heads(dsg @ k[..., :, None, :, :]) * np.float32(tr.scale))
-    dk = rnd((dsg.swapaxes(-1, -2) @ group_heads(tr.q, hkv)).sum(axis=-3) * np.float32(tr.scale))
-    return out, AttentionGrads(dq, dk, dv, dbias), tr
+def _policy(precision: Any, reorder: Any) -> Rounding:
+    precision = _check_precision(precision)
+    if not isinstance(reorder, (bool, np.bool_)):
+        raise TypeError(f"reorder must be a bool; got {reorder!r}")
+    return Rounding(precision, scale_q_first=bool(reorder))
+
+
+def _baseline_options(
+    options: AttentionOptions | None, kwargs: dict[str, Any], policy: Rounding
+) -> AttentionOptions:
+    given = AttentionOptions.of(options, **kwargs)
+    given.refuse(("dtype", "rounding"), "a baseline", "its precision sets both")
+    bias = given.bias
+    if bias is not None:
+        bias = to_numpy(bias)[0]
+    return given.replace(bias=bias, rounding=policy)
 
 
 def sdpa_baseline(
@@ -396,11 +301,14 @@ def sdpa_baseline(
 ) -> Baseline:
     r"""Scaled dot-product attention computed in a low precision: the error budget's baseline.
 
-    The inputs (and ``bias``, ``dout``) are rounded to ``precision``; products accumulate in
-    float32; the output of every stage -- scores, soft-capped scores, logits, weights, output,
-    and in the backward dP, the softmax gradient, dq, dk, dv, dbias -- is rounded to
-    ``precision``. The softmax itself runs in float32 on rounded logits, as PyTorch's
-    low-precision softmax does.
+    It is :func:`~attention_ref.sdpa_forward` and :func:`~attention_ref.sdpa_backward` themselves
+    under the rounding policy :class:`~attention_ref.core.precision.Rounding` of ``precision``:
+    the inputs (``q``, ``k``, ``v``, ``bias``, ``dout``) are rounded to ``precision``, products
+    accumulate in float32, and the output of every stage -- scores, soft-capped scores, logits,
+    weights, output, and in the backward dP, the softmax gradient, dq, dk, dv, dbias -- is
+    rounded to ``precision``. The softmax itself runs in float32 on rounded logits, as
+    PyTorch's low-precision softmax does. With ``precision="float64"`` nothing is rounded and
+    the result is the reference, bit for bit.
 
     Parameters
     ----------
@@ -408,22 +316,22 @@ def sdpa_baseline(
         As in :func:`~attention_ref.scaled_dot_product_attention`.
     dout : array_like, optional
         Cotangent; when given, the gradients are computed too.
-    precision : {"float32", "float16", "bfloat16"}
+    precision : {"float32", "float16", "bfloat16", "float64"}
         bfloat16 is emulated (:func:`round_to_bfloat16`).
     reorder : bool, default False
-        Scale q before the product instead of the scores after it.
+        Scale q (and round it) before the product instead of the scores after it.
     options : AttentionOptions, optional
         The attention options as one object.
     **kwargs
         Fields of :class:`~attention_ref.AttentionOptions` by name (mask, bias, causal, align,
         window, softcap, scale, dropout_p, dropout_mask, empty_rows); a keyword overrides
-        ``options``. The compute dtype is float32 whatever ``dtype`` says.
+        ``options``. ``dtype`` and ``rounding`` are set by ``precision`` and refused here.
 
     Returns
     -------
     Baseline
         ``out`` and (with ``dout``) ``grads`` keyed ``q``, ``k``, ``v`` (and ``bias``), float32
-        arrays holding ``precision`` values.
+        arrays holding ``precision`` values (float64 for ``"float64"``).
 
     Examples
     --------
@@ -434,44 +342,20 @@ def sdpa_baseline(
     >>> q, k, v = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 8)), rng.normal(size=(2, 6, 8))
     >>> base = sdpa_baseline(q, k, v, precision="bfloat16", causal=True)
     >>> err = np.abs(base.out - scaled_dot_product_attention(q, k, v, causal=True)).max()
-    >>> bool(2**-10 < err < 2**-5)      # a few bfloat16 ulps
+    >>> bool(2**-10 < err < 2**-5)  # a few bfloat16 ulps
     True
     """
-    precision = _check_precision(precision)
-    if precision == "float64":
-        raise ValueError(
-            "precision must be a low precision for a baseline ('float32', 'float16' or "
-            "'bfloat16'); got 'float64' (the reference itself)"
-        )
-    if not isinstance(reorder, (bool, np.bool_)):
-        raise TypeError(f"reorder must be a bool; got {reorder!r}")
-
-    def rnd(x):
-        return round_to(x, precision)
-
-    given = AttentionOptions.of(options, **kwargs)
-    if given.bias is not None:
-        given = given.replace(bias=_round_bias(given.bias, rnd))
-    out, grads, _ = _stage_sdpa(
-        rnd(to_numpy(q)[0]),
-        rnd(to_numpy(k)[0]),
-        rnd(to_numpy(v)[0]),
-        None if dout is None else to_numpy(dout)[0],
-        rnd,
-        bool(reorder),
-        given,
-    )
-    if grads is None:
-        return Baseline(out, None)
-    g = {"q": grads.dq, "k": grads.dk, "v": grads.dv}
-    if grads.dbias is not None:
-        g["bias"] = grads.dbias
-    return Baseline(out, g)
-
-
-def _round_bias(bias, rnd):
-    b = np.asarray(bias, dtype=np.float64)
-    return np.where(np.isneginf(b), -np.inf, rnd(np.where(np.isneginf(b), 0.0, b)))
+    policy = _policy(precision, reorder)
+    given = _baseline_options(options, kwargs, policy)
+    q, k, v = (to_numpy(x)[0] for x in (q, k, v))
+    trace = sdpa_forward(q, k, v, options=given)  # every stage under fl = policy
+    if dout is None:
+        return Baseline(trace.out, None)
+    g = sdpa_backward(to_numpy(dout)[0], trace)
+    grads = {"q": g.dq, "k": g.dk, "v": g.dv}
+    if g.dbias is not None:
+        grads["bias"] = g.dbias
+    return Baseline(trace.out, grads)
 
 
 def mha_baseline(
@@ -490,8 +374,10 @@ def mha_baseline(
 ) -> Baseline:
     """Multi-head attention computed in a low precision, stage by stage (see :func:`sdpa_baseline`).
 
-    Inputs and weights are rounded to ``precision``; each projection, the attention stages and
-    the output projection round their outputs; the backward rounds every gradient it produces.
+    :func:`~attention_ref.mha_forward` and :func:`~attention_ref.mha_backward` under the rounding
+    policy of ``precision``: inputs and weights are rounded; each projection, the attention
+    stages and the output projection round their outputs; the backward rounds every gradient it
+    produces. ``precision="float64"`` is the reference, bit for bit.
 
     Returns
     -------
@@ -511,73 +397,17 @@ def mha_baseline(
     >>> bool(np.abs(base.out - multi_head_attention(x, x, x, p, num_heads=2)).max() < 1e-2)
     True
     """
-    precision = _check_precision(precision)
-    if precision == "float64":
-        raise ValueError(
-            "precision must be a low precision for a baseline ('float32', 'float16' or "
-            "'bfloat16'); got 'float64'"
-        )
+    policy = _policy(precision, reorder)
+    given = _baseline_options(options, kwargs, policy)
     if not isinstance(params, MultiHeadParams):
         raise TypeError(f"params must be a MultiHeadParams; got {type(params).__name__}")
-
-    def rnd(x):
-        return round_to(x, precision)
-
-    H = num_heads
-    Hkv = H if num_kv_heads is None else num_kv_heads
-    w = {n: rnd(a) for n, a in params.as_dict().items()}
-    xq, xk, xv = rnd(to_numpy(query)[0]), rnd(to_numpy(key)[0]), rnd(to_numpy(value)[0])
-
-    def proj(x, wn, bn):
-        y = x @ w[wn]
-        return rnd(y + w[bn] if bn in w else y)
-
-    def split(x, h):  # (..., T, h*D) -> (..., h, T, D)
-        return np.swapaxes(x.reshape(*x.shape[:-1], h, x.shape[-1] // h), -2, -3)
-
-    q, k, v = (
-        split(proj(xq, "w_q", "b_q"), H),
-        split(proj(xk, "w_k", "b_k"), Hkv),
-        split(proj(xv, "w_v", "b_v"), Hkv),
+    query, key, value = (to_numpy(x)[0] for x in (query, key, value))
+    trace = mha_forward(
+        query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads, options=given
     )
-    given = AttentionOptions.of(options, **kwargs)
-    if given.bias is not None:
-        given = given.replace(bias=_round_bias(given.bias, rnd))
-    ctx_dout = None
-    dout_r = None
-    if dout is not None:
-        dout_r = rnd(to_numpy(dout)[0])
-        ctx_dout = rnd(dout_r @ w["w_o"].T)  # d concat
-        ctx_dout = split(ctx_dout, H)
-    ctx, g, _ = _stage_sdpa(q, k, v, ctx_dout, rnd, bool(reorder), given)
-    concat = np.swapaxes(ctx, -2, -3).reshape(*ctx.shape[:-3], ctx.shape[-2], -1)  # (..., T, H*Dv)
-    out = proj(concat, "w_o", "b_o")
-    if dout is None or g is None or dout_r is None:
-        return Baseline(out, None)
-
-    def merge(x):  # (..., h, T, D) -> (..., T, h*D)
-        return np.swapaxes(x, -2, -3).reshape(*x.shape[:-3], x.shape[-2], -1)
-
-    def flat_sum(x, y):  # sum over batch and positions of x^T y: the weight gradient
-        return rnd(x.reshape(-1, x.shape[-1]).T @ y.reshape(-1, y.shape[-1]))
-
-    grads: dict[str, np.ndarray] = {}
-    dq2, dk2, dv2 = merge(g.dq), merge(g.dk), merge(g.dv)
-    grads["query"] = rnd(dq2 @ w["w_q"].T)
-    grads["key"] = rnd(dk2 @ w["w_k"].T)
-    grads["value"] = rnd(dv2 @ w["w_v"].T)
-    grads["w_q"], grads["w_k"], grads["w_v"] = (
-        flat_sum(xq, dq2),
-        flat_sum(xk, dk2),
-        flat_sum(xv, dv2),
-    )
-    grads["w_o"] = flat_sum(concat, dout_r)
-    for bn, d in (("b_q", dq2), ("b_k", dk2), ("b_v", dv2), ("b_o", dout_r)):
-        if bn in w:
-            grads[bn] = rnd(d.reshape(-1, d.shape[-1]).sum(axis=0))
-    if g.dbias is not None:
-        grads["bias"] = g.dbias
-    return Baseline(out, grads)
+    if dout is None:
+        return Baseline(trace.out, None)
+    return Baseline(trace.out, mha_backward(to_numpy(dout)[0], trace).as_dict())
 
 
 def budget_reports(

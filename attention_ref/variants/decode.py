@@ -293,7 +293,17 @@ def decode_step(
     """
     given = AttentionOptions.of(options, **kwargs)
     given.refuse(
-        ("mask", "bias", "causal", "align", "dropout_p", "dropout_mask", "empty_rows", "dtype"),
+        (
+            "mask",
+            "bias",
+            "causal",
+            "align",
+            "dropout_p",
+            "dropout_mask",
+            "empty_rows",
+            "dtype",
+            "rounding",
+        ),
         "decode_step",
         "a step is causal, bottom_right aligned, in the cache's dtype, and no row is empty",
     )

@@ -245,6 +245,11 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
         "sdpa_forward/sdpa_backward for dropout",
         what="dropout",
     )
+    given.refuse(
+        ("rounding",),
+        "the tiled path",
+        "the rounding policy of the baselines is the plain path's (sdpa_forward)",
+    )
     dt = resolve_dtype(given.dtype)
     q, k, v = check_qkv(q, k, v, dt)
     opt = given.check(q, k)
