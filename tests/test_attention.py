@@ -196,8 +196,8 @@ def test_trace_intermediates_are_consistent(rng):
         0.0,
     )
     np.testing.assert_allclose(tr.probs, p_expected, rtol=1e-13, atol=1e-300)
-    assert np.all(np.isfinite(tr.masked_scores))  # finite fill, never -inf
-    np.testing.assert_array_equal(tr.masked_scores[allowed], logits[allowed])
+    assert np.all(np.isfinite(tr.masked_logits))  # finite fill, never -inf
+    np.testing.assert_array_equal(tr.masked_logits[allowed], logits[allowed])
 
 
 def test_gqa_equals_repeated_kv_heads(rng):
@@ -347,16 +347,16 @@ def test_dropout_from_generator_is_reproducible_and_recorded(rng):
     q, k, v = make_qkv(rng)
     a = ar.sdpa_forward(q, k, v, dropout_p=0.4, dropout_mask=np.random.default_rng(7))
     b = ar.sdpa_forward(q, k, v, dropout_p=0.4, dropout_mask=np.random.default_rng(7))
-    np.testing.assert_array_equal(a.keep_mask, b.keep_mask)
+    np.testing.assert_array_equal(a.dropout_mask, b.dropout_mask)
     np.testing.assert_array_equal(
-        a.keep_mask, ar.dropout_keep_mask((B, H, T, S), 0.4, np.random.default_rng(7))
+        a.dropout_mask, ar.dropout_keep_mask((B, H, T, S), 0.4, np.random.default_rng(7))
     )
-    np.testing.assert_allclose(a.dropped_probs, a.probs * a.keep_mask / 0.6, rtol=1e-15)
+    np.testing.assert_allclose(a.dropped_probs, a.probs * a.dropout_mask / 0.6, rtol=1e-15)
     # the backward of the trace uses the recorded mask: equal to passing that mask explicitly
     c = rng.normal(size=a.out.shape)
     g1 = ar.sdpa_backward(c, a)
     g2 = ar.scaled_dot_product_attention_backward(
-        c, q, k, v, dropout_p=0.4, dropout_mask=a.keep_mask
+        c, q, k, v, dropout_p=0.4, dropout_mask=a.dropout_mask
     )
     np.testing.assert_array_equal(g1.dq, g2.dq)
 

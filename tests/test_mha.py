@@ -202,7 +202,7 @@ def test_trace_exposes_named_intermediates(rng):
     assert tr.q.shape == (2, 4, 3, 3) and tr.k.shape == (2, 2, 5, 3) and tr.v.shape == (2, 2, 5, 5)
     assert (
         tr.attention.scores.shape
-        == tr.attention.masked_scores.shape
+        == tr.attention.masked_logits.shape
         == tr.attention.probs.shape
         == (2, 4, 3, 5)
     )

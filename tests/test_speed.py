@@ -95,8 +95,8 @@ def test_softmax_of_logits_equals_softmax_of_masked_scores(rng):
     bias[0, 0, 1:3] = [1e6, -np.inf]  # a masked logit that overflows exp, and a -inf bias entry
     mask[:, :, 0, 1] = False
     trace = sdpa_forward(q, k, v, mask=mask, bias=bias)
-    assert np.array_equal(trace.masked_scores, np.where(trace.allowed, trace.logits, fill))
-    np.testing.assert_array_equal(trace.probs, softmax(trace.masked_scores))
+    assert np.array_equal(trace.masked_logits, np.where(trace.allowed, trace.logits, fill))
+    np.testing.assert_array_equal(trace.probs, softmax(trace.masked_logits))
     assert np.all(trace.probs[np.broadcast_to(~trace.allowed, trace.probs.shape)] == 0)
     with np.errstate(over="ignore", invalid="ignore"):
         unzeroed = np.exp(trace.logits - trace.row_max[..., None])  # the masked weights left in
