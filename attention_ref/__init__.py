@@ -19,6 +19,15 @@ from .core.attention import (
 from .core.heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
 from .core.linear import LinearGrads, linear, linear_backward
 from .core.masks import AllowedPairs, attention_mask, causal_mask, window_mask
+from .core.merge import (
+    AttentionState,
+    add_sinks,
+    add_sinks_backward,
+    lse_from_convention,
+    lse_to_convention,
+    merge_attention_states,
+    merge_attention_states_backward,
+)
 from .core.mha import (
     MultiHeadGrads,
     MultiHeadParams,
@@ -31,18 +40,27 @@ from .core.mha import (
 )
 from .core.options import AttentionOptions
 from .core.softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
+from .variants.context_parallel import (
+    context_parallel_attention,
+    context_parallel_attention_backward,
+)
 
 __all__ = [
     "AllowedPairs",
     "AttentionGrads",
     "AttentionOptions",
+    "AttentionState",
     "AttentionTrace",
     "LinearGrads",
     "MultiHeadGrads",
     "MultiHeadParams",
     "MultiHeadTrace",
+    "add_sinks",
+    "add_sinks_backward",
     "attention_mask",
     "causal_mask",
+    "context_parallel_attention",
+    "context_parallel_attention_backward",
     "dropout_keep_mask",
     "gradcheck",
     "init_params",
@@ -50,6 +68,10 @@ __all__ = [
     "linear_backward",
     "logsumexp",
     "logsumexp_backward",
+    "lse_from_convention",
+    "lse_to_convention",
+    "merge_attention_states",
+    "merge_attention_states_backward",
     "merge_heads",
     "merge_heads_backward",
     "mha_backward",

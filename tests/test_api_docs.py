@@ -48,6 +48,7 @@ PUBLIC_MODULES = (
     "attention_ref.variants.flash",
     "attention_ref.variants.varlen",
     "attention_ref.variants.decode",
+    "attention_ref.variants.context_parallel",
     "attention_ref.oracle.exact",
     "attention_ref.adapters",
     "attention_ref.adapters.torch",

@@ -145,6 +145,21 @@ def _prepare(
     says why the framework cannot take the reference's explicit dropout keep-mask.
     """
     options.refuse(("rounding",), framework, "it rounds as it computes; compare it with a baseline")
+    for name, reason in (
+        ("sinks", "it has no learnable sink logits (an extra softmax column with value 0)"),
+        (
+            "chunk_size",
+            "it has no chunked window; pass AllowedPairs.build(T, S, chunk_size=...).dense() as "
+            "the mask",
+        ),
+        (
+            "sink_tokens",
+            "it has no sink tokens; pass AllowedPairs.build(T, S, sink_tokens=...).dense() as the "
+            "mask",
+        ),
+    ):
+        if name in options.given():
+            raise UnsupportedOption(name, framework, reason)
     mask, bias = options.mask, options.bias
     if mask is not None:
         mask = _bool_array("mask", mask, "True = may attend")

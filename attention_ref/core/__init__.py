@@ -8,9 +8,11 @@ Layer 1 of attention_ref. What it holds, in the order of the forward pass:
 * ``options`` -- :class:`AttentionOptions`, the one definition of the attention options;
 * ``masks`` -- the one builder of the (query, key) pairs a row may attend, dense and per block;
 * ``scores`` -- scaled scores, soft-capping, masking and the weighted values: the stages of
-  scaled dot-product attention, (A1)-(A16);
+  scaled dot-product attention, (A1)-(A19);
 * ``primitives`` -- the speed layer: the few fused or in-place operations the stages call, each
   documented with the plain expression it computes;
+* ``merge`` -- partial attention states merged by their log-sum-exp, and sinks added once,
+  (C1)-(C7);
 * ``attention`` -- dropout, and scaled dot-product attention: forward, backward and trace;
 * ``mha`` -- multi-head attention, which composes the stages and adds no math.
 

@@ -151,6 +151,15 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
     return sides[0], sides[1]
 
 
+def check_count(name: str, value: Any) -> int:
+    """A non-negative int (``bool`` refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int; got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {int(value)}")
+    return int(value)
+
+
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int; got {value!r}")

@@ -7,7 +7,7 @@ Two ways in:
 * :func:`sdpa_forward` returns an :class:`AttentionTrace` holding every intermediate by name, and
   :func:`sdpa_backward` consumes it, so a forward plus a backward costs one forward.
 
-Equations (A1)-(A16) are derived in ``docs/derivations/attention.md``; conventions (mask polarity,
+Equations (A1)-(A19) are derived in ``docs/derivations/attention.md``; conventions (mask polarity,
 causal alignment, fully masked rows, GQA) are in ``docs/conventions.md``.
 """
 
@@ -25,6 +25,7 @@ from ._validate import (
     check_nonempty,
     check_real_scalar,
     fresh,
+    sum_to_shape,
 )
 from .masks import AllowedPairs
 from .options import AttentionOptions
@@ -32,6 +33,7 @@ from .precision import EXACT, Rounding
 from .primitives import (
     dropout_backward_into,
     masked_softmax,
+    row_dot,
     softmax_backward_into,
     zero_masked_into,
 )
@@ -65,7 +67,8 @@ class AttentionTrace(NamedTuple):
     #: bool, broadcastable to (..., H, T, S) (e.g. (T, S) for causal only); True = may attend;
     #: None = all
     allowed: np.ndarray | None
-    row_is_empty: np.ndarray  #: (..., H, T) bool: the query row has no key to attend
+    #: (..., H, T) bool: the query row has nothing to attend (no allowed key and no sink)
+    row_is_empty: np.ndarray
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
     capped_scores: np.ndarray  #: (..., H, T, S) after the soft-cap, (A2)
@@ -73,8 +76,10 @@ class AttentionTrace(NamedTuple):
     logits: np.ndarray
     #: (..., H, T, S) the logits where allowed, a finite fill elsewhere, (A4)
     masked_logits: np.ndarray
-    row_max: np.ndarray  #: (..., H, T) max over the allowed logits; -inf for an empty row
-    #: (..., H, T) log of the sum of exp over the allowed logits; -inf for an empty row
+    #: (..., H, T) max over the allowed logits (and the sink); -inf for an empty row
+    row_max: np.ndarray
+    #: (..., H, T) log of the sum of exp over the allowed logits (and the sink, when there is
+    #: one), natural log; -inf for an empty row
     logsumexp: np.ndarray
     probs: np.ndarray  #: (..., H, T, S) attention weights (softmax, empty-row policy applied), (A5)
     dropout_p: float  #: dropout probability
@@ -83,6 +88,9 @@ class AttentionTrace(NamedTuple):
     out: np.ndarray  #: (..., H, T, Dv) output, (A7)
     #: the rounding policy of a low-precision baseline (None: the reference, nothing rounded)
     rounding: Rounding | None = None
+    sinks: np.ndarray | None = None  #: (H,) the sink logits, or None
+    #: (..., H, T) the sink's softmax weight p_sink = exp(sinks[h] - lse), (A18); None without sinks
+    sink_probs: np.ndarray | None = None
 
     @property
     def masked_scores(self) -> np.ndarray:
@@ -109,6 +117,7 @@ class AttentionGrads(NamedTuple):
     #: (..., Hkv, S, Dv), summed over the query heads of each group; a transposed view
     dv: np.ndarray
     dbias: np.ndarray | None  #: bias's own shape, or None without a bias
+    dsinks: np.ndarray | None = None  #: (H,) for the sink logits, (A19); None without sinks
 
 
 def dropout_keep_mask(
@@ -267,8 +276,11 @@ def sdpa_forward(
 
     # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias.
     allowed = AllowedPairs.from_options(opt, T, S).dense()  # broadcastable to (..., H, T, S)
-    if allowed is None:
-        row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)  # (..., H, T)
+    if allowed is None or opt.sinks is not None:
+        # (..., H, T); with sinks, a row without an allowed key still has its sink
+        row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)
+        if allowed is not None:
+            allowed = fresh(allowed, mask)
     else:
         allowed = fresh(allowed, mask)
         row_is_empty = np.broadcast_to(~allowed.any(axis=-1), scores_shape[:-1]).copy()
@@ -295,7 +307,13 @@ def sdpa_forward(
     # the allowed ones as the shift. masked_softmax exponentiates the logits and zeroes the masked
     # weights (the same numbers as exponentiating the fill, faster: core/primitives.py).
     shift = stable_shift(masked, axis=-1)  # (..., H, T, 1) row max over the allowed keys   (S1)
-    probs, row_sum = masked_softmax(logits, shift, allowed)  # (..., H, T, S)   (S2), (S3)
+    sink_exp = None
+    if opt.sinks is not None:
+        # (A18) the sink: one more logit sinks[h] per row, with value 0 (no column of P)
+        sink_logits = fl(opt.sinks)[:, None, None]  # (H, 1, 1), broadcast to (..., H, T, 1)
+        shift = np.maximum(shift, sink_logits.real)  # (S1) over the allowed keys and the sink
+        sink_exp = np.exp(sink_logits - shift)  # (..., H, T, 1)   (S2) of the sink
+    probs, row_sum = masked_softmax(logits, shift, allowed, sink_exp)  # (..., H, T, S)  (S2), (S3)
     row_max = shift[..., 0]  # (..., H, T)
     with np.errstate(divide="ignore"):
         lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
@@ -305,6 +323,7 @@ def sdpa_forward(
         row_max[row_is_empty] = -np.inf
         lse[row_is_empty] = -np.inf
     probs = fl(probs)
+    sink_probs = None if sink_exp is None else fl(sink_exp / row_sum)[..., 0]  # (..., H, T)  (A18)
 
     keep = None
     dropped = probs
@@ -341,13 +360,17 @@ def sdpa_forward(
         dropped_probs=dropped,
         out=out,
         rounding=opt.rounding,
+        sinks=None if opt.sinks is None else fresh(fl(opt.sinks), given.sinks),
+        sink_probs=sink_probs,
     )
 
 
-def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
+def sdpa_backward(
+    dout: ArrayLike, trace: AttentionTrace, dlse: ArrayLike | None = None
+) -> AttentionGrads:
     r"""Gradients of scaled dot-product attention from a forward :class:`AttentionTrace`.
 
-    Implements (A8)-(A16) of ``docs/derivations/attention.md``, stage by stage in reverse.
+    Implements (A8)-(A19) of ``docs/derivations/attention.md``, stage by stage in reverse.
 
     Parameters
     ----------
@@ -355,12 +378,16 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
         Gradient of the loss with respect to the output.
     trace : AttentionTrace
         What :func:`sdpa_forward` returned.
+    dlse : array_like, shape (..., H, T), optional
+        Gradient of the loss with respect to the log-sum-exp (``trace.logsumexp``, what
+        ``return_lse=True`` returns): it adds ``dlse * P`` to the logits' gradient, (A17). An
+        empty row's log-sum-exp is the constant ``-inf``: its ``dlse`` is ignored.
 
     Returns
     -------
     AttentionGrads
-        ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv) and ``dbias``
-        (the bias's shape, or None).
+        ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv), ``dbias``
+        (the bias's shape, or None) and ``dsinks`` ((H,), or None without sinks).
 
     Notes
     -----
@@ -406,8 +433,19 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
     dprobs = ddropped
     if trace.dropout_mask is not None:
         dprobs = fl(dropout_backward_into(ddropped, trace.dropout_mask, trace.dropout_p))
-    # (A11) P = softmax(masked logits)
-    dmasked = fl(softmax_backward_into(dprobs, trace.probs))  # (..., H, T, S)
+    # (A11) P = softmax(masked logits): dl = P (dP - D), D = sum_j P_j dP_j; (A17) the
+    # log-sum-exp's cotangent adds dlse * P, i.e. D becomes D - dlse
+    dot = row_dot(dprobs, trace.probs)  # (..., H, T, 1) D
+    if dlse is not None:
+        dot -= _check_dlse(dlse, trace.logsumexp.shape, dt)[..., None]  # (A17)
+    dsinks = None
+    if trace.sinks is not None:
+        # (A19) the sink's logit: d sigma_h = sum over the rows of p_sink (dlse - D)
+        dsinks = fl(
+            sum_to_shape(-(trace.sink_probs * dot[..., 0])[..., None], trace.sinks.shape + (1, 1))
+        )
+        dsinks = dsinks.reshape(trace.sinks.shape)
+    dmasked = fl(softmax_backward_into(dprobs, trace.probs, dot))  # (..., H, T, S)
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row
     # with an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty
     # rows (whose P the policy set) need zeroing.
@@ -422,7 +460,17 @@ def sdpa_backward(dout: ArrayLike, trace: AttentionTrace) -> AttentionGrads:
         dscores = fl(softcap_backward(dlogits, trace.capped_scores, trace.softcap))
     # (A15), (A16) scores = scale * q k^T
     dq, dk = scaled_scores_backward(dscores, trace.q, trace.k, trace.scale)
-    return AttentionGrads(dq=fl(dq), dk=fl(dk), dv=dv, dbias=dbias)
+    return AttentionGrads(dq=fl(dq), dk=fl(dk), dv=dv, dbias=dbias, dsinks=dsinks)
+
+
+def _check_dlse(dlse: Any, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
+    """The log-sum-exp's cotangent as a float array of the log-sum-exp's shape (..., H, T)."""
+    dlse = as_float("dlse", dlse, dt)
+    if dlse.shape != shape:
+        raise ValueError(
+            f"dlse must have the log-sum-exp's shape (..., H, T) = {shape}; got {dlse.shape}"
+        )
+    return dlse
 
 
 def scaled_dot_product_attention(
@@ -431,8 +479,9 @@ def scaled_dot_product_attention(
     v: ArrayLike,
     *,
     options: AttentionOptions | None = None,
+    return_lse: bool = False,
     **kwargs: Any,
-) -> np.ndarray:
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     r"""Scaled dot-product attention ``softmax(q k^T * scale) v``.
 
     Parameters
@@ -450,13 +499,21 @@ def scaled_dot_product_attention(
         Any field of :class:`~attention_ref.AttentionOptions` by name, where each is documented:
         ``mask`` (bool, True = may attend), ``bias`` (additive, ``-inf`` masks), ``causal``,
         ``align`` (``"top_left"`` or ``"bottom_right"``), ``window`` (``(left, right)``),
+        ``chunk_size``, ``sink_tokens``, ``sinks`` (one logit per query head, shape (H,)),
         ``softcap``, ``scale`` (``1 / sqrt(Dk)`` by default), ``dropout_p``, ``dropout_mask``
         (a keep-mask or a Generator), ``empty_rows`` (``"zero"``, ``"uniform"``, ``"nan"``,
         ``"raise"``) and ``dtype``. A keyword overrides the same field of ``options``.
+    return_lse : bool, default False
+        Also return the log-sum-exp of each row.
 
     Returns
     -------
     out : ndarray, shape (..., H, T, Dv)
+    lse : ndarray, shape (..., H, T)
+        Only with ``return_lse=True``: ``log sum_j exp(logit_j)`` over the row's allowed keys
+        (and ``+ exp(sinks[h])`` with sinks), natural log, before dropout; ``-inf`` on a row with
+        nothing to attend. :mod:`attention_ref.core.merge` converts it to base 2 or to ``+inf``
+        empty rows, and merges such states.
 
     Notes
     -----
@@ -487,7 +544,10 @@ def scaled_dot_product_attention(
     >>> scaled_dot_product_attention(q, k, v, causal=True, align="bottom_right").shape
     (2, 4, 3, 6)
     """
-    return sdpa_forward(q, k, v, options=options, **kwargs).out
+    trace = sdpa_forward(q, k, v, options=options, **kwargs)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    return (trace.out, trace.logsumexp) if return_lse else trace.out
 
 
 def scaled_dot_product_attention_backward(
@@ -497,6 +557,7 @@ def scaled_dot_product_attention_backward(
     v: ArrayLike,
     *,
     options: AttentionOptions | None = None,
+    dlse: ArrayLike | None = None,
     **kwargs: Any,
 ) -> AttentionGrads:
     r"""Gradients of :func:`scaled_dot_product_attention`.
@@ -516,13 +577,16 @@ def scaled_dot_product_attention_backward(
         The forward's options by name, as for :func:`scaled_dot_product_attention`. A dropout
         ``dropout_mask`` must be the keep-mask the forward used: a Generator is refused here (it
         would draw a different mask).
+    dlse : array_like, shape (..., H, T), optional
+        Gradient with respect to the log-sum-exp the forward returned with ``return_lse=True``,
+        (A17); see :func:`sdpa_backward`.
 
     Returns
     -------
     AttentionGrads
         ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv), ``dbias``
-        (the bias's shape; None without a bias). With GQA, ``dk`` and ``dv`` sum over the query
-        heads of each group, (A9) and (A16).
+        (the bias's shape; None without a bias), ``dsinks`` ((H,); None without sinks). With
+        GQA, ``dk`` and ``dv`` sum over the query heads of each group, (A9) and (A16).
 
     Examples
     --------
@@ -537,4 +601,4 @@ def scaled_dot_product_attention_backward(
     """
     given = AttentionOptions.of(options, **kwargs)
     require_forward_dropout_mask(given.dropout_mask, "sdpa_forward/sdpa_backward")
-    return sdpa_backward(dout, sdpa_forward(q, k, v, options=given))
+    return sdpa_backward(dout, sdpa_forward(q, k, v, options=given), dlse)

@@ -6,6 +6,9 @@ A pair ``(i, j)`` of a row may attend when every one of these allows it (``docs/
 * ``causal``: ``j <= i'``, with ``i' = i + offset`` the query's position on the key axis
   (``offset`` 0 for ``align="top_left"``, ``S - T`` for ``"bottom_right"``);
 * ``window=(left, right)``: ``i' - left <= j <= i' + right`` (None: that side unbounded);
+* ``chunk_size=C``: ``i' // C == j // C``, query and key in the same chunk of C positions;
+* ``sink_tokens=n``: keys ``j < n`` are exempt from the window and the chunks (not from
+  ``causal``, the mask or the bias);
 * the ``bias``: a ``-inf`` entry masks its pair;
 * sequence lengths: key ``j`` of batch element ``b`` exists when ``j < key_lengths[b]``, query
   ``i`` when ``i < query_lengths[b]`` (JAX's ``key_value_seq_lengths``/``query_seq_lengths``).
@@ -24,7 +27,15 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._validate import ALIGNS, as_bool_mask, check_choice, check_positive_int, check_window, fresh
+from ._validate import (
+    ALIGNS,
+    as_bool_mask,
+    check_choice,
+    check_count,
+    check_positive_int,
+    check_window,
+    fresh,
+)
 from .options import CheckedOptions, Window
 
 __all__ = ["AllowedPairs", "BlockKind", "attention_mask", "causal_mask", "window_mask"]
@@ -39,23 +50,37 @@ def query_offset(T: int, S: int, align: str) -> int:
 
 
 def _positional(
-    rows: np.ndarray, cols: np.ndarray, causal: bool, window: Window | None, offset: int
+    rows: np.ndarray,
+    cols: np.ndarray,
+    causal: bool,
+    window: Window | None,
+    offset: int,
+    chunk_size: int | None = None,
+    sink_tokens: int = 0,
 ) -> np.ndarray | None:
-    """Causal AND window for query rows ``rows`` and keys ``cols``: (len(rows), len(cols)) or
-    None."""
-    if not causal and window is None:
+    """The positional rules for query rows ``rows`` and keys ``cols``: (len(rows), len(cols)) or
+    None (every pair allowed).
+
+    ``causal AND (j < sink_tokens OR (window AND same chunk))``.
+    """
+    local = window is not None or chunk_size is not None
+    if not causal and not local:
         return None
     i = rows[:, None] + offset  # (Tb, 1) i', the query's position on the key axis
     j = cols[None, :]  # (1, Sb)
     allowed = np.ones((rows.size, cols.size), dtype=bool)  # (Tb, Sb)
-    if causal:
-        allowed &= j <= i
     if window is not None:
         left, right = window
         if left is not None:
             allowed &= j >= i - left
         if right is not None:
             allowed &= j <= i + right
+    if chunk_size is not None:
+        allowed &= (j // chunk_size) == (i // chunk_size)  # floor division: i' may be negative
+    if sink_tokens and local:
+        allowed |= j < sink_tokens  # the sink tokens are outside the window and the chunks
+    if causal:
+        allowed &= j <= i
     return allowed
 
 
@@ -94,6 +119,10 @@ class AllowedPairs:
         The query's position on the key axis is ``i + offset``.
     bias : ndarray or None
         The additive bias, kept only when it has ``-inf`` entries (they mask their pairs).
+    chunk_size : int or None
+        Query and key must lie in the same chunk of ``chunk_size`` positions.
+    sink_tokens : int
+        The first ``sink_tokens`` keys are exempt from ``window`` and ``chunk_size``.
 
     Examples
     --------
@@ -118,6 +147,8 @@ class AllowedPairs:
     window: Window | None = None
     offset: int = 0
     bias: np.ndarray | None = None
+    chunk_size: int | None = None
+    sink_tokens: int = 0
 
     @classmethod
     def from_options(
@@ -145,6 +176,8 @@ class AllowedPairs:
             opt.window,
             query_offset(T, S, opt.align),
             bias if neg_inf else None,
+            opt.chunk_size,
+            opt.sink_tokens,
         )
 
     @classmethod
@@ -160,6 +193,8 @@ class AllowedPairs:
         bias: ArrayLike | None = None,
         key_lengths: ArrayLike | None = None,
         query_lengths: ArrayLike | None = None,
+        chunk_size: int | None = None,
+        sink_tokens: int = 0,
     ) -> AllowedPairs:
         r"""Validate loose arguments and build the allowed pairs.
 
@@ -177,6 +212,10 @@ class AllowedPairs:
         key_lengths, query_lengths : array_like of int, shape (B,), optional
             Valid keys (queries) per batch element, counted from position 0; they apply to the
             first axis of ``(B, H, T, S)``. A query past its length has no key: an empty row.
+        chunk_size : int, optional
+            Query and key in the same chunk of ``chunk_size`` positions (``i' // C == j // C``).
+        sink_tokens : int, default 0
+            The first ``sink_tokens`` keys are exempt from ``window`` and ``chunk_size``.
 
         Returns
         -------
@@ -188,6 +227,9 @@ class AllowedPairs:
         window = check_window(window)
         if not isinstance(causal, (bool, np.bool_)):
             raise TypeError(f"causal must be a bool; got {causal!r}")
+        if chunk_size is not None:
+            chunk_size = check_positive_int("chunk_size", chunk_size)
+        sink_tokens = check_count("sink_tokens", sink_tokens)
         m = None
         if mask is not None:
             arr = np.asarray(mask)
@@ -208,12 +250,20 @@ class AllowedPairs:
             b = np.asarray(bias, dtype=float)
             if not np.isneginf(b).any():
                 b = None
-        return cls(T, S, m, bool(causal), window, query_offset(T, S, align), b)
+        return cls(
+            T, S, m, bool(causal), window, query_offset(T, S, align), b, chunk_size, sink_tokens
+        )
 
     @property
     def trivial(self) -> bool:
         """True when every pair may attend (no mask, causal, window or ``-inf`` bias)."""
-        return self.mask is None and not self.causal and self.window is None and self.bias is None
+        return (
+            self.mask is None
+            and not self.causal
+            and self.window is None
+            and self.chunk_size is None
+            and self.bias is None
+        )
 
     def dense(self) -> np.ndarray | None:
         r"""The whole "may attend" array, broadcastable to ``(..., T, S)``; None when every pair
@@ -221,14 +271,17 @@ class AllowedPairs:
 
         The array is this call's own (never a caller's mask).
         """
-        allowed = _positional(
-            np.arange(self.T), np.arange(self.S), self.causal, self.window, self.offset
-        )
+        allowed = self._positions(np.arange(self.T), np.arange(self.S))
         if self.mask is not None:
             allowed = self.mask.copy() if allowed is None else self.mask & allowed
         if self.bias is not None:
             allowed = _and(allowed, ~np.isneginf(self.bias.real))  # a -inf bias entry masks
         return allowed
+
+    def _positions(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+        return _positional(
+            rows, cols, self.causal, self.window, self.offset, self.chunk_size, self.sink_tokens
+        )
 
     def block(self, i0: int, i1: int, j0: int, j1: int) -> tuple[BlockKind, np.ndarray | None]:
         r"""``(kind, allowed)`` of the tile of query rows ``i0:i1`` and keys ``j0:j1``.
@@ -237,16 +290,35 @@ class AllowedPairs:
         ``allowed`` is None) or ``"partial"`` (``allowed`` is a bool array broadcastable to the
         tile's ``(..., i1 - i0, j1 - j0)``).
         """
-        allowed = _positional(
-            np.arange(i0, i1), np.arange(j0, j1), self.causal, self.window, self.offset
-        )
+        allowed = self._positions(np.arange(i0, i1), np.arange(j0, j1))
         if self.mask is not None:
             allowed = _and(allowed, _tile(self.mask, i0, i1, j0, j1))
         if self.bias is not None:
             allowed = _and(allowed, ~np.isneginf(_tile(self.bias, i0, i1, j0, j1).real))
-        if allowed is None or allowed.all():
-            return "full", None
-        return ("partial" if allowed.any() else "empty"), allowed
+        return _kind(allowed)
+
+    def take(self, rows: ArrayLike, cols: ArrayLike) -> tuple[BlockKind, np.ndarray | None]:
+        r"""``(kind, allowed)`` of the query rows ``rows`` and keys ``cols``, any index arrays.
+
+        :meth:`block` for sets of positions that need not be contiguous (a context-parallel
+        rank's queries under the zigzag schedule); ``allowed`` is broadcastable to
+        ``(..., len(rows), len(cols))``.
+        """
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        allowed = self._positions(rows, cols)
+        for x, negate in ((self.mask, False), (self.bias, True)):
+            if x is None:
+                continue
+            sub = x[..., rows, :] if x.shape[-2] != 1 else x
+            sub = sub[..., cols] if x.shape[-1] != 1 else sub
+            allowed = _and(allowed, ~np.isneginf(sub.real) if negate else sub)
+        return _kind(allowed)
+
+
+def _kind(allowed: np.ndarray | None) -> tuple[BlockKind, np.ndarray | None]:
+    if allowed is None or allowed.all():
+        return "full", None
+    return ("partial" if allowed.any() else "empty"), allowed
 
 
 def _lengths(name: str, x: Any, most: int) -> np.ndarray:

@@ -321,6 +321,12 @@ def mha_forward(
     ((3, 2, 5, 4), (3, 2, 5, 5), (3, 5, 8), (3, 5, 8))
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse(
+        ("sinks",),
+        "multi-head attention",
+        "its gradients (MultiHeadGrads) have no dsinks yet; call scaled_dot_product_attention "
+        "with sinks on the projected heads",
+    )
     weights = params.as_dict().values() if isinstance(params, MultiHeadParams) else ()
     dt = given.compute_dtype(query, key, value, *weights)
     H = check_positive_int("num_heads", num_heads)

@@ -27,6 +27,8 @@ from ._validate import (
     as_float,
     check_broadcastable,
     check_choice,
+    check_count,
+    check_positive_int,
     check_real_scalar,
     check_window,
 )
@@ -64,6 +66,17 @@ class AttentionOptions:
     window : (int or None, int or None), optional
         Sliding window ``(left, right)``: keys ``i' - left <= j <= i' + right``; None on a side
         leaves it unbounded.
+    chunk_size : int, optional
+        Chunked attention: query ``i`` may attend key ``j`` only when ``i' // chunk_size ==
+        j // chunk_size`` (the same chunk of positions; with ``causal=True``, Llama 4's local
+        attention).
+    sink_tokens : int, default 0
+        The first ``sink_tokens`` keys are exempt from ``window`` and ``chunk_size`` (StreamingLLM's
+        attention sinks); ``causal``, ``mask`` and ``bias`` still apply to them.
+    sinks : array_like, shape (H,), optional
+        Learnable sink logits, one per query head (gpt-oss): every row's softmax gets one more
+        term ``exp(sinks[h])`` whose value is zero. Differentiable (``dsinks``); a row with no
+        allowed key then gives output 0 and log-sum-exp ``sinks[h]`` (it is not empty).
     softcap : float, optional
         Soft-capping ``cap * tanh(s / cap)`` of the scaled scores, before the bias (Gemma 2).
     scale : float, optional
@@ -90,7 +103,7 @@ class AttentionOptions:
     -----
     The order of operations on the scores is fixed (``docs/conventions.md``):
     ``q k^T * scale`` -> softcap -> ``+ bias`` -> mask (boolean, causal, window, ``-inf`` bias)
-    -> softmax -> dropout -> ``@ v``.
+    -> softmax (with the ``sinks`` column, when given) -> dropout -> ``@ v``.
 
     An ``AttentionOptions`` holds what the caller gave, unconverted; :meth:`check` validates it
     against the inputs and returns a ``CheckedOptions``. Construction validates nothing, so
@@ -117,6 +130,9 @@ class AttentionOptions:
     causal: bool = False
     align: Align = "top_left"
     window: Window | None = None
+    chunk_size: int | None = None
+    sink_tokens: int = 0
+    sinks: Any = None
     softcap: float | None = None
     scale: float | None = None
     dropout_p: float = 0.0
@@ -203,7 +219,7 @@ class AttentionOptions:
 
         if self.dtype is None and isinstance(self.rounding, Rounding) and not self.rounding.exact:
             return self.rounding.compute_dtype
-        return resolve_dtype(self.dtype, *inputs, self.bias)
+        return resolve_dtype(self.dtype, *inputs, self.bias, self.sinks)
 
     def check(self, q: np.ndarray, k: np.ndarray) -> CheckedOptions:
         r"""Validate every option against converted queries and keys; resolve the scale.
@@ -258,6 +274,21 @@ class AttentionOptions:
             raise TypeError(f"causal must be a bool; got {self.causal!r}")
         align = check_choice("align", self.align, ALIGNS)
         window = check_window(self.window)
+        chunk_size = None
+        if self.chunk_size is not None:
+            chunk_size = check_positive_int("chunk_size", self.chunk_size)
+        sink_tokens = check_count("sink_tokens", self.sink_tokens)
+        sinks = self.sinks
+        if sinks is not None:
+            sinks = as_float("sinks", sinks, dt)
+            heads = scores_shape[-3] if len(scores_shape) >= 3 else 1
+            if sinks.shape != (heads,):
+                raise ValueError(
+                    f"sinks must have shape (H,) = ({heads},), one logit per query head; got "
+                    f"shape {sinks.shape}"
+                )
+            if not np.isfinite(sinks).all():
+                raise ValueError(f"sinks must be finite; got {sinks.tolist()}")
         softcap = self.softcap
         if softcap is not None:
             softcap = check_real_scalar("softcap", softcap, positive=True)
@@ -300,6 +331,9 @@ class AttentionOptions:
             causal=bool(self.causal),
             align=cast(Align, align),
             window=window,
+            chunk_size=chunk_size,
+            sink_tokens=sink_tokens,
+            sinks=sinks,
             softcap=softcap,
             scale=scale,
             dropout_p=dropout_p,

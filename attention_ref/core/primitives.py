@@ -68,7 +68,10 @@ def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def masked_softmax(
-    logits: np.ndarray, shift: np.ndarray, allowed: np.ndarray | None
+    logits: np.ndarray,
+    shift: np.ndarray,
+    allowed: np.ndarray | None,
+    extra: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""``(probs, row_sum)``: (S2)-(S3) over the allowed keys, given the row max ``shift`` (S1).
 
@@ -82,6 +85,10 @@ def masked_softmax(
     logit that overflows ``exp`` is discarded with the rest. On a row with no allowed key the
     weights are 0/0 = NaN and ``row_sum`` is 0: the caller applies its empty-row policy.
 
+    ``extra`` (..., 1), when given, is one more term of each row's denominator that has no
+    column: ``exp(sink - shift)`` of a learnable sink. Plain form: the softmax of the row with
+    that column appended, without the column.
+
     Returns
     -------
     probs : ndarray, the logits' shape, a new array
@@ -94,18 +101,25 @@ def masked_softmax(
     if allowed is not None:
         np.copyto(probs, 0.0, where=~allowed)  # masked weights: exp(fill - max) = 0   (A4)
     row_sum = probs.sum(axis=-1, keepdims=True)  # (..., 1); 0 on an empty row
+    if extra is not None:
+        row_sum += extra  # the sink's term of the denominator
     with np.errstate(divide="ignore", invalid="ignore"):
         probs /= row_sum  # (S3)
     return probs, row_sum
 
 
-def softmax_backward_into(dprobs: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def softmax_backward_into(
+    dprobs: np.ndarray, probs: np.ndarray, dot: np.ndarray | None = None
+) -> np.ndarray:
     r"""(S4) along the last axis, written into ``dprobs``: ``p * (dp - sum_j dp_j p_j)``.
 
     Plain form: ``attention_ref.core.softmax.softmax_grad(dprobs, probs)``, (S4) (bitwise).
-    Returns ``dprobs``, overwritten.
+    ``dot`` (..., 1), when given, replaces the row sum ``sum_j dp_j p_j`` (the caller computed
+    it, and may have subtracted the log-sum-exp's cotangent: (A17) of
+    ``docs/derivations/attention.md``). Returns ``dprobs``, overwritten.
     """
-    dot = row_dot(dprobs, probs)  # (..., 1) sum_j dp_j p_j
+    if dot is None:
+        dot = row_dot(dprobs, probs)  # (..., 1) sum_j dp_j p_j
     np.subtract(dprobs, dot, out=dprobs)
     dprobs *= probs  # (S4)
     return dprobs

@@ -390,6 +390,12 @@ def _prepare_sdpa(
 ) -> tuple[Any, _AttentionArgs, np.ndarray | None, tuple[int, ...]]:
     """Validate and convert; returns ``(ctx, args, dout as mp (N, H, T, Dv) or None, lead)``."""
     _refuse_dtype(given)
+    given.refuse(
+        ("sinks",),
+        "the exact (mpmath) path",
+        "its sink column is not written in mpmath yet; check sinks with finite differences "
+        "against the float64 path",
+    )
     ctx = _context(dps)
     _refuse_generator(given.dropout_mask)
     _refuse_complex({"q": q, "k": k, "v": v, "dout": dout, "bias": given.bias})

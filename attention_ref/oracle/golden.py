@@ -95,7 +95,17 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
 #: Keyword arguments of the reference that are arrays: stored as ``option.<name>``; ``bias`` is
 #: differentiable, so it is an input.
 _ARRAY_OPTIONS = ("mask", "dropout_mask")
-_NOT_OPTIONS = ("dtype", "rounding", "bias", "params") + _ARRAY_OPTIONS
+#: Not recorded in a format-1 manifest: ``chunk_size``, ``sink_tokens`` and ``sinks`` came after
+#: it and no canonical case uses them (a candidate callable is passed exactly the recorded options).
+_NOT_OPTIONS = (
+    "dtype",
+    "rounding",
+    "bias",
+    "sinks",
+    "chunk_size",
+    "sink_tokens",
+    "params",
+) + _ARRAY_OPTIONS
 
 
 def _scalar_defaults(kind: str) -> dict[str, Any]:

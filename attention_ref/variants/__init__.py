@@ -6,8 +6,10 @@ with :mod:`attention_ref.core.masks`:
 
 * ``flash`` -- tiled FlashAttention-2, forward and backward from the logsumexp, (F1)-(F9);
 * ``varlen`` -- packed variable-length batches with ``cu_seqlens``, (V1)-(V6);
-* ``decode`` -- decoding with an immutable key/value cache.
+* ``decode`` -- decoding with an immutable key/value cache;
+* ``context_parallel`` -- ring and zigzag context parallelism, simulated rank by rank, forward and
+  backward, with every step's partial state in a trace.
 
-A new variant (split-KV, paged caches, MLA, sparse or programmable attention) is a new module
-here. May import: numpy and :mod:`attention_ref.core`.
+Split-KV is ``num_splits`` of ``flash``. A new variant (paged caches, MLA, sparse or
+programmable attention) is a new module here. May import: numpy and :mod:`attention_ref.core`.
 """

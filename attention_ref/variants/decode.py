@@ -32,7 +32,7 @@ from ..core._validate import (
 from ..core.attention import sdpa_forward
 from ..core.options import AttentionOptions
 
-__all__ = ["DecodeResult", "KVCache", "decode_step"]
+__all__ = ["DecodeLSEResult", "DecodeResult", "KVCache", "decode_step"]
 
 
 def _read_only(x: np.ndarray) -> np.ndarray:
@@ -223,6 +223,14 @@ class DecodeResult(NamedTuple):
     cache: KVCache  #: the cache grown by the new keys and values (the old one is unchanged)
 
 
+class DecodeLSEResult(NamedTuple):
+    """What ``decode_step(..., return_lse=True)`` returns: unpack as ``out, lse, cache``."""
+
+    out: np.ndarray  #: (..., H, T_new, Dv) attention output of the new queries
+    lse: np.ndarray  #: (..., H, T_new) log-sum-exp of each new query's row (natural log)
+    cache: KVCache  #: the cache grown by the new keys and values
+
+
 def decode_step(
     q_new: ArrayLike,
     cache: KVCache,
@@ -230,8 +238,9 @@ def decode_step(
     v_new: ArrayLike,
     *,
     options: AttentionOptions | None = None,
+    return_lse: bool = False,
     **kwargs: Any,
-) -> DecodeResult:
+) -> DecodeResult | DecodeLSEResult:
     r"""One decoding step: append ``k_new``, ``v_new`` to the cache and attend ``q_new`` to all of
     it.
 
@@ -253,14 +262,19 @@ def decode_step(
         Fields of :class:`~attention_ref.AttentionOptions` by name: ``window`` (a sliding window
         ``(left, right)`` on the key axis, aligned like the causal mask: query ``i`` sees keys
         ``S_old + i - left <= j <= S_old + i + right``; causality already hides the keys after
-        ``S_old + i``), ``softcap`` and ``scale``. The step is always causal with
+        ``S_old + i``), ``chunk_size``, ``sink_tokens``, ``sinks`` ((H,)), ``softcap`` and
+        ``scale``. The step is always causal with
         ``align="bottom_right"`` in the cache's dtype; the other options (``mask``, ``bias``,
         ``causal``, ``align``, dropout, ``empty_rows``, ``dtype``) raise ``ValueError``.
 
+    return_lse : bool, default False
+        Also return the new rows' log-sum-exp (what a split-KV decode kernel merges).
+
     Returns
     -------
-    DecodeResult
-        ``out`` (..., H, T_new, Dv) and ``cache``, the new cache of ``S_old + T_new`` positions.
+    DecodeResult or DecodeLSEResult
+        ``out`` (..., H, T_new, Dv) and ``cache``, the new cache of ``S_old + T_new`` positions;
+        with ``return_lse=True`` ``(out, lse, cache)``, ``lse`` (..., H, T_new).
 
     Notes
     -----
@@ -336,4 +350,9 @@ def decode_step(
         )
     step = given.replace(causal=True, align="bottom_right", dtype=dt)
     trace = sdpa_forward(q_new, new_cache.k, new_cache.v, options=step)
-    return DecodeResult(out=fresh(trace.out, q_in), cache=new_cache)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    out = fresh(trace.out, q_in)
+    if return_lse:
+        return DecodeLSEResult(out=out, lse=trace.logsumexp, cache=new_cache)
+    return DecodeResult(out=out, cache=new_cache)

@@ -9,8 +9,12 @@ logsumexp, (F6), and replaces the softmax's row reduction by ``D = rowsum(dout *
 Memory is O((T + S) x (Dk + Dv)) per head plus one ``(block_q, block_k)`` block.
 
 Every option of the plain path but dropout: mask, bias, causal/window with both alignments,
-softcap, scale, GQA, the ``empty_rows`` policies; blocks with no allowed pair are skipped.
-Dropout is refused: its keep-mask would be the ``(..., H, T, S)`` array that tiling avoids.
+chunks and sink tokens, learnable sinks, softcap, scale, GQA, the ``empty_rows`` policies;
+blocks with no allowed pair are skipped (a chunked or windowed problem visits only the tiles
+near its diagonal). Dropout is refused: its keep-mask would be the ``(..., H, T, S)`` array that
+tiling avoids. ``num_splits`` computes the keys in chunks whose partial states are merged
+(split-KV, flash-decoding), forward and backward; the backward takes the log-sum-exp's
+cotangent ``dlse``.
 
 Derivation: ``docs/derivations/flash.md``, (F1)-(F9); the stages it shares with the plain path
 cite (A1)-(A16) of ``docs/derivations/attention.md``.
@@ -26,7 +30,15 @@ from numpy.typing import ArrayLike, DTypeLike
 from ..core._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
 from ..core.attention import AttentionGrads, check_qkv
 from ..core.masks import AllowedPairs, _tile
+from ..core.merge import (
+    AttentionState,
+    add_sinks,
+    add_sinks_backward,
+    merge_attention_states,
+    merge_attention_states_backward,
+)
 from ..core.options import AttentionOptions
+from ..core.primitives import row_dot
 from ..core.scores import group_heads, masked_fill_value, ungroup_heads
 
 #: Default query rows per block. Large blocks amortise NumPy's per-call overhead; at 256 x 256 the
@@ -225,6 +237,8 @@ class _Tiled(NamedTuple):
     scale: float
     block_q: int
     block_k: int
+    sinks: np.ndarray | None  # (H,) the sink logits, or None
+    num_splits: int  # key chunks computed as separate partials and merged, (C1)-(C3)
 
 
 def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
@@ -236,7 +250,7 @@ def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
     return x.reshape(shape[:-3] + split + shape[-2:])
 
 
-def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
+def _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits=1) -> _Tiled:
     given = AttentionOptions.of(options, **kwargs)
     given.refuse(
         ("dropout_p", "dropout_mask"),
@@ -255,6 +269,7 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
     opt = given.check(q, k)
     block_q = check_positive_int("block_q", block_q)
     block_k = check_positive_int("block_k", block_k)
+    num_splits = check_positive_int("num_splits", num_splits)
     T, S, Hkv, ndim = q.shape[-2], k.shape[-2], k.shape[-3], q.ndim
     bias = None if opt.bias is None else _grouped_view(opt.bias, ndim, Hkv)
     mask = None if opt.mask is None else _grouped_view(opt.mask, ndim, Hkv)
@@ -272,7 +287,16 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k) -> _Tiled:
         scale=opt.score_scale,
         block_q=block_q,
         block_k=block_k,
+        sinks=opt.sinks,
+        num_splits=num_splits,
     )
+
+
+def _splits(S: int, num_splits: int) -> list[tuple[int, int]]:
+    """The key ranges of ``num_splits`` contiguous chunks of ``ceil(S / num_splits)`` keys (the
+    last ones may be shorter, or empty when ``num_splits > S``), as flash-decoding splits them."""
+    size = -(-S // num_splits)
+    return [(min(n * size, S), min((n + 1) * size, S)) for n in range(num_splits)]
 
 
 def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,8 +333,10 @@ def flash_attention_forward(
     options: AttentionOptions | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    num_splits: int = 1,
+    return_lse: bool = True,
     **kwargs: Any,
-) -> FlashOutput:
+) -> FlashOutput | np.ndarray:
     r"""Scaled dot-product attention computed block by block with the online softmax.
 
     The same result as :func:`~attention_ref.scaled_dot_product_attention` (to round-off) without
@@ -329,6 +355,14 @@ def flash_attention_forward(
         The attention options as one object.
     block_q, block_k : int, default 256
         Query rows and keys per block; any positive size (a block may overhang the sequence end).
+    num_splits : int, default 1
+        Split-KV (flash-decoding): the keys are cut into ``num_splits`` contiguous chunks of
+        ``ceil(S / num_splits)``, each chunk's partial state ``(out, lse)`` is computed on its own
+        and the partials are merged by :func:`~attention_ref.merge_attention_states`, (C1)-(C3)
+        of ``docs/derivations/merge.md``. A chunk with no allowed key for a row is a ``-inf``
+        partial; with ``sinks`` the sink is added once, after the merge.
+    return_lse : bool, default True
+        Return ``(out, logsumexp)`` (a :class:`FlashOutput`); False returns ``out`` alone.
     **kwargs
         Any field of :class:`~attention_ref.AttentionOptions` by name, with the plain path's
         meaning, except dropout (``dropout_p`` and ``dropout_mask`` raise ``ValueError``: the
@@ -340,7 +374,9 @@ def flash_attention_forward(
     Returns
     -------
     FlashOutput
-        ``out`` (..., H, T, Dv) and ``logsumexp`` (..., H, T), new arrays.
+        ``out`` (..., H, T, Dv) and ``logsumexp`` (..., H, T), new arrays: the natural-log
+        log-sum-exp of the row's allowed logits (with the sink's term when ``sinks`` is given),
+        ``-inf`` on a row with nothing to attend. ``out`` alone when ``return_lse=False``.
 
     Notes
     -----
@@ -377,18 +413,42 @@ def flash_attention_forward(
     >>> bool(np.abs(res.out - plain).max() <= 1e-12 * np.abs(plain).max())
     True
     """
-    tp = _prepare(q, k, v, options, kwargs, block_q, block_k)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    tp = _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits)
+    S = tp.k.shape[-2]
+    # (C1)-(C3) split-KV: each key chunk's partial state, then their merge; one chunk is the
+    # plain tiled pass
+    partials = [_partial_forward(tp, j_lo, j_hi) for j_lo, j_hi in _splits(S, tp.num_splits)]
+    if len(partials) == 1:
+        out, lse = partials[0]
+    else:
+        out, lse = merge_attention_states(
+            np.stack([p.out for p in partials]), np.stack([p.lse for p in partials])
+        )
+    if tp.sinks is not None:
+        out, lse = add_sinks(out, lse, tp.sinks)  # (C6) once, after the merge: no row is empty
+    else:
+        out = _empty_rows_forward(out, lse, tp.v[..., 0, :, :], tp.empty_rows)
+    result = FlashOutput(out=out, logsumexp=lse)
+    return result if return_lse else result.out
+
+
+def _partial_forward(tp: _Tiled, j_lo: int, j_hi: int) -> AttentionState:
+    """Attention of every query row over the keys ``j_lo:j_hi`` only, without sinks, (F1)-(F5).
+
+    Shapes (..., H, T, Dv) and (..., H, T); out 0 and lse ``-inf`` on a row with no allowed key
+    among them.
+    """
     dt = tp.qs.dtype
-    rows, T, S, Dv = tp.qs.shape[:-2], tp.qs.shape[-2], tp.k.shape[-2], tp.v.shape[-1]
+    rows, T, Dv = tp.qs.shape[:-2], tp.qs.shape[-2], tp.v.shape[-1]
     out = np.empty(rows + (T, Dv), dtype=dt)  # (..., Hkv, G, T, Dv)
     lse = np.empty(rows + (T,), dtype=dt)  # (..., Hkv, G, T)
-    row_is_empty = np.empty(rows + (T,), dtype=bool)  # (..., Hkv, G, T)
-
     for i0 in range(0, T, tp.block_q):
         i1 = min(i0 + tp.block_q, T)
         state = online_softmax_init(rows + (i1 - i0,), Dv, dt)  # (F1) before any key
-        for j0 in range(0, S, tp.block_k):
-            j1 = min(j0 + tp.block_k, S)
+        for j0 in range(j_lo, j_hi, tp.block_k):
+            j1 = min(j0 + tp.block_k, j_hi)
             kind, allowed = tp.pairs.block(i0, i1, j0, j1)  # (A4) for this tile
             if kind == "empty":
                 continue  # skipped, exactly: its max is the fill, so (F2)-(F4) would change nothing
@@ -396,24 +456,47 @@ def flash_attention_forward(
             state = online_softmax_update(
                 state, logits, tp.v[..., j0:j1, :], allowed
             )  # (A4), (F2)-(F4)
-        out[..., i0:i1, :], lse[..., i0:i1], row_is_empty[..., i0:i1] = online_softmax_finish(
-            state
-        )  # (F5)
+        out[..., i0:i1, :], lse[..., i0:i1], _ = online_softmax_finish(state)  # (F5)
+    return AttentionState(out=ungroup_heads(out), lse=ungroup_heads(lse[..., None])[..., 0])
 
-    if row_is_empty.any():
-        if tp.empty_rows == "raise":
-            _raise_if_empty(ungroup_heads(row_is_empty[..., None])[..., 0])
-        # (A5)'s policy; online_softmax_finish left 0 there ("zero")
-        if tp.empty_rows == "uniform":
-            out[row_is_empty] = np.broadcast_to(tp.v.mean(axis=-2, keepdims=True), out.shape)[
-                row_is_empty
-            ]
-        elif tp.empty_rows == "nan":
-            out[row_is_empty] = np.nan
-    return FlashOutput(
-        out=ungroup_heads(out),  # (..., H, T, Dv)
-        logsumexp=ungroup_heads(lse[..., None])[..., 0],
-    )  # (..., H, T)
+
+def _empty_rows_forward(out: np.ndarray, lse: np.ndarray, v: np.ndarray, policy: str) -> np.ndarray:
+    """(A5)'s policy on the rows with no allowed key (lse = -inf), whose ``out`` is 0 ("zero").
+
+    ``out`` (..., H, T, Dv) is overwritten where a policy applies, and returned; ``v`` is
+    (..., Hkv, S, Dv).
+    """
+    row_is_empty = np.isneginf(lse)  # (..., H, T)
+    if not row_is_empty.any():
+        return out
+    if policy == "raise":
+        _raise_if_empty(row_is_empty)
+    if policy == "uniform":
+        group = out.shape[-3] // v.shape[-3]
+        mean_v = np.repeat(v.mean(axis=-2), group, axis=-2)[..., None, :]  # (..., H, 1, Dv)
+        out[row_is_empty] = np.broadcast_to(mean_v, out.shape)[row_is_empty]
+    elif policy == "nan":
+        out[row_is_empty] = np.nan
+    return out
+
+
+def _empty_rows_backward(dv: np.ndarray, dout: np.ndarray, lse: np.ndarray, policy: str) -> None:
+    """Add to ``dv`` (..., Hkv, S, Dv) what the empty rows (lse = -inf) of ``dout`` (..., H, T, Dv)
+    send it under ``policy``: nothing ("zero"), ``dout / S`` to every key ("uniform"), NaN ("nan").
+    """
+    row_is_empty = np.isneginf(lse)  # (..., H, T)
+    if not row_is_empty.any():
+        return
+    Hkv, S = dv.shape[-3], dv.shape[-2]
+    empty = group_heads(row_is_empty[..., None], Hkv)  # (..., Hkv, G, T, 1)
+    if policy == "uniform":
+        # (A9) with P = 1/S on the row: every key of the row's kv head gets dout / S
+        dv += (np.where(empty, group_heads(dout, Hkv), 0.0).sum(axis=(-3, -2)) / S)[
+            ..., None, :
+        ]  # (..., Hkv, 1, Dv)
+    elif policy == "nan":
+        # (A9) with P = NaN on the row: its kv head's dv is NaN
+        dv[empty.any(axis=(-3, -2, -1))] = np.nan
 
 
 # ----------------------------------------------------------------------------- backward
@@ -453,6 +536,8 @@ def flash_attention_backward(
     options: AttentionOptions | None = None,
     block_q: int = BLOCK_Q,
     block_k: int = BLOCK_K,
+    num_splits: int = 1,
+    dlse: ArrayLike | None = None,
     **kwargs: Any,
 ) -> AttentionGrads:
     r"""Gradients of scaled dot-product attention, block by block, from the output and logsumexp.
@@ -478,13 +563,22 @@ def flash_attention_backward(
     options, block_q, block_k, **kwargs
         As in :func:`flash_attention_forward`; the options must be the forward's (the block
         sizes need not be).
+    num_splits : int, default 1
+        1: the FlashAttention-2 backward from the final ``out`` and ``logsumexp``. More: the
+        split-KV backward: the partial states of the key chunks are recomputed, the gradient
+        goes back through their merge, (C4)-(C5) of ``docs/derivations/merge.md``, and each
+        chunk's keys get the backward of their own partial with its log-sum-exp cotangent. The
+        two agree to round-off.
+    dlse : array_like, shape (..., H, T), optional
+        Gradient with respect to the log-sum-exp the forward returned: ``D`` becomes
+        ``rowsum(dout * out) - dlse``, (A17) of ``docs/derivations/attention.md``.
 
     Returns
     -------
     AttentionGrads
         ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv) (summed over the
-        query heads of each group) and ``dbias`` (the bias's shape, or None), as
-        :func:`~attention_ref.sdpa_backward` returns.
+        query heads of each group), ``dbias`` (the bias's shape, or None) and ``dsinks`` ((H,),
+        or None), as :func:`~attention_ref.sdpa_backward` returns.
 
     Notes
     -----
@@ -521,22 +615,20 @@ def flash_attention_backward(
     >>> bool(np.abs(g.dk - ref.dk).max() <= 1e-12 * np.abs(ref.dk).max())
     True
     """
-    tp = _prepare(q, k, v, options, kwargs, block_q, block_k)
+    tp = _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits)
     dt = tp.qs.dtype
-    Hkv, T, S = tp.k.shape[-4], tp.qs.shape[-2], tp.k.shape[-2]
+    Hkv, S = tp.k.shape[-4], tp.k.shape[-2]
     dout, out, lse = _check_saved(dout, out, logsumexp, ungroup_heads(tp.qs).shape, tp.v.shape, dt)
-    dout = group_heads(dout, Hkv)  # (..., Hkv, G, T, Dv)
-    lse = group_heads(lse[..., None], Hkv)  # (..., Hkv, G, T, 1)
-    row_is_empty = np.isneginf(lse)  # (..., Hkv, G, T, 1): the forward found no key to attend
+    if dlse is not None:
+        dlse = as_float("dlse", dlse, dt)
+        if dlse.shape != lse.shape:
+            raise ValueError(
+                f"dlse must have the log-sum-exp's shape (..., H, T) = {lse.shape}; got "
+                f"{dlse.shape}"
+            )
+    row_is_empty = np.isneginf(lse)  # (..., H, T): the forward found nothing to attend
     if tp.empty_rows == "raise" and row_is_empty.any():
-        _raise_if_empty(ungroup_heads(row_is_empty)[..., 0])
-    lse = np.where(
-        row_is_empty, 0.0, lse
-    )  # a finite shift: the row's entries are all masked anyway
-
-    # (F7) D_i = sum_e dout_ie out_ie = sum_j P_ij dP_ij; 0 on an empty row (its P is 0, (F6))
-    D = (dout * group_heads(out, Hkv)).sum(axis=-1, keepdims=True)  # (..., Hkv, G, T, 1)
-    D[row_is_empty] = 0.0
+        _raise_if_empty(row_is_empty)
 
     dq = np.zeros(tp.qs.shape, dtype=dt)  # (..., Hkv, G, T, Dk)
     dk = np.zeros(tp.k.shape[:-4] + (Hkv, S, tp.k.shape[-1]), dtype=dt)  # (..., Hkv, S, Dk)
@@ -544,9 +636,66 @@ def flash_attention_backward(
     dbias = (
         None if tp.bias is None else np.zeros(tp.bias.shape, dtype=dt)
     )  # (..., Hkv|1, G|1, T|1, S|1)
+    grads = (dq, dk, dv, dbias)
+    dsinks = None
+    if tp.num_splits == 1:
+        # (F7) D_i = sum_e dout_ie out_ie = sum_j P_ij dP_ij; (A17) minus the lse's cotangent
+        D = row_dot(dout, out)[..., 0]  # (..., H, T)
+        if dlse is not None:
+            D -= dlse
+        if tp.sinks is not None:
+            # (A19) d sigma_h = sum over the rows of p_sink (dlse - D), p_sink = exp(sigma - lse)
+            p_sink = np.exp(tp.sinks[:, None] - lse)  # (..., H, T)
+            dsinks = sum_to_shape(-(p_sink * D)[..., None], tp.sinks.shape + (1, 1))
+            dsinks = dsinks.reshape(tp.sinks.shape)
+        _partial_backward(tp, dout, lse, D, 0, S, grads)
+    else:
+        # Split-KV: back through the merge, (C4)-(C5), then each chunk's backward with its own
+        # partial state and log-sum-exp cotangent
+        splits = _splits(S, tp.num_splits)
+        partials = [_partial_forward(tp, j_lo, j_hi) for j_lo, j_hi in splits]
+        outs = np.stack([p.out for p in partials])  # (N, ..., H, T, Dv)
+        lses = np.stack([p.lse for p in partials])  # (N, ..., H, T)
+        dout_m, dlse_m = dout, dlse
+        if tp.sinks is not None:
+            merged = merge_attention_states(outs, lses)
+            sg = add_sinks_backward(dout, dlse, merged.out, merged.lse, tp.sinks)  # (C7)
+            dout_m, dlse_m, dsinks = sg.dout, sg.dlse, sg.dsinks
+        mg = merge_attention_states_backward(dout_m, dlse_m, outs, lses)  # (C4), (C5)
+        for n, (j_lo, j_hi) in enumerate(splits):
+            D = row_dot(mg.douts[n], outs[n])[..., 0] - mg.dlses[n]  # (F7), (A17)
+            _partial_backward(tp, mg.douts[n], lses[n], D, j_lo, j_hi, grads)
+    dq *= tp.scale  # (A15)
 
-    for j0 in range(0, S, tp.block_k):
-        j1 = min(j0 + tp.block_k, S)
+    if tp.sinks is None:
+        _empty_rows_backward(dv, dout, lse, tp.empty_rows)
+    if dbias is not None:
+        dbias = dbias.reshape(tp.bias_shape)  # back from the GQA view to the bias's own shape
+    return AttentionGrads(dq=ungroup_heads(dq), dk=dk, dv=dv, dbias=dbias, dsinks=dsinks)
+
+
+def _partial_backward(
+    tp: _Tiled,
+    dout: np.ndarray,
+    lse: np.ndarray,
+    D: np.ndarray,
+    j_lo: int,
+    j_hi: int,
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None],
+) -> None:
+    """Add the gradients from the keys ``j_lo:j_hi`` into ``grads = (dq, dk, dv, dbias)``,
+    (F6)-(F9), given the rows' ``lse`` (..., H, T) and ``D`` (..., H, T) of those keys' softmax
+    (dq without the scale). A row with ``lse = -inf`` had no key there: it adds nothing."""
+    dq, dk, dv, dbias = grads
+    dt = tp.qs.dtype
+    Hkv, T = tp.k.shape[-4], tp.qs.shape[-2]
+    dout = group_heads(dout, Hkv)  # (..., Hkv, G, T, Dv)
+    lse = group_heads(lse[..., None], Hkv)  # (..., Hkv, G, T, 1)
+    none = np.isneginf(lse)  # (..., Hkv, G, T, 1): no allowed key among these
+    lse = np.where(none, 0.0, lse)  # a finite shift: the row's entries are all masked anyway
+    D = np.where(none, 0.0, group_heads(D[..., None], Hkv))  # (..., Hkv, G, T, 1)
+    for j0 in range(j_lo, j_hi, tp.block_k):
+        j1 = min(j0 + tp.block_k, j_hi)
         k_j, v_j = (
             tp.k[..., j0:j1, :],
             tp.v[..., j0:j1, :],
@@ -584,7 +733,7 @@ def flash_attention_backward(
                 capped /= tp.softcap
                 np.square(capped, out=capped)
                 ds *= 1.0 - capped
-            # (A15), (F9) dq_I += dl k_J (the scale is applied once, below)
+            # (A15), (F9) dq_I += dl k_J (the scale is applied once, by the caller)
             dq[..., i0:i1, :] += (
                 ds @ k_j
             )  # (..., Hkv, G, Tb, Sb) @ (..., Hkv, 1, Sb, Dk) -> (..., Hkv, G, Tb, Dk)
@@ -592,17 +741,3 @@ def flash_attention_backward(
             dk[..., j0:j1, :] += (ds.swapaxes(-1, -2) @ tp.qs[..., i0:i1, :]).sum(
                 axis=-3
             )  # (..., Hkv, G, Sb, Tb) @ (..., Hkv, G, Tb, Dk) -> (..., Hkv, Sb, Dk)
-    dq *= tp.scale  # (A15)
-
-    if row_is_empty.any():
-        if tp.empty_rows == "uniform":
-            # (A9) with P = 1/S on the row: every key of the row's kv head gets dout / S
-            dv += (np.where(row_is_empty, dout, 0.0).sum(axis=(-3, -2)) / S)[
-                ..., None, :
-            ]  # (..., Hkv, 1, Dv)
-        elif tp.empty_rows == "nan":
-            # (A9) with P = NaN on the row: its kv head's dv is NaN
-            dv[row_is_empty.any(axis=(-3, -2, -1))] = np.nan
-    if dbias is not None:
-        dbias = dbias.reshape(tp.bias_shape)  # back from the GQA view to the bias's own shape
-    return AttentionGrads(dq=ungroup_heads(dq), dk=dk, dv=dv, dbias=dbias)

@@ -239,9 +239,10 @@ class VarlenTrace(NamedTuple):
         AttentionTrace | None, ...
     ]  #: per sequence, the AttentionTrace of its (H, T_b, Dk) problem; None when T_b = 0 or S_b = 0
     out: np.ndarray  #: (T_total, H, Dv) packed output, (V2)
-    #: (H, T_total) per-row logsumexp of the allowed scores, -inf on empty rows (FlashAttention's
-    #: ``softmax_lse`` layout), (V6)
+    #: (H, T_total) per-row logsumexp of the allowed scores (and the sink), -inf on empty rows
+    #: (FlashAttention's ``softmax_lse`` layout), (V6)
     logsumexp: np.ndarray
+    sinks: np.ndarray | None = None  #: (H,) the sink logits, or None
 
 
 class VarlenGrads(NamedTuple):
@@ -250,6 +251,7 @@ class VarlenGrads(NamedTuple):
     dq: np.ndarray  #: (T_total, H, Dk)
     dk: np.ndarray  #: (S_total, Hkv, Dk), summed over the query heads of each group
     dv: np.ndarray  #: (S_total, Hkv, Dv), summed over the query heads of each group
+    dsinks: np.ndarray | None = None  #: (H,) summed over every sequence's rows; None without sinks
 
 
 def _check_packed(q, k, v, dt):
@@ -327,6 +329,7 @@ def varlen_forward(
     opt = given.check(q.swapaxes(0, 1), k.swapaxes(0, 1))
     empty_rows = opt.empty_rows
     per_sequence = given.replace(dtype=dt)
+    sinks = opt.sinks  # (H,) or None
 
     H, Dv = q.shape[1], v.shape[2]
     out = np.zeros((q.shape[0], H, Dv), dtype=dt)  # (T_total, H, Dv)
@@ -339,6 +342,11 @@ def varlen_forward(
             traces.append(None)  # (V5) no query: nothing to compute, its keys receive no gradient
             continue
         if k1 == k0:
+            traces.append(None)
+            if sinks is not None:
+                # (V5), (A18) queries but no key: each row attends its sink only, out 0, lse sigma
+                lse[:, q0:q1] = sinks[:, None]
+                continue
             # (V5) queries but no key: every row is empty; "zero" leaves out = 0, lse = -inf.
             if empty_rows == "raise":
                 raise ValueError(
@@ -351,7 +359,6 @@ def varlen_forward(
                 )
             if empty_rows == "nan":
                 out[q0:q1] = np.nan
-            traces.append(None)
             continue
         # (V1) the sequence's own rows, heads first: (T_b, H, Dk) -> (H, T_b, Dk), a view.
         try:
@@ -375,10 +382,13 @@ def varlen_forward(
         traces=tuple(traces),
         out=out,
         logsumexp=lse,
+        sinks=None if sinks is None else fresh(sinks, given.sinks),
     )
 
 
-def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
+def varlen_backward(
+    dout: ArrayLike, trace: VarlenTrace, dlse: ArrayLike | None = None
+) -> VarlenGrads:
     r"""Gradients of varlen attention from a forward :class:`VarlenTrace`, in the packed layout.
 
     Implements (V4) of ``docs/derivations/varlen.md``: each sequence's rows of ``dout`` go
@@ -392,11 +402,15 @@ def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
         Gradient of the loss with respect to the packed output.
     trace : VarlenTrace
         What :func:`varlen_forward` returned.
+    dlse : array_like, shape (H, T_total), optional
+        Gradient with respect to the log-sum-exp (``trace.logsumexp``), (A17) of
+        ``docs/derivations/attention.md``, sequence by sequence.
 
     Returns
     -------
     VarlenGrads
-        ``dq`` (T_total, H, Dk), ``dk`` (S_total, Hkv, Dk), ``dv`` (S_total, Hkv, Dv).
+        ``dq`` (T_total, H, Dk), ``dk`` (S_total, Hkv, Dk), ``dv`` (S_total, Hkv, Dv), ``dsinks``
+        ((H,), or None without sinks).
 
     Examples
     --------
@@ -419,20 +433,33 @@ def varlen_backward(dout: ArrayLike, trace: VarlenTrace) -> VarlenGrads:
             f"dout must have the packed output's shape (T_total, H, Dv) = {trace.out.shape}; got "
             f"{dout.shape}"
         )
+    if dlse is not None:
+        dlse = as_float("dlse", dlse, trace.out.dtype)
+        if dlse.shape != trace.logsumexp.shape:
+            raise ValueError(
+                "dlse must have the log-sum-exp's shape (H, T_total) = "
+                f"{trace.logsumexp.shape}; got {dlse.shape}"
+            )
     cu_q, cu_k = trace.cu_seqlens_q, trace.cu_seqlens_k
+    dsinks = None if trace.sinks is None else np.zeros_like(trace.sinks)  # (H,)
     dq = np.zeros_like(trace.q)  # (T_total, H, Dk); rows of sequences without keys stay 0   (V5)
     dk = np.zeros_like(trace.k)  # (S_total, Hkv, Dk); rows of sequences without queries stay 0
     dv = np.zeros_like(trace.v)  # (S_total, Hkv, Dv)
     for b, tr in enumerate(trace.traces):
-        if tr is None:
-            continue
         q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        # (V4) the sequence's own backward, (A8)-(A16), on its (H, T_b, Dv) rows of dout
-        g = sdpa_backward(dout[q0:q1].swapaxes(0, 1), tr)
+        dlse_b = None if dlse is None else dlse[:, q0:q1]  # (H, T_b)
+        if tr is None:
+            if dsinks is not None and dlse_b is not None:
+                dsinks += dlse_b.sum(axis=1)  # (A19) rows with only the sink: p_sink = 1, D = 0
+            continue
+        # (V4) the sequence's own backward, (A8)-(A19), on its (H, T_b, Dv) rows of dout
+        g = sdpa_backward(dout[q0:q1].swapaxes(0, 1), tr, dlse_b)
+        if dsinks is not None:
+            dsinks += g.dsinks
         dq[q0:q1] = g.dq.swapaxes(0, 1)  # (H, T_b, Dk) -> (T_b, H, Dk)
         dk[k0:k1] = g.dk.swapaxes(0, 1)  # (Hkv, S_b, Dk) -> (S_b, Hkv, Dk)
         dv[k0:k1] = g.dv.swapaxes(0, 1)  # (Hkv, S_b, Dv) -> (S_b, Hkv, Dv)
-    return VarlenGrads(dq=dq, dk=dk, dv=dv)
+    return VarlenGrads(dq=dq, dk=dk, dv=dv, dsinks=dsinks)
 
 
 def varlen_attention(
@@ -443,8 +470,9 @@ def varlen_attention(
     cu_seqlens_k: ArrayLike,
     *,
     options: AttentionOptions | None = None,
+    return_lse: bool = False,
     **kwargs: Any,
-) -> np.ndarray:
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     r"""Attention over a packed batch of variable-length sequences, each attending only to itself.
 
     Parameters
@@ -468,19 +496,26 @@ def varlen_attention(
         The attention options as one object.
     **kwargs
         Fields of :class:`~attention_ref.AttentionOptions` by name, applied inside each
-        sequence: ``causal`` and ``window`` (with ``align``: ``i' = i`` or ``i' = i + S_b - T_b``,
-        counted inside the sequence; FlashAttention's varlen functions use ``"bottom_right"``,
-        the default here is the library's ``"top_left"``), ``softcap``, ``scale``, ``dtype`` and
+        sequence: ``causal``, ``window``, ``chunk_size`` and ``sink_tokens`` (with ``align``:
+        ``i' = i`` or ``i' = i + S_b - T_b``, counted inside the sequence; FlashAttention's varlen
+        functions use ``"bottom_right"``, the default here is the library's ``"top_left"``),
+        ``sinks`` ((H,), every row of every sequence; a sequence with queries and no key then
+        gives out 0, lse ``sinks[h]``), ``softcap``, ``scale``, ``dtype`` and
         ``empty_rows`` (``"uniform"`` averages the values of the row's own sequence; a sequence
         with queries but no key, S_b = 0, has only empty rows: 0 under ``"zero"``, NaN under
         ``"nan"``, a ``ValueError`` under ``"raise"`` and ``"uniform"``). ``mask``, ``bias`` and
         dropout are refused (``ValueError``): the packed layout has no (..., H, T, S) axes for
         them; use :func:`block_diagonal_mask` with the plain path.
 
+    return_lse : bool, default False
+        Also return the log-sum-exp, in FlashAttention's ``softmax_lse`` layout (H, T_total).
+
     Returns
     -------
     out : ndarray, shape (T_total, H, Dv)
         Packed like ``q``; rows of sequence ``b`` are attention of its queries to its keys, (V2).
+    lse : ndarray, shape (H, T_total)
+        Only with ``return_lse=True``; ``-inf`` on a row with nothing to attend.
 
     Notes
     -----
@@ -511,7 +546,10 @@ def varlen_attention(
     >>> bool(np.allclose(out[3:], second.swapaxes(0, 1), rtol=1e-12, atol=0))
     True
     """
-    return varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, options=options, **kwargs).out
+    trace = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, options=options, **kwargs)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    return (trace.out, trace.logsumexp) if return_lse else trace.out
 
 
 def varlen_attention_backward(
@@ -523,6 +561,7 @@ def varlen_attention_backward(
     cu_seqlens_k: ArrayLike,
     *,
     options: AttentionOptions | None = None,
+    dlse: ArrayLike | None = None,
     **kwargs: Any,
 ) -> VarlenGrads:
     r"""Gradients of :func:`varlen_attention`, in the packed layout.
@@ -537,13 +576,15 @@ def varlen_attention_backward(
         Gradient of the loss with respect to the packed output.
     q, k, v, cu_seqlens_q, cu_seqlens_k, options, **kwargs
         The forward's inputs and options, as for :func:`varlen_attention`.
+    dlse : array_like, shape (H, T_total), optional
+        Gradient with respect to the log-sum-exp ``return_lse=True`` returned.
 
     Returns
     -------
     VarlenGrads
         ``dq`` (T_total, H, Dk), ``dk`` (S_total, Hkv, Dk), ``dv`` (S_total, Hkv, Dv). A row of
         ``dk``/``dv`` gets gradient only from the queries of its own sequence; sequences with no
-        query or no key contribute zeros, (V5).
+        query or no key contribute zeros, (V5). ``dsinks`` (H,) with sinks, else None.
 
     Examples
     --------
@@ -558,4 +599,4 @@ def varlen_attention_backward(
     ((4, 2, 3), (6, 2, 3), True)
     """
     trace = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, options=options, **kwargs)
-    return varlen_backward(dout, trace)
+    return varlen_backward(dout, trace, dlse)
