@@ -464,15 +464,6 @@ def test_sinks_are_validated(qkv):
         ar.scaled_dot_product_attention(q, k, v, sinks=np.zeros(2))
     with pytest.raises(ValueError, match="sinks must be finite"):
         ar.scaled_dot_product_attention(q, k, v, sinks=np.array([0, 0, np.inf, 0]))
-    with pytest.raises(ValueError, match="multi-head attention does not support sinks"):
-        ar.multi_head_attention(
-            np.zeros((1, 3, 8)),
-            np.zeros((1, 3, 8)),
-            np.zeros((1, 3, 8)),
-            ar.init_params(np.random.default_rng(0), d_model=8, num_heads=2),
-            num_heads=2,
-            sinks=np.zeros(2),
-        )
     with pytest.raises(ValueError, match="dlse must have the log-sum-exp's shape"):
         ar.scaled_dot_product_attention_backward(
             np.zeros((B, H, T, DV)), q, k, v, dlse=np.zeros((B, H))
@@ -681,3 +672,72 @@ def test_inputs_are_never_mutated(qkv, rng):
     )
     for a, b in zip((q, k, v, sinks, outs, lses), copies, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_readme_composable_example_equals_attention_with_sinks():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("**Composable attention.**", 1)[1].split("```python", 1)[1].split("```")[0]
+    ns: dict = {}
+    exec(compile(block, "README.md", "exec"), ns)
+    want = ar.scaled_dot_product_attention(ns["q"], ns["k"], ns["v"], sinks=np.zeros(8))
+    assert _rel(ns["out"], want) <= 1e-13
+
+
+def test_multi_head_attention_with_sinks_matches_finite_differences(rng):
+    params = ar.init_params(rng, d_model=8, num_heads=4, num_kv_heads=2)
+    x, y = rng.normal(size=(B, 5, 8)), rng.normal(size=(B, 7, 8))
+    sinks = rng.normal(size=4)
+    dout = rng.normal(size=(B, 5, 8))
+    kw = dict(num_heads=4, num_kv_heads=2, causal=True, align="bottom_right")
+    g = ar.multi_head_attention_backward(dout, x, y, y, params, sinks=sinks, **kw)
+
+    def f(query, key, sinks):
+        return ar.multi_head_attention(query, key, key, params, sinks=sinks, **kw)
+
+    grads = {"query": g.dquery, "key": g.dkey + g.dvalue, "sinks": g.dsinks}
+    res = check_vjp(f, {"query": x, "key": y, "sinks": sinks}, dout, grads)
+    assert res.passed, str(res)
+    assert g.as_dict()["sinks"] is g.dsinks
+
+
+def test_sinks_and_dlse_agree_with_the_exact_reference(rng):
+    """The mpmath path writes the sink column and the dlse term as loops over rows: an independent
+    implementation of (A17)-(A19); the float64 path agrees to a few eps."""
+    pytest.importorskip("mpmath")
+    from attention_ref.oracle.exact import exact_sdpa
+
+    q, k, v = (
+        rng.normal(size=(2, 4, 3, 3)),
+        rng.normal(size=(2, 2, 5, 3)),
+        rng.normal(size=(2, 2, 5, 2)),
+    )
+    dout, dlse = rng.normal(size=(2, 4, 3, 2)), rng.normal(size=(2, 4, 3))
+    mask = rng.random((2, 1, 3, 5)) > 0.5
+    mask[0, 0, 1] = False  # a row with only its sink
+    kw = dict(sinks=rng.normal(size=4), mask=mask, causal=True, align="bottom_right")
+    ex = exact_sdpa(q, k, v, dout, dlse=dlse, **kw)
+    out, lse = ar.scaled_dot_product_attention(q, k, v, return_lse=True, **kw)
+    g = ar.scaled_dot_product_attention_backward(dout, q, k, v, dlse=dlse, **kw)
+    eps = np.finfo(np.float64).eps
+    for ours, exact in (
+        (out, ex.out),
+        (lse, ex.logsumexp),
+        (g.dq, ex.dq),
+        (g.dk, ex.dk),
+        (g.dv, ex.dv),
+        (g.dsinks, ex.dsinks),
+    ):
+        assert np.abs(ours - exact).max() <= 16 * eps * np.abs(exact).max()
+    # the exact reference sees a forgotten dlse term
+    assert (
+        np.abs(ar.scaled_dot_product_attention_backward(dout, q, k, v, **kw).dq - ex.dq).max()
+        > 1e-3
+    )
+    with pytest.raises(ValueError, match="exact_mha does not support sinks"):
+        from attention_ref.oracle.exact import exact_mha
+
+        p = ar.init_params(rng, d_model=4, num_heads=2)
+        x = rng.normal(size=(1, 2, 4))
+        exact_mha(x, x, x, p, num_heads=2, sinks=np.zeros(2))

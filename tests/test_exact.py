@@ -505,7 +505,7 @@ def sdpa_directionals() -> dict[str, Directional]:
 
     return {
         name: directional(ctx, phi_of(name), getattr(a, name), g, rng)
-        for name, g in zip(("q", "k", "v", "bias"), grads, strict=True)
+        for name, g in zip(("q", "k", "v", "bias"), grads[:4], strict=True)
     }
 
 

@@ -206,6 +206,7 @@ class MultiHeadGrads(NamedTuple):
     dvalue: np.ndarray  #: (..., S, Dv_in)
     dparams: MultiHeadParams  #: gradients of every weight and bias (None where the bias is None)
     dbias: np.ndarray | None  #: gradient of the attention bias, or None
+    dsinks: np.ndarray | None = None  #: (H,) gradient of the sink logits, or None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         """Every gradient keyed by the name of its input: ``query``, ``key``, ``value``,
@@ -219,6 +220,8 @@ class MultiHeadGrads(NamedTuple):
         }
         if self.dbias is not None:
             out["bias"] = self.dbias
+        if self.dsinks is not None:
+            out["sinks"] = self.dsinks
         return out
 
 
@@ -321,12 +324,6 @@ def mha_forward(
     ((3, 2, 5, 4), (3, 2, 5, 5), (3, 5, 8), (3, 5, 8))
     """
     given = AttentionOptions.of(options, **kwargs)
-    given.refuse(
-        ("sinks",),
-        "multi-head attention",
-        "its gradients (MultiHeadGrads) have no dsinks yet; call scaled_dot_product_attention "
-        "with sinks on the projected heads",
-    )
     weights = params.as_dict().values() if isinstance(params, MultiHeadParams) else ()
     dt = given.compute_dtype(query, key, value, *weights)
     H = check_positive_int("num_heads", num_heads)
@@ -443,7 +440,12 @@ def mha_backward(dout: ArrayLike, trace: MultiHeadTrace) -> MultiHeadGrads:
         b_o=g_o.dbias,
     )
     return MultiHeadGrads(
-        dquery=g_q.dx, dkey=g_k.dx, dvalue=g_v.dx, dparams=dparams, dbias=g_attn.dbias
+        dquery=g_q.dx,
+        dkey=g_k.dx,
+        dvalue=g_v.dx,
+        dparams=dparams,
+        dbias=g_attn.dbias,
+        dsinks=g_attn.dsinks,
     )
 
 

@@ -72,6 +72,7 @@ class ExactAttention(NamedTuple):
     dk: np.ndarray | None  #: (..., Hkv, S, Dk), summed over the query heads of each group
     dv: np.ndarray | None  #: (..., Hkv, S, Dv), summed over the query heads of each group
     dbias: np.ndarray | None  #: the bias's own shape
+    dsinks: np.ndarray | None = None  #: (H,) with ``sinks`` and a ``dout``, else None
 
 
 class ExactMultiHead(NamedTuple):
@@ -159,6 +160,7 @@ class _AttentionArgs(NamedTuple):
     scale: Any  # mpf
     softcap: Any  # mpf or None
     empty_rows: str
+    sinks: np.ndarray | None = None  # (H,) mpf sink logits, or None
 
 
 class _AttentionForward(NamedTuple):
@@ -167,16 +169,18 @@ class _AttentionForward(NamedTuple):
     logsumexp: np.ndarray  # (N, H, T)
     tanh: np.ndarray | None  # (N, H, T, S) tanh(s / cap) where allowed, for (A14)
     out: np.ndarray  # (N, H, T, Dv), (A7)
+    sink_probs: np.ndarray | None = None  # (N, H, T) the sink's weight, (A18), or None
 
 
 def _attention_forward(ctx: Any, a: _AttentionArgs) -> _AttentionForward:
-    """(A1)-(A7), one (b, h, i) row at a time."""
+    """(A1)-(A7) and the sink (A18), one (b, h, i) row at a time."""
     N, H, T, _ = a.q.shape
     Hkv, S, Dv = a.v.shape[1:]
     G = H // Hkv
     zero = ctx.zero
     probs = _mp_full(ctx, (N, H, T, S), zero)
     lse = _mp_full(ctx, (N, H, T), ctx.ninf)
+    sink_probs = None if a.sinks is None else _mp_full(ctx, (N, H, T), zero)
     tanh = _mp_full(ctx, (N, H, T, S), zero)  # tanh(s / cap), kept for (A14) when soft-capping
     empty_fill = {"zero": zero, "uniform": ctx.one / S, "nan": ctx.nan}
     bias = None  # (N, H, T, S): the bias broadcast to the scores
@@ -198,14 +202,19 @@ def _attention_forward(ctx: Any, a: _AttentionArgs) -> _AttentionForward:
                     if bias is not None:
                         s = s + bias[n, h, i, j]  # (A3)
                     logits[j] = s
-                if not logits:  # an empty row: the policy's constant weights
+                terms = list(logits.values())
+                if a.sinks is not None:
+                    terms.append(a.sinks[h])  # (A18) one more term, with value 0
+                elif not logits:  # an empty row: the policy's constant weights
                     for j in range(S):
                         probs[n, h, i, j] = empty_fill[a.empty_rows]
                     continue
-                m = max(logits.values())
-                lse[n, h, i] = m + ctx.log(ctx.fsum(ctx.exp(x - m) for x in logits.values()))
+                m = max(terms)
+                lse[n, h, i] = m + ctx.log(ctx.fsum(ctx.exp(x - m) for x in terms))
                 for j, x in logits.items():
                     probs[n, h, i, j] = ctx.exp(x - lse[n, h, i])  # (A5)
+                if sink_probs is not None:
+                    sink_probs[n, h, i] = ctx.exp(a.sinks[h] - lse[n, h, i])  # (A18)
     dropped = probs if a.keep_scale is None else probs * a.keep_scale  # (A6), entrywise in mp
     out = _mp_full(ctx, (N, H, T, Dv), zero)
     for n in range(N):
@@ -220,17 +229,24 @@ def _attention_forward(ctx: Any, a: _AttentionArgs) -> _AttentionForward:
         logsumexp=lse,
         tanh=tanh if a.softcap is not None else None,
         out=out,
+        sink_probs=sink_probs,
     )
 
 
 def _attention_backward(
-    ctx: Any, a: _AttentionArgs, f: _AttentionForward, dout: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(A8)-(A16): ``(dq, dk, dv, dbias)`` from the mp forward and ``dout`` (N, H, T, Dv)."""
+    ctx: Any,
+    a: _AttentionArgs,
+    f: _AttentionForward,
+    dout: np.ndarray,
+    dlse: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(A8)-(A19): ``(dq, dk, dv, dbias, dsinks)`` from the mp forward, ``dout`` (N, H, T, Dv)
+    and the log-sum-exp's cotangent ``dlse`` (N, H, T) or None."""
     N, H, T, Dk = a.q.shape
     Hkv, S, Dv = a.v.shape[1:]
     G = H // Hkv
     zero = ctx.zero
+    sink_terms: list[list[Any]] = [[] for _ in range(H)]  # (A19) per head, summed at the end
     dlogits = _mp_full(ctx, (N, H, T, S), zero)
     dscores = _mp_full(ctx, (N, H, T, S), zero)
     tanh = f.tanh
@@ -238,18 +254,23 @@ def _attention_backward(
         for h in range(H):
             kv = h // G
             for i in range(T):
+                dlse_i = zero if dlse is None else dlse[n, h, i]
                 if not a.allowed[n, h, i].any():
+                    if a.sinks is not None:
+                        sink_terms[h].append(dlse_i)  # (A19) only the sink: p_sink = 1, D = 0
                     continue  # empty row: its weights do not depend on the scores, (A12)
                 # (A8) dP'_j = sum_e dout_e v_je; (A10) dP_j = dP'_j keep_j / (1 - p)
                 dprobs = [ctx.fdot(dout[n, h, i], a.v[n, kv, j]) for j in range(S)]
                 if a.keep_scale is not None:
                     dprobs = [d * a.keep_scale[n, h, i, j] for j, d in enumerate(dprobs)]
                 p = f.probs[n, h, i]
-                rho = ctx.fdot(dprobs, p)  # sum_j' dP_j' P_j'
+                rho = ctx.fdot(dprobs, p) - dlse_i  # sum_j' dP_j' P_j' - dlse, (A17)
+                if a.sinks is not None:
+                    sink_terms[h].append(-f.sink_probs[n, h, i] * rho)  # (A19)
                 for j in range(S):
                     if not a.allowed[n, h, i, j]:
                         continue  # (A12): a masked logit gets no gradient
-                    dl = p[j] * (dprobs[j] - rho)  # (A11)
+                    dl = p[j] * (dprobs[j] - rho)  # (A11), (A17)
                     dlogits[n, h, i, j] = dl  # (A13) dc = dl
                     # (A14) d/ds cap tanh(s / cap) = 1 - tanh(s / cap)^2
                     dscores[n, h, i, j] = (
@@ -282,7 +303,11 @@ def _attention_backward(
         dbias = np.empty(a.bias.size, dtype=object)
         dbias[:] = [ctx.fsum(t) for t in terms]
         dbias = dbias.reshape(a.bias.shape)
-    return dq, dk, dv, dbias
+    dsinks = None
+    if a.sinks is not None:
+        dsinks = np.empty(H, dtype=object)
+        dsinks[:] = [ctx.fsum(t) for t in sink_terms]
+    return dq, dk, dv, dbias, dsinks
 
 
 # ----------------------------------------------------------------------------- validation
@@ -332,7 +357,7 @@ def _attention_args(
         bias_index = np.broadcast_to(np.arange(opt.bias.size).reshape(opt.bias.shape), scores_shape)
         bias_index = bias_index.reshape(N, H, T, S)
     empty = ~full.any(axis=-1)  # (..., H, T)
-    if opt.empty_rows == "raise" and empty.any():
+    if opt.empty_rows == "raise" and empty.any() and opt.sinks is None:
         where = np.argwhere(empty)
         raise ValueError(
             f"empty_rows='raise': {len(where)} query row(s) have no key to attend; the first at "
@@ -355,6 +380,7 @@ def _attention_args(
         scale=ctx.mpf(opt.scale) if scale_given else 1 / ctx.sqrt(Dk),
         softcap=ctx.mpf(opt.softcap) if opt.softcap is not None else None,
         empty_rows=opt.empty_rows,
+        sinks=None if opt.sinks is None else _to_mp(ctx, opt.sinks),
     )
 
 
@@ -390,15 +416,11 @@ def _prepare_sdpa(
 ) -> tuple[Any, _AttentionArgs, np.ndarray | None, tuple[int, ...]]:
     """Validate and convert; returns ``(ctx, args, dout as mp (N, H, T, Dv) or None, lead)``."""
     _refuse_dtype(given)
-    given.refuse(
-        ("sinks",),
-        "the exact (mpmath) path",
-        "its sink column is not written in mpmath yet; check sinks with finite differences "
-        "against the float64 path",
-    )
     ctx = _context(dps)
     _refuse_generator(given.dropout_mask)
-    _refuse_complex({"q": q, "k": k, "v": v, "dout": dout, "bias": given.bias})
+    _refuse_complex(
+        {"q": q, "k": k, "v": v, "dout": dout, "bias": given.bias, "sinks": given.sinks}
+    )
     f64 = np.dtype(np.float64)
     q, k, v = check_qkv(q, k, v, f64)
     opt = given.check(q, k)
@@ -432,11 +454,11 @@ def _prepare_sdpa(
 
 
 def _sdpa_mp(
-    ctx: Any, a: _AttentionArgs, dout: np.ndarray | None
+    ctx: Any, a: _AttentionArgs, dout: np.ndarray | None, dlse: np.ndarray | None = None
 ) -> tuple[_AttentionForward, tuple | None]:
     """Forward, and the backward when ``dout`` is given, all in mp (leading dims flattened)."""
     f = _attention_forward(ctx, a)
-    return f, (_attention_backward(ctx, a, f, dout) if dout is not None else None)
+    return f, (_attention_backward(ctx, a, f, dout, dlse) if dout is not None else None)
 
 
 # ----------------------------------------------------------------------------- public: SDPA
@@ -450,6 +472,7 @@ def exact_sdpa(
     *,
     options: AttentionOptions | None = None,
     dps: int = DEFAULT_DPS,
+    dlse: ArrayLike | None = None,
     **kwargs: Any,
 ) -> ExactAttention:
     r"""Scaled dot-product attention and its gradients in exact (mpmath) arithmetic, for small
@@ -481,13 +504,16 @@ def exact_sdpa(
         pass the mask the code under test used.
     dps : int, default 50
         Working precision in significant decimal digits, from :data:`MIN_DPS` to :data:`MAX_DPS`.
+    dlse : array_like, shape (..., H, T), optional
+        Gradient with respect to the log-sum-exp, (A17); needs ``dout``.
 
     Returns
     -------
     ExactAttention
         ``out`` (..., H, T, Dv), ``probs`` (..., H, T, S) before dropout, ``logsumexp``
-        (..., H, T) and, when ``dout`` is given, ``dq`` (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk),
-        ``dv`` (..., Hkv, S, Dv) and ``dbias`` (the bias's shape, or None), all float64.
+        (..., H, T) (the sink's term included) and, when ``dout`` is given, ``dq``
+        (..., H, T, Dk), ``dk`` (..., Hkv, S, Dk), ``dv`` (..., Hkv, S, Dv), ``dbias`` (the
+        bias's shape, or None) and ``dsinks`` ((H,) with ``sinks``, else None), all float64.
 
     Raises
     ------
@@ -500,7 +526,8 @@ def exact_sdpa(
 
     Notes
     -----
-    Forward (A1)-(A7) and backward (A8)-(A16) of ``docs/derivations/attention.md``, as loops over
+    Forward (A1)-(A7) and backward (A8)-(A16) of ``docs/derivations/attention.md``, with the
+    log-sum-exp's cotangent (A17) and the sinks (A18)-(A19), as loops over
     the batch, the heads and the query and key positions, with mpmath's ``fdot`` and ``fsum``
     (one rounding per dot product, at ``dps`` digits) for the reductions. The conventions are the
     library's: a fully masked row follows ``empty_rows`` (its scores get no gradient), ``probs``
@@ -530,15 +557,27 @@ def exact_sdpa(
     ctx, a, dout_mp, lead = _prepare_sdpa(
         q, k, v, dout, dps=dps, given=AttentionOptions.of(options, **kwargs)
     )
-    f, grads = _sdpa_mp(ctx, a, dout_mp)
     H, T, Dk = a.q.shape[1:]
     Hkv, S, Dv = a.v.shape[1:]
-    dq = dk = dv = dbias = None
+    dlse_mp = None
+    if dlse is not None:
+        if dout_mp is None:
+            raise ValueError("dlse needs dout: the gradients are computed only when dout is given")
+        dlse = as_float("dlse", dlse, np.dtype(np.float64))
+        if dlse.shape != lead + (H, T):
+            raise ValueError(
+                f"dlse must have the log-sum-exp's shape (..., H, T) = {lead + (H, T)}; got "
+                f"{dlse.shape}"
+            )
+        dlse_mp = _to_mp(ctx, dlse).reshape(-1, H, T)
+    f, grads = _sdpa_mp(ctx, a, dout_mp, dlse_mp)
+    dq = dk = dv = dbias = dsinks = None
     if grads is not None:
         dq = _to_float64(ctx, grads[0]).reshape(lead + (H, T, Dk))
         dk = _to_float64(ctx, grads[1]).reshape(lead + (Hkv, S, Dk))
         dv = _to_float64(ctx, grads[2]).reshape(lead + (Hkv, S, Dv))
         dbias = _to_float64(ctx, grads[3]) if grads[3] is not None else None
+        dsinks = _to_float64(ctx, grads[4]) if grads[4] is not None else None
     return ExactAttention(
         out=_to_float64(ctx, f.out).reshape(lead + (H, T, Dv)),
         probs=_to_float64(ctx, f.probs).reshape(lead + (H, T, S)),
@@ -547,6 +586,7 @@ def exact_sdpa(
         dk=dk,
         dv=dv,
         dbias=dbias,
+        dsinks=dsinks,
     )
 
 
@@ -653,7 +693,7 @@ def _mha_mp(ctx: Any, m: _MultiHeadArgs, dout: np.ndarray | None) -> _MultiHeadM
         )
     dconcat, dw_o, db_o = _linear_backward_mp(ctx, dout, concat, p.w_o, p.b_o is not None)  # (M7)
     dcontext = _split_mp(ctx, dconcat, m.H)  # (N, H, T, Dv)   (M8)
-    dq, dk, dv, dbias = _attention_backward(ctx, a, f, dcontext)  # (M9)
+    dq, dk, dv, dbias, _ = _attention_backward(ctx, a, f, dcontext)  # (M9); no sinks in MHA
     # (M10) the backward of each split is a merge, then the input projection's backward
     dquery, dw_q, db_q = _linear_backward_mp(
         ctx, _merge_mp(ctx, dq), m.query, p.w_q, p.b_q is not None
@@ -675,6 +715,7 @@ def _prepare_mha(
 ):
     """Validate and convert; returns ``(ctx, args, dout as mp (N, T, D_out) or None, lead)``."""
     _refuse_dtype(given)
+    given.refuse(("sinks",), "exact_mha", "its result has no dsinks; use exact_sdpa on the heads")
     ctx = _context(dps)
     _refuse_generator(given.dropout_mask)
     weights = (
