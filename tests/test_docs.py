@@ -163,7 +163,7 @@ def test_backward_docstring_cites_its_derivation(name):
 def test_every_cited_label_is_defined():
     defined = _definitions()
     missing = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             missing += [
                 f"{path.name}:{lineno} ({label})"
