@@ -51,6 +51,7 @@ PUBLIC_MODULES = (
     "attention_ref.variants.context_parallel",
     "attention_ref.oracle.exact",
     "attention_ref.adapters",
+    "attention_ref.adapters.windows",
     "attention_ref.adapters.torch",
     "attention_ref.adapters.jax",
 )
