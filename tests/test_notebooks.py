@@ -168,6 +168,14 @@ PLANTED_BUGS: dict[str, list[Bug]] = {
             "assert online_err.rel_error <= 1e-15",
         )
     ],
+    "09_composable_attention": [
+        Bug(
+            "merge_attention_states returns the merged lse too large by log 2 (out right)",
+            '_plant("attention_ref.merge_attention_states", lambda f: lambda *a, **kw: '
+            "(lambda s: s._replace(lse=s.lse + _np.log(2.0)))(f(*a, **kw)))",
+            "assert merge_err <= 1e-13",
+        )
+    ],
 }
 
 
