@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     zero = ar.scaled_dot_product_attention_backward(dout, q, k, v, dlse=np.zeros_like(dlse))
     far = ar.scaled_dot_product_attention_backward(dout, q, k, v, sinks=np.full(H, -1e4))
     for name, g in (("dlse = 0", zero), ("sinks = -1e4", far)):
-        err = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(g[:3], base[:3]))
+        err = max(
+            np.abs(a - b).max() / np.abs(b).max() for a, b in zip(g[:3], base[:3], strict=True)
+        )
         if err > 1e-14:
             print(f"{name} changed the gradients by {err:.1e} relative: not timed")
             return 1

@@ -512,8 +512,8 @@ def scaled_dot_product_attention(
     lse : ndarray, shape (..., H, T)
         Only with ``return_lse=True``: ``log sum_j exp(logit_j)`` over the row's allowed keys
         (and ``+ exp(sinks[h])`` with sinks), natural log, before dropout; ``-inf`` on a row with
-        nothing to attend. :mod:`attention_ref.core.merge` converts it to base 2 or to ``+inf``
-        empty rows, and merges such states.
+        nothing to attend. :func:`~attention_ref.lse_to_convention` converts it to base 2 or to
+        ``+inf`` empty rows, and :func:`~attention_ref.merge_attention_states` merges such states.
 
     Notes
     -----

@@ -213,7 +213,7 @@ def _attention_forward(ctx: Any, a: _AttentionArgs) -> _AttentionForward:
                 lse[n, h, i] = m + ctx.log(ctx.fsum(ctx.exp(x - m) for x in terms))
                 for j, x in logits.items():
                     probs[n, h, i, j] = ctx.exp(x - lse[n, h, i])  # (A5)
-                if sink_probs is not None:
+                if sink_probs is not None and a.sinks is not None:
                     sink_probs[n, h, i] = ctx.exp(a.sinks[h] - lse[n, h, i])  # (A18)
     dropped = probs if a.keep_scale is None else probs * a.keep_scale  # (A6), entrywise in mp
     out = _mp_full(ctx, (N, H, T, Dv), zero)
@@ -265,7 +265,7 @@ def _attention_backward(
                     dprobs = [d * a.keep_scale[n, h, i, j] for j, d in enumerate(dprobs)]
                 p = f.probs[n, h, i]
                 rho = ctx.fdot(dprobs, p) - dlse_i  # sum_j' dP_j' P_j' - dlse, (A17)
-                if a.sinks is not None:
+                if f.sink_probs is not None:
                     sink_terms[h].append(-f.sink_probs[n, h, i] * rho)  # (A19)
                 for j in range(S):
                     if not a.allowed[n, h, i, j]:

@@ -408,7 +408,8 @@ def context_parallel_attention(
     The result equals :func:`~attention_ref.scaled_dot_product_attention` (to round-off); the
     point is the path: the queries are split over the ranks, the key/value blocks go around the
     ring, and each step's partial state is merged with (C1)-(C3) of
-    ``docs/derivations/merge.md``. :func:`context_parallel_forward` returns every step.
+    ``docs/derivations/merge.md``.
+    :func:`~attention_ref.variants.context_parallel.context_parallel_forward` returns every step.
 
     Parameters
     ----------
@@ -421,7 +422,8 @@ def context_parallel_attention(
     world_size : int
         W, the number of simulated ranks.
     schedule : {"ring", "zigzag"}, default "ring"
-        How the sequence is cut over the ranks (:func:`rank_positions`).
+        How the sequence is cut over the ranks
+        (:func:`~attention_ref.variants.context_parallel.rank_positions`).
     options : AttentionOptions, optional
     return_lse : bool, default False
         Also return the log-sum-exp (..., H, T).
@@ -472,9 +474,10 @@ def context_parallel_attention_backward(
     dlse: ArrayLike | None = None,
     **kwargs: Any,
 ) -> AttentionGrads:
-    r"""Gradients of :func:`context_parallel_attention`, passing dk/dv around the ring.
+    r"""Gradients of context-parallel attention, passing dk/dv around the ring.
 
-    Recomputes the forward, then :func:`context_parallel_backward` ((F6)-(F9) of
+    Recomputes the forward, then
+    :func:`~attention_ref.variants.context_parallel.context_parallel_backward` ((F6)-(F9) of
     ``docs/derivations/flash.md`` at each step, (C1)-(C3) of ``docs/derivations/merge.md`` for
     the forward's merge).
 
