@@ -30,7 +30,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's attention_ref
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # speed.py's helpers
 
 from speed import QUICK_SHAPE, SHAPE, limit_threads, make_inputs, ratio_cell, timings  # noqa: E402
 

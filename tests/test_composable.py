@@ -741,3 +741,24 @@ def test_sinks_and_dlse_agree_with_the_exact_reference(rng):
         p = ar.init_params(rng, d_model=4, num_heads=2)
         x = rng.normal(size=(1, 2, 4))
         exact_mha(x, x, x, p, num_heads=2, sinks=np.zeros(2))
+
+
+def test_composable_benchmark_quick_prints_its_table():
+    """benchmarks/composable.py runs (checks its features, then times them); nothing is timed
+    here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "composable.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [
+        line for line in run.stdout.splitlines() if line.startswith(("| recomputing", "| trace"))
+    ]
+    assert len(rows) == 4 and all(line.count("(med") == 3 for line in rows), run.stdout
