@@ -762,3 +762,15 @@ def test_composable_benchmark_quick_prints_its_table():
         line for line in run.stdout.splitlines() if line.startswith(("| recomputing", "| trace"))
     ]
     assert len(rows) == 4 and all(line.count("(med") == 3 for line in rows), run.stdout
+
+
+@pytest.mark.parametrize("option", [{"sinks": np.zeros(2)}, {"chunk_size": 2}, {"sink_tokens": 1}])
+def test_framework_adapters_refuse_what_the_frameworks_cannot_express(option):
+    from attention_ref.adapters import UnsupportedOption
+    from attention_ref.adapters import jax as adapter_jax
+    from attention_ref.adapters import torch as adapter_torch
+
+    (name,) = option
+    for mapping in (adapter_torch.torch_sdpa_kwargs, adapter_jax.jax_dpa_kwargs):
+        with pytest.raises(UnsupportedOption, match=f"cannot express {name}"):
+            mapping(3, 5, window=(1, 0), **option)
