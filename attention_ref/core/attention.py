@@ -437,14 +437,10 @@ def sdpa_backward(
     # log-sum-exp's cotangent adds dlse * P, i.e. D becomes D - dlse
     dot = row_dot(dprobs, trace.probs)  # (..., H, T, 1) D
     if dlse is not None:
-        dot -= _check_dlse(dlse, trace.logsumexp.shape, dt)[..., None]  # (A17)
+        dot -= check_dlse(dlse, trace.logsumexp.shape, dt)[..., None]  # (A17)
     dsinks = None
-    if trace.sinks is not None:
-        # (A19) the sink's logit: d sigma_h = sum over the rows of p_sink (dlse - D)
-        dsinks = fl(
-            sum_to_shape(-(trace.sink_probs * dot[..., 0])[..., None], trace.sinks.shape + (1, 1))
-        )
-        dsinks = dsinks.reshape(trace.sinks.shape)
+    if trace.sinks is not None and trace.sink_probs is not None:
+        dsinks = fl(sinks_backward(trace.sink_probs, dot[..., 0]))  # (A19)
     dmasked = fl(softmax_backward_into(dprobs, trace.probs, dot))  # (..., H, T, S)
     # (A12) masked = where(allowed, logits, fill): only allowed entries pass the gradient. A row
     # with an allowed key has P = 0 at its masked entries, so (A11) already gave them 0; only empty
@@ -463,14 +459,28 @@ def sdpa_backward(
     return AttentionGrads(dq=fl(dq), dk=fl(dk), dv=dv, dbias=dbias, dsinks=dsinks)
 
 
-def _check_dlse(dlse: Any, shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
-    """The log-sum-exp's cotangent as a float array of the log-sum-exp's shape (..., H, T)."""
+def check_dlse(
+    dlse: Any, shape: tuple[int, ...], dt: np.dtype, layout: str = "(..., H, T)"
+) -> np.ndarray:
+    """The log-sum-exp's cotangent as a float array of the log-sum-exp's shape ``layout``."""
     dlse = as_float("dlse", dlse, dt)
     if dlse.shape != shape:
         raise ValueError(
-            f"dlse must have the log-sum-exp's shape (..., H, T) = {shape}; got {dlse.shape}"
+            f"dlse must have the log-sum-exp's shape {layout} = {shape}; got {dlse.shape}"
         )
     return dlse
+
+
+def sinks_backward(sink_probs: np.ndarray, D: np.ndarray) -> np.ndarray:
+    r"""(A19): ``dsinks`` (H,) from the sink's weights ``sink_probs`` (..., H, T) and each row's
+    ``D`` (..., H, T), the softmax backward's row sum ``sum_j P_j dP_j`` minus ``dlse``.
+
+    :math:`d\sigma_h = \sum_\text{rows} p_\text{sink} (d\text{lse} - D)`: the sink's value is 0,
+    so its own ``dP`` is 0 and only the row sum reaches it (``docs/derivations/attention.md``).
+    """
+    heads = sink_probs.shape[-2]
+    d = sum_to_shape(-(sink_probs * D)[..., None], (heads, 1, 1))  # (H, 1, 1) over the rows
+    return d.reshape(heads)
 
 
 def scaled_dot_product_attention(

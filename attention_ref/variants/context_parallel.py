@@ -35,7 +35,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..core._validate import as_float, check_choice, check_positive_int, sum_to_shape
-from ..core.attention import AttentionGrads, check_qkv
+from ..core.attention import AttentionGrads, check_dlse, check_qkv, sinks_backward
 from ..core.masks import AllowedPairs
 from ..core.merge import add_sinks, merge_attention_states
 from ..core.options import AttentionOptions, CheckedOptions
@@ -328,12 +328,7 @@ def context_parallel_backward(
             f"{dout.shape}"
         )
     if dlse is not None:
-        dlse = as_float("dlse", dlse, dt)
-        if dlse.shape != trace.logsumexp.shape:
-            raise ValueError(
-                f"dlse must have the log-sum-exp's shape (..., H, T) = {trace.logsumexp.shape}; "
-                f"got {dlse.shape}"
-            )
+        dlse = check_dlse(dlse, trace.logsumexp.shape, dt)
     out, lse = trace.out, trace.logsumexp
     dq = np.zeros(pb.q.shape, dtype=dt)  # (..., H, T, Dk)
     dbias = None if opt.bias is None else np.zeros(opt.bias.shape, dtype=dt)
@@ -384,9 +379,7 @@ def context_parallel_backward(
         D = row_dot(dout, out)[..., 0]  # (..., H, T)
         if dlse is not None:
             D -= dlse
-        p_sink = np.exp(opt.sinks[:, None] - lse)  # (..., H, T)
-        dsinks = sum_to_shape(-(p_sink * D)[..., None], opt.sinks.shape + (1, 1))
-        dsinks = dsinks.reshape(opt.sinks.shape)
+        dsinks = sinks_backward(np.exp(opt.sinks[:, None] - lse), D)  # p_sink, (A18)
     else:
         _empty_rows_backward(dv, dout, lse, opt.empty_rows)
     return AttentionGrads(dq=dq, dk=dk, dv=dv, dbias=dbias, dsinks=dsinks)

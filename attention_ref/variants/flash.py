@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ..core._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
-from ..core.attention import AttentionGrads, check_qkv
+from ..core.attention import AttentionGrads, check_dlse, check_qkv, sinks_backward
 from ..core.masks import AllowedPairs, _tile
 from ..core.merge import (
     AttentionState,
@@ -620,12 +620,7 @@ def flash_attention_backward(
     Hkv, S = tp.k.shape[-4], tp.k.shape[-2]
     dout, out, lse = _check_saved(dout, out, logsumexp, ungroup_heads(tp.qs).shape, tp.v.shape, dt)
     if dlse is not None:
-        dlse = as_float("dlse", dlse, dt)
-        if dlse.shape != lse.shape:
-            raise ValueError(
-                f"dlse must have the log-sum-exp's shape (..., H, T) = {lse.shape}; got "
-                f"{dlse.shape}"
-            )
+        dlse = check_dlse(dlse, lse.shape, dt)
     row_is_empty = np.isneginf(lse)  # (..., H, T): the forward found nothing to attend
     if tp.empty_rows == "raise" and row_is_empty.any():
         _raise_if_empty(row_is_empty)
@@ -644,10 +639,8 @@ def flash_attention_backward(
         if dlse is not None:
             D -= dlse
         if tp.sinks is not None:
-            # (A19) d sigma_h = sum over the rows of p_sink (dlse - D), p_sink = exp(sigma - lse)
-            p_sink = np.exp(tp.sinks[:, None] - lse)  # (..., H, T)
-            dsinks = sum_to_shape(-(p_sink * D)[..., None], tp.sinks.shape + (1, 1))
-            dsinks = dsinks.reshape(tp.sinks.shape)
+            # (A19) with p_sink = exp(sigma - lse), (A18)
+            dsinks = sinks_backward(np.exp(tp.sinks[:, None] - lse), D)
         _partial_backward(tp, dout, lse, D, 0, S, grads)
     else:
         # Split-KV: back through the merge, (C4)-(C5), then each chunk's backward with its own

@@ -35,7 +35,7 @@ from ..core._validate import (
     check_window,
     fresh,
 )
-from ..core.attention import AttentionTrace, sdpa_backward, sdpa_forward
+from ..core.attention import AttentionTrace, check_dlse, sdpa_backward, sdpa_forward
 from ..core.masks import AllowedPairs, query_offset
 from ..core.options import AttentionOptions
 
@@ -434,12 +434,7 @@ def varlen_backward(
             f"{dout.shape}"
         )
     if dlse is not None:
-        dlse = as_float("dlse", dlse, trace.out.dtype)
-        if dlse.shape != trace.logsumexp.shape:
-            raise ValueError(
-                "dlse must have the log-sum-exp's shape (H, T_total) = "
-                f"{trace.logsumexp.shape}; got {dlse.shape}"
-            )
+        dlse = check_dlse(dlse, trace.logsumexp.shape, trace.out.dtype, "(H, T_total)")
     cu_q, cu_k = trace.cu_seqlens_q, trace.cu_seqlens_k
     dsinks = None if trace.sinks is None else np.zeros_like(trace.sinks)  # (H,)
     dq = np.zeros_like(trace.q)  # (T_total, H, Dk); rows of sequences without keys stay 0   (V5)
