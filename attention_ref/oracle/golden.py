@@ -405,27 +405,253 @@ def _dump_manifest(manifest: Mapping[str, Any]) -> str:
     return text + "\n"
 
 
-def _prepare(path: Path, overwrite: bool) -> None:
-    """Make ``path`` an empty directory for a golden set, or clear the golden set in it."""
-    path.mkdir(parents=True, exist_ok=True)
-    present = sorted(p.name for p in path.iterdir())
-    if not present:
-        return
+# The writer's filesystem steps. A golden set is replaced as a whole: the new set is written,
+# every file fsynced, into a fresh staging directory beside the target, the files of the target
+# that the old manifest does not list (the user's) are hard-linked into it, and the two
+# directories are exchanged in one atomic rename (Linux renameat2 RENAME_EXCHANGE). A kill at any
+# step leaves the target holding the complete old set or the complete new set; leftover staging
+# directories are removed by the next write. docs/golden.md, "How a set is written".
+
+#: Staging directories are named ``.<target name><_STAGING><pid>-<random>`` beside the target.
+_STAGING = ".attention_ref-golden-"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _fs_step(what: str) -> None:
+    """Called before every filesystem step of :func:`write_golden` (a test kills the writer here,
+    step by step, to prove the guarantee above)."""
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically; False when the system cannot (then nothing happened)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, blob: bytes) -> None:
+    """Create ``path`` (never an existing file, never through a link), write it whole, fsync."""
+    _fs_step(f"create {path.name}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view) :]
+        _fs_step(f"fsync {path.name}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _staging_dirs(path: Path) -> list[tuple[Path, int]]:
+    """Staging directories of writers of ``path``, with the pid in their name."""
+    prefix = f".{path.name}{_STAGING}"
+    found = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    for e in entries:
+        if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False):
+            pid = e.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit():
+                found.append((Path(e.path), int(pid)))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove the staging directories a killed writer left beside ``path``.
+
+    Each holds either a new set not yet swapped in, or the old set swapped out (with extra links
+    to the user's files, which are in ``path`` too): deleting it loses nothing. One that was
+    swapped out while ``path`` is missing (the two-rename fallback, killed between its renames) is
+    moved back first.
+    """
+    import shutil
+
+    for staged, pid in _staging_dirs(path):
+        if _alive(pid):
+            continue
+        if not os.path.lexists(path) and staged.name.endswith("-old"):
+            _fs_step(f"restore {path.name}")
+            os.rename(staged, path)
+            continue
+        _fs_step(f"remove {staged.name}")
+        shutil.rmtree(staged)
+
+
+def _plan(path: Path, overwrite: bool, new_names: set[str]) -> list[str]:
+    """Check ``path`` before anything is written; return the names of the user's files to keep.
+
+    Refuses (``FileExistsError``), touching nothing: a non-empty directory without
+    ``overwrite``; a ``manifest.json`` that is not a regular file of this format; any symbolic
+    link or subdirectory in it; a user file with the name of a file of the new set.
+    """
+    if not path.exists():
+        return []
+    entries = sorted(os.scandir(path), key=lambda e: e.name)
+    if not entries:
+        return []
+    names = [e.name for e in entries]
     if not overwrite:
         raise FileExistsError(
-            f"directory {path} is not empty ({len(present)} entries: {', '.join(present[:3])}"
-            f"{', ...' if len(present) > 3 else ''}); pass overwrite=True (CLI: --overwrite) "
+            f"directory {path} is not empty ({len(names)} entries: {', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); pass overwrite=True (CLI: --overwrite) "
             "to replace the golden set in it"
         )
-    npz = [n for n in present if n.endswith(".npz")]
-    if npz and MANIFEST_NAME not in present:
-        raise FileExistsError(
-            f"directory {path} holds .npz files ({', '.join(npz[:3])}) but no {MANIFEST_NAME}: "
-            "not a golden set, so overwrite=True will not delete them; use an empty directory"
+    for e in entries:
+        if e.is_symlink():
+            raise FileExistsError(
+                f"directory {path} holds a symbolic link, {e.name!r}; the golden writer never "
+                "follows or replaces links: remove it, or use another directory"
+            )
+        if e.is_dir(follow_symlinks=False):
+            raise FileExistsError(
+                f"directory {path} holds a subdirectory, {e.name!r}; the golden writer keeps "
+                "the files that are not part of the set, but cannot carry a directory over: "
+                "move it out, or use another directory"
+            )
+        if not e.is_file(follow_symlinks=False):
+            raise FileExistsError(f"directory {path} holds {e.name!r}, which is not a file")
+    listed: set[str] = set()
+    if MANIFEST_NAME in names:
+        old = _old_manifest(path / MANIFEST_NAME)
+        if old is None:
+            raise FileExistsError(
+                f"{path / MANIFEST_NAME} is not an {FORMAT} manifest (another tool's file?); "
+                "overwrite=True replaces only a golden set: move it, or use another directory"
+            )
+        listed = {MANIFEST_NAME} | old
+    keep = [n for n in names if n not in listed]
+    stray = [n for n in keep if n.endswith(".npz")]
+    if stray:
+        why = (
+            "no manifest.json lists it: not a golden set, so overwrite=True will not touch it"
+            if not listed
+            else "the old manifest does not list it"
         )
-    (path / MANIFEST_NAME).unlink(missing_ok=True)  # first: a half-replaced set has no manifest
-    for n in npz:
-        (path / n).unlink()
+        raise FileExistsError(
+            f"directory {path} holds {stray[0]!r}, and {why}; the new set would leave it as a "
+            "stray .npz that read_golden reports: move it, or use another directory"
+        )
+    clash = sorted(set(keep) & new_names)
+    if clash:
+        raise FileExistsError(
+            f"directory {path} holds {clash[0]!r}, which the old manifest does not list and the "
+            "new set would replace: move it, or use another directory"
+        )
+    return keep
+
+
+def _old_manifest(mpath: Path) -> set[str] | None:
+    """The files an existing manifest lists, or None if it is not one of this format."""
+    try:
+        if mpath.stat().st_size > _MAX_MANIFEST_BYTES:
+            return None
+        doc = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return None
+    files = set()
+    for c in doc.get("cases") or []:
+        f = c.get("file") if isinstance(c, dict) else None
+        if isinstance(f, str) and _NAME.fullmatch(f):
+            files.add(f)
+    return files
+
+
+#: A manifest larger than this is not read (a golden manifest of 1,000 cases is ~2 MiB).
+_MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
+def _replace_set(path: Path, files: Mapping[str, bytes], overwrite: bool) -> None:
+    """Put exactly ``files`` (the manifest last among them) at ``path``, atomically."""
+    import shutil
+    import tempfile
+
+    if path.is_symlink():
+        raise FileExistsError(f"directory must not be a symbolic link; {path} is one")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"directory must be a directory; {path} is a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(path)  # first: it may move back a set a killed writer left aside
+    keep = _plan(path, overwrite, set(files))
+    _fs_step("create the staging directory")
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}{_STAGING}{os.getpid()}-", dir=path.parent)
+    )
+    swapped = False
+    try:
+        for name, blob in files.items():
+            _write_new(staging / name, blob)
+        for name in keep:  # the user's files: the same inodes, under the new directory too
+            _fs_step(f"link {name}")
+            try:
+                os.link(path / name, staging / name, follow_symlinks=False)
+            except OSError:  # no hard links on this filesystem: a copy, fsynced
+                _write_new(staging / name, (path / name).read_bytes())
+        _fs_step("fsync the staging directory")
+        os.chmod(staging, 0o755 if not path.exists() else path.stat().st_mode & 0o7777)
+        _fsync_dir(staging)
+        if not path.exists():
+            _fs_step(f"rename the staging directory to {path.name}")
+            os.rename(staging, path)  # atomic: the set appears whole
+            swapped = True
+            _fs_step("fsync the parent directory")
+            _fsync_dir(path.parent)
+            return
+        else:
+            _fs_step(f"exchange the staging directory with {path.name}")
+            if _exchange(staging, path):
+                swapped = True
+            else:  # two renames; a kill between them is undone by the next write (_clean_stale)
+                aside = staging.with_name(staging.name + "-old")
+                _fs_step(f"move {path.name} aside")
+                os.rename(path, aside)
+                _fs_step(f"rename the staging directory to {path.name}")
+                os.rename(staging, path)
+                staging, swapped = aside, True
+        _fs_step("fsync the parent directory")
+        _fsync_dir(path.parent)
+        _fs_step("remove the old set")
+        shutil.rmtree(staging)  # the old set (or nothing): the user's files live on in path
+    except BaseException:
+        if not swapped:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_golden(
@@ -454,9 +680,13 @@ def write_golden(
         The cases to write (names or :class:`~attention_ref.cases.Case` objects); by default
         every canonical case, :func:`attention_ref.cases.cases`.
     overwrite : bool
-        Replace the golden set in a non-empty directory: its ``manifest.json`` and ``.npz`` files
-        are deleted first, other files are left alone. A directory holding ``.npz`` files but no
-        manifest is refused even so.
+        Replace the golden set in a non-empty directory. Exactly the files its old
+        ``manifest.json`` lists (and the manifest) are replaced; every other file is kept. The
+        replacement is atomic: the new set is written and fsynced in a staging directory beside
+        ``directory``, then the two are exchanged in one rename, so a reader (or a kill) sees the
+        complete old set or the complete new set, never a mixture. Refused, before anything is
+        written: a ``manifest.json`` that is not of this format, a symbolic link or a
+        subdirectory in ``directory``, a kept file that the new set would replace.
     progress : callable, optional
         Called with one line of text before each case, and before writing.
 
@@ -468,7 +698,8 @@ def write_golden(
     Raises
     ------
     FileExistsError
-        ``directory`` is a file, or is not empty and ``overwrite`` is False.
+        ``directory`` is a file or a symbolic link, or is not empty and ``overwrite`` is False,
+        or holds what ``overwrite`` may not replace (see above).
     ValueError
         An unknown case name, a repeated case, or no case.
 
@@ -494,6 +725,8 @@ def write_golden(
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"directory must be a directory; {path} is a file")
     say = progress or (lambda msg: None)
+    if path.is_symlink():
+        raise FileExistsError(f"directory must not be a symbolic link; {path} is one")
     # Everything is computed before the directory is touched: a case that fails to build leaves
     # the directory as it was.
     files: dict[str, bytes] = {}
@@ -514,15 +747,11 @@ def write_golden(
         "cases": entries,
     }
     text = _dump_manifest(manifest)
-    say(f"writing {len(files)} files and {MANIFEST_NAME} to {path}")
-    _prepare(path, overwrite)
-    for file, blob in files.items():
-        (path / file).write_bytes(blob)
-    tmp = path / (
-        MANIFEST_NAME + ".part"
-    )  # the manifest last, and whole: no half-written set has one
-    tmp.write_text(text, encoding="ascii")
-    os.replace(tmp, path / MANIFEST_NAME)
+    if MANIFEST_NAME in files:
+        raise ValueError(f"a case may not be named like the manifest, {MANIFEST_NAME!r}")
+    files[MANIFEST_NAME] = text.encode("ascii")  # last: written after every case file
+    say(f"writing {len(files) - 1} files and {MANIFEST_NAME} to {path}")
+    _replace_set(path, files, overwrite)
     return json.loads(text)
 
 
@@ -870,24 +1099,31 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
 
 def _read_case(directory: Path, case: GoldenCase, problems: list[Problem]) -> dict[str, np.ndarray]:
     path = directory / case.file
-    if not path.is_file():
-        problems.append(
-            Problem(
-                case.file, None, f"missing file (listed in manifest.json for case {case.name!r})"
-            )
-        )
+    kind = _entry_kind(path)
+    if kind != "file":
+        what = {
+            "missing": f"missing file (listed in manifest.json for case {case.name!r})",
+            "link": "a symbolic link: refused (a golden set's files are regular files)",
+        }.get(kind, "not a regular file: refused")
+        problems.append(Problem(case.file, None, what))
         return {}
-    blob = path.read_bytes()
+    size = path.stat().st_size
     found: list[Problem] = []
-    if len(blob) != case.size:
+    if size != case.size:  # from the file system, before anything is read
         found.append(
             Problem(
                 case.file,
                 None,
-                f"the file is {len(blob)} bytes, manifest.json says {case.size} "
+                f"the file is {size} bytes, manifest.json says {case.size} "
                 "(truncated or appended to)",
             )
         )
+        if size > 2 * case.size + (1 << 20):  # far too large to be this set's: not read at all
+            problems += found
+            return {}
+    blob = _read_regular(path)
+    if len(blob) != size:
+        found.append(Problem(case.file, None, "the file changed while it was read"))
     arrays = _load_arrays(blob, case, found)
     digest = hashlib.sha256(blob).hexdigest()
     if digest != case.sha256:
@@ -901,6 +1137,26 @@ def _read_case(directory: Path, case: GoldenCase, problems: list[Problem]) -> di
         )
     problems += found
     return {} if found else arrays
+
+
+def _entry_kind(path: Path) -> str:
+    """``"file"``, ``"link"``, ``"missing"`` or ``"other"``, without following a link."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(mode):
+        return "link"
+    return "file" if stat.S_ISREG(mode) else "other"
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file, opened without following a link."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 @dataclass(frozen=True, eq=False)
@@ -1063,11 +1319,26 @@ def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
         raise GoldenError(path, [Problem(".", None, "no such directory")])
     problems: list[Problem] = []
     mpath = path / MANIFEST_NAME
-    if not mpath.is_file():
+    kind = _entry_kind(mpath)
+    if kind != "file":
+        what = {
+            "missing": "missing file (every golden directory has one)",
+            "link": "a symbolic link: refused (a golden set's files are regular files)",
+        }.get(kind, "not a regular file: refused")
+        raise GoldenError(path, [Problem(MANIFEST_NAME, None, what)])
+    if mpath.stat().st_size > _MAX_MANIFEST_BYTES:
         raise GoldenError(
-            path, [Problem(MANIFEST_NAME, None, "missing file (every golden directory has one)")]
+            path,
+            [
+                Problem(
+                    MANIFEST_NAME,
+                    None,
+                    f"{mpath.stat().st_size} bytes, more than the {_MAX_MANIFEST_BYTES} a "
+                    "manifest may have",
+                )
+            ],
         )
-    raw = mpath.read_bytes()
+    raw = _read_regular(mpath)
     manifest = _parse_manifest(raw, problems)
     if manifest is None:
         raise GoldenError(path, problems)
