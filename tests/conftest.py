@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
+
+# The suite writes nothing into the checkout: no bytecode here or in the interpreters it starts
+# (notebook kernels, the CLI), no pytest cache (setup.cfg: -p no:cacheprovider), no mypy cache
+# (test_typing.py), every file it makes under a tmp directory.
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 
 
 @pytest.fixture

@@ -766,7 +766,7 @@ def test_cli_json_and_progress(tmp_path, capsys):
 def test_cli_reports_corruption_and_refusals(tmp_path, capsys):
     d = tmp_path / "g"
     write_golden(d, ["gqa"])
-    assert main(["golden", str(d), "--cases", "gqa", "--quiet"]) == 1
+    assert main(["golden", str(d), "--cases", "gqa", "--quiet"]) == 2  # usage: refused
     assert "--overwrite" in capsys.readouterr().err
     assert main(["golden", str(d), "--cases", "gqa", "--quiet", "--overwrite"]) == 0
     capsys.readouterr()

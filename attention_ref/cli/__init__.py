@@ -5,6 +5,19 @@ Layer 5 of attention_ref, the top: it may import every other layer. Also run as
 has ``--help``; ``--json`` prints machine-readable output on stdout, ``--markdown`` (``check``,
 ``compare``, ``verify``) prints the table as Markdown, and progress lines go to stderr
 (``--quiet`` silences them).
+
+Exit status (the same for every subcommand; tested in ``tests/test_cli_errors.py``):
+
+* 0 -- done, everything passed;
+* 1 -- a check failed: a gradient, a conformance row, a golden set that is invalid or differs;
+* 2 -- usage: a bad argument or option (an unknown case, a negative seed, a directory the golden
+  writer may not replace); nothing was written;
+* 3 -- the environment failed: the file system (permissions, a full disk), the terminal (stdout
+  closed or full), or a framework that is not installed;
+* 4 -- an internal error (a bug in attention_ref: please report it);
+* 130 -- interrupted (Ctrl-C); 141 -- the reader closed the pipe (``attention-ref cases | head``).
+
+Errors are one line on stderr, ``attention-ref: error: ...``; no traceback is printed.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="0 (default): the canonical inputs; another value draws other inputs for the same "
         "cases",
@@ -71,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     golden.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the golden set in a non-empty DIR (its manifest.json and .npz files)",
+        help="replace the golden set in a non-empty DIR: exactly the files its manifest.json "
+        "lists, atomically; every other file is kept",
     )
     _common(golden)
 
@@ -127,6 +141,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seed(text: str) -> int:
+    """``--seed``: a non-negative int (numpy's seeds are)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative int; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative int; got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, markdown: bool = False) -> None:
     """Add ``--quiet`` and ``--json``, and with ``markdown`` also ``--markdown`` (not with both)."""
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -176,21 +201,55 @@ def _list_cases(as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status.
+    """Run the command line; returns the exit status (the module docstring lists them).
 
     A reader that closes the pipe early (``attention-ref cases | head``) ends the run quietly
     with status 141 (128 + SIGPIPE, what a shell reports for a program killed by it).
     """
     try:
         status = _run(argv)
-        sys.stdout.flush()  # a broken pipe shows up here when the output was still buffered
+        if sys.stdout is not None:  # None: started with stdout closed; print() wrote nothing
+            sys.stdout.flush()  # a broken pipe or a full device shows up here when buffered
     except BrokenPipeError:
-        # Python's documented recipe: point stdout at devnull so that the flush at exit cannot fail
-        # again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout()
         return 141
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except (ValueError, TypeError) as exc:
+        _error(str(exc))
+        return 2
+    except ImportError as exc:
+        _error(str(exc))
+        return 3
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+        _silence_stdout()  # a full stdout would fail again when Python flushes it at exit
+        return 3
+    except Exception as exc:  # a bug: one line, not a traceback
+        _error(f"internal error ({type(exc).__name__}: {exc}); please report it")
+        return 4
     return status
+
+
+def _error(message: str) -> None:
+    """One line on stderr, if there is a stderr to write to."""
+    try:
+        if sys.stderr is not None:
+            print(f"attention-ref: error: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull, so that the flush at exit cannot fail again (Python's documented
+    recipe for a broken pipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno() if sys.stdout is not None else 1)
+    except (OSError, ValueError):
+        pass
 
 
 def _run(argv: list[str] | None) -> int:

@@ -606,6 +606,11 @@ def _replace_set(path: Path, files: Mapping[str, bytes], overwrite: bool) -> Non
         raise FileExistsError(f"directory must not be a symbolic link; {path} is one")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"directory must be a directory; {path} is a file")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FileExistsError(f"cannot create {path}: {ancestor} is a file, not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(path)  # first: it may move back a set a killed writer left aside
     keep = _plan(path, overwrite, set(files))
@@ -1790,7 +1795,7 @@ def main_golden(
                 )
             )
         print(f"attention-ref golden: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # usage: nothing was written (the CLI's exit statuses: attention_ref.cli)
     msha = hashlib.sha256((Path(directory) / MANIFEST_NAME).read_bytes()).hexdigest()
     rows = [
         {
@@ -1893,7 +1898,7 @@ def main_verify(
                 )
             )
         print(f"attention-ref verify: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # usage (the CLI's exit statuses: attention_ref.cli)
     ok = bool(results) and all(r.passed for r in results)
     mode = (
         "stored outputs against a recomputation by attention_ref " + __version__
