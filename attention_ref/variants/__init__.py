@@ -8,7 +8,8 @@ with :mod:`attention_ref.core.masks`:
 * ``varlen`` -- packed variable-length batches with ``cu_seqlens``, (V1)-(V6);
 * ``decode`` -- decoding with an immutable key/value cache;
 * ``context_parallel`` -- ring and zigzag context parallelism, simulated rank by rank, forward and
-  backward, with every step's partial state in a trace.
+  backward, with every step's partial state in a trace;
+* ``sparse`` -- top-k sparse attention (DeepSeek DSA) and the lightning indexer, (X1)-(X10).
 
 Split-KV is ``num_splits`` of ``flash``. A new variant (paged caches, MLA, sparse or
 programmable attention) is a new module here. May import: numpy and :mod:`attention_ref.core`.
