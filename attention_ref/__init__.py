@@ -39,6 +39,7 @@ from .core.mha import (
     multi_head_attention_backward,
 )
 from .core.options import AttentionOptions
+from .core.rotary import apply_rotary, apply_rotary_backward, rotary_cos_sin, rotary_inv_freq
 from .core.softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
 from .variants.context_parallel import (
     context_parallel_attention,
@@ -57,6 +58,8 @@ __all__ = [
     "MultiHeadTrace",
     "add_sinks",
     "add_sinks_backward",
+    "apply_rotary",
+    "apply_rotary_backward",
     "attention_mask",
     "causal_mask",
     "context_parallel_attention",
@@ -78,6 +81,8 @@ __all__ = [
     "mha_forward",
     "multi_head_attention",
     "multi_head_attention_backward",
+    "rotary_cos_sin",
+    "rotary_inv_freq",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "sdpa_backward",

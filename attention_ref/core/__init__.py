@@ -5,6 +5,7 @@ Layer 1 of attention_ref. What it holds, in the order of the forward pass:
 * ``linear`` -- the projections ``x @ w + b``, (L1)-(L4);
 * ``heads`` -- head split and merge, (H1)-(H4);
 * ``softmax`` -- the stable softmax and logsumexp, (S1)-(S6);
+* ``rotary`` -- rotary position embeddings: tables, rotation and its backward, (R1)-(R14);
 * ``options`` -- :class:`AttentionOptions`, the one definition of the attention options;
 * ``masks`` -- the one builder of the (query, key) pairs a row may attend, dense and per block;
 * ``scores`` -- scaled scores, soft-capping, masking and the weighted values: the stages of
