@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 
 ALIGNS = ("top_left", "bottom_right")
+#: The largest window side, chunk size or token count: positions are int64 arithmetic, and a
+#: bound past any sequence is what None (unbounded) says.
+MAX_POSITION = 2**40
 EMPTY_ROW_POLICIES = ("zero", "uniform", "nan", "raise")
 
 
@@ -54,10 +57,13 @@ def as_float(name: str, x: Any, dtype: np.dtype) -> np.ndarray:
     never modified."""
     if isinstance(x, np.random.Generator):
         raise TypeError(f"{name} must be an array of real numbers; got a numpy.random.Generator")
+    refuse_masked_array(name, x)
     try:
         arr = np.asarray(x)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} could not be converted to a numpy array: {exc}") from None
+    if _is_ml_dtype(arr.dtype):  # bfloat16, float8_*: exact in float64
+        return arr.astype(dtype)
     if arr.dtype.kind == "c" and dtype.kind != "c":
         raise TypeError(
             f"{name} is complex ({arr.dtype}) but the compute dtype is {dtype}; complex inputs are "
@@ -94,7 +100,23 @@ def check_broadcastable(name: str, arr: np.ndarray, target: tuple[int, ...], lay
         )
 
 
+def _is_ml_dtype(dt: np.dtype) -> bool:
+    """A floating type of the ``ml_dtypes`` package (bfloat16, the float8 formats)."""
+    return dt.kind == "V" and getattr(dt.type, "__module__", "").startswith("ml_dtypes")
+
+
+def refuse_masked_array(name: str, x: Any) -> None:
+    """A ``numpy.ma`` array's mask would be dropped by ``np.asarray``: refuse it."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma masked array, whose mask numpy.asarray would silently drop; "
+            f"pass {name}.filled(value) and, to mask attention, a boolean mask= (True = may "
+            "attend)"
+        )
+
+
 def as_bool_mask(name: str, mask: Any, target: tuple[int, ...], layout: str) -> np.ndarray:
+    refuse_masked_array(name, mask)
     try:
         arr = np.asarray(mask)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -145,19 +167,27 @@ def check_window(window: Any) -> tuple[int | None, int | None] | None:
             continue
         if isinstance(side, (bool, np.bool_)) or not isinstance(side, numbers.Integral):
             raise TypeError(f"{side_name} must be a non-negative int or None; got {side!r}")
-        if side < 0:
-            raise ValueError(f"{side_name} must be >= 0 (use None for unbounded); got {int(side)}")
-        sides.append(int(side))
+        n = int(side)
+        if n < 0:
+            raise ValueError(f"{side_name} must be >= 0 (use None for unbounded); got {n}")
+        if n > MAX_POSITION:
+            raise ValueError(
+                f"{side_name} must be at most {MAX_POSITION} (use None for unbounded); got {n}"
+            )
+        sides.append(n)
     return sides[0], sides[1]
 
 
-def check_count(name: str, value: Any) -> int:
-    """A non-negative int (``bool`` refused)."""
+def check_count(name: str, value: Any, most: int = MAX_POSITION) -> int:
+    """A non-negative int, at most ``most`` (``bool`` refused)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a non-negative int; got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0; got {int(value)}")
-    return int(value)
+    n = int(value)
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0; got {n}")
+    if n > most:
+        raise ValueError(f"{name} must be at most {most}; got {n}")
+    return n
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -13,7 +13,9 @@ causal alignment, fully masked rows, GQA) are in ``docs/conventions.md``.
 
 from __future__ import annotations
 
+import math
 import numbers
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,6 +50,39 @@ from .scores import (
     weighted_values_backward,
 )
 from .softmax import stable_shift
+
+#: The most memory the plain path's (..., H, T, S) intermediates of one call may take, in bytes
+#: (the environment variable ``ATTENTION_REF_MAX_BYTES`` overrides it). Past it the call is refused
+#: before anything is allocated: the tiled path (:mod:`attention_ref.variants.flash`) computes the
+#: same function in memory linear in T and S.
+MAX_INTERMEDIATE_BYTES = 8 * 2**30
+
+
+def memory_limit() -> int:
+    """:data:`MAX_INTERMEDIATE_BYTES`, or ``ATTENTION_REF_MAX_BYTES`` when set (an int)."""
+    env = os.environ.get("ATTENTION_REF_MAX_BYTES")
+    if env is None:
+        return MAX_INTERMEDIATE_BYTES
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"ATTENTION_REF_MAX_BYTES must be an int (bytes); got {env!r}") from None
+
+
+def _check_memory(scores_shape: tuple[int, ...], dt: np.dtype, opt: Any) -> None:
+    """Refuse a plain-path call whose (..., H, T, S) arrays would pass :func:`memory_limit`."""
+    entries = math.prod(scores_shape)  # Python ints: no overflow
+    arrays = 3 + (opt.softcap is not None) + (opt.bias is not None) + (opt.dropout_p > 0)
+    needed = entries * dt.itemsize * arrays  # scores, masked logits, probs, and the optional ones
+    limit = memory_limit()
+    if needed > limit:
+        raise ValueError(
+            f"the plain path would hold {arrays} arrays of shape (..., H, T, S) = {scores_shape}, "
+            f"{needed:,} bytes ({needed / 2**30:.2f} GiB), more than the limit of {limit:,} bytes "
+            "(attention_ref.core.attention.MAX_INTERMEDIATE_BYTES, or ATTENTION_REF_MAX_BYTES); "
+            "use attention_ref.variants.flash.flash_attention_forward, whose memory is linear in "
+            "T and S"
+        )
 
 
 class AttentionTrace(NamedTuple):
@@ -273,6 +308,7 @@ def sdpa_forward(
     mask, bias, dropout_mask = given.mask, given.bias, given.dropout_mask  # the caller's arrays
     T, S = q.shape[-2], k.shape[-2]
     scores_shape = q.shape[:-1] + (S,)  # (..., H, T, S)
+    _check_memory(scores_shape, dt, opt)
 
     # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias.
     allowed = AllowedPairs.from_options(opt, T, S).dense()  # broadcastable to (..., H, T, S)
@@ -295,12 +331,16 @@ def sdpa_forward(
     # (core/precision.py). The inputs come first: a low-precision kernel stores them rounded.
     fl = opt.rounding or EXACT
     q, k, v, bias_r = fl(q), fl(k), fl(v), fl(opt.bias)
-    if fl.scale_q_first:  # FlashAttention's reorder_ops: scale q (rounded), then the product
-        scores = fl(scaled_scores(fl(q * opt.score_scale), k, 1.0))  # (..., H, T, S)   (A1)
-    else:
-        scores = fl(scaled_scores(q, k, opt.score_scale))  # (..., H, T, S)   (A1)
-    capped = fl(softcap_forward(scores, opt.softcap)) if opt.softcap is not None else scores  # (A2)
-    logits = fl(capped + bias_r) if bias_r is not None else capped  # (A3)
+    # An overflow of the scores is reported below (_raise_overflow), not warned about here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if fl.scale_q_first:  # FlashAttention's reorder_ops: scale q (rounded), then the product
+            scores = fl(scaled_scores(fl(q * opt.score_scale), k, 1.0))  # (..., H, T, S)   (A1)
+        else:
+            scores = fl(scaled_scores(q, k, opt.score_scale))  # (..., H, T, S)   (A1)
+        capped = (
+            fl(softcap_forward(scores, opt.softcap)) if opt.softcap is not None else scores
+        )  # (A2)
+        logits = fl(capped + bias_r) if bias_r is not None else capped  # (A3)
     masked = apply_mask(logits, allowed)  # (A4)
 
     # (A5) = (S1)-(S3) over the allowed keys: the softmax of the masked logits, with the row max of
@@ -313,7 +353,10 @@ def sdpa_forward(
         sink_logits = fl(opt.sinks)[:, None, None]  # (H, 1, 1), broadcast to (..., H, T, 1)
         shift = np.maximum(shift, sink_logits.real)  # (S1) over the allowed keys and the sink
         sink_exp = np.exp(sink_logits - shift)  # (..., H, T, 1)   (S2) of the sink
-    probs, row_sum = masked_softmax(logits, shift, allowed, sink_exp)  # (..., H, T, S)  (S2), (S3)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported just below
+        probs, row_sum = masked_softmax(logits, shift, allowed, sink_exp)  # (S2), (S3)
+    if opt.rounding is None and not np.isfinite(row_sum).all():
+        _raise_overflow(row_sum, row_is_empty)
     row_max = shift[..., 0]  # (..., H, T)
     with np.errstate(divide="ignore"):
         lse = row_max + np.log(row_sum[..., 0])  # (..., H, T)   (S5)
@@ -362,6 +405,20 @@ def sdpa_forward(
         rounding=opt.rounding,
         sinks=None if opt.sinks is None else fresh(fl(opt.sinks), given.sinks),
         sink_probs=sink_probs,
+    )
+
+
+def _raise_overflow(row_sum: np.ndarray, row_is_empty: np.ndarray) -> None:
+    """A finite input whose scores overflow float64 (|q k^T scale| > ~1.8e308) makes a row's
+    softmax undefined: an error, not a silent NaN."""
+    bad = ~np.isfinite(row_sum[..., 0]) & ~np.broadcast_to(row_is_empty, row_sum.shape[:-1])
+    if not bad.any():
+        return
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"the scores overflowed: {int(bad.sum())} query row(s) hold a logit that is not finite "
+        f"in the compute dtype (q k^T * scale, softcap and bias), the first at index {first} of "
+        "(..., H, T); scale q, k or scale down, or pass softcap"
     )
 
 

@@ -229,6 +229,7 @@ class AllowedPairs:
             raise TypeError(f"causal must be a bool; got {causal!r}")
         if chunk_size is not None:
             chunk_size = check_positive_int("chunk_size", chunk_size)
+            check_count("chunk_size", chunk_size)  # at most MAX_POSITION
         sink_tokens = check_count("sink_tokens", sink_tokens)
         m = None
         if mask is not None:

@@ -276,7 +276,9 @@ class AttentionOptions:
         window = check_window(self.window)
         chunk_size = None
         if self.chunk_size is not None:
-            chunk_size = check_positive_int("chunk_size", self.chunk_size)
+            chunk_size = check_count(
+                "chunk_size", check_positive_int("chunk_size", self.chunk_size)
+            )
         sink_tokens = check_count("sink_tokens", self.sink_tokens)
         sinks = self.sinks
         if sinks is not None:

@@ -31,7 +31,19 @@ def _prepare(name: str, x, axis, dtype) -> tuple[np.ndarray, int]:
     x = as_float(name, x, resolve_dtype(dtype, x))
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least 1 dim; got a scalar")
-    return x, _check_axis(axis, x.ndim)
+    axis = _check_axis(axis, x.ndim)
+    if x.shape[axis] == 0:
+        raise ValueError(
+            f"{name} has length 0 along axis {axis} (shape {x.shape}): a softmax needs at least "
+            "one entry"
+        )
+    return x, axis
+
+
+def _check_keepdims(keepdims) -> bool:
+    if not isinstance(keepdims, (bool, np.bool_)):
+        raise TypeError(f"keepdims must be a bool; got {keepdims!r}")
+    return bool(keepdims)
 
 
 def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
@@ -46,12 +58,17 @@ def stable_shift(x: np.ndarray, axis: int) -> np.ndarray:
 
 def softmax_of(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Internal: the softmax (S1)-(S3) of an already validated float array."""
-    m = stable_shift(x, axis)  # (..., 1, ...)   (S1)
+    raw = np.max(x.real, axis=axis, keepdims=True)  # (..., 1, ...) the row max, maybe inf/NaN
+    m = np.where(np.isfinite(raw), raw, 0.0).astype(x.real.dtype, copy=False)  # (S1)
     e = x - m  # x's shape; the one new array, exponentiated and normalised in place
-    np.exp(e, out=e)  # (S2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.exp(e, out=e)  # (S2)
     with np.errstate(invalid="ignore", divide="ignore"):
         # (S3); a row of all -inf gives 0/0 = NaN, as scipy does
         e /= e.sum(axis=axis, keepdims=True)
+    undefined = np.isnan(raw) | np.isposinf(raw)  # a +inf or NaN entry: NaN everywhere, as scipy
+    if undefined.any():
+        np.copyto(e, np.nan, where=np.broadcast_to(undefined, e.shape))
     return e
 
 
@@ -178,6 +195,7 @@ def logsumexp(
     0.6931471806
     """
     x, axis = _prepare("x", x, axis, dtype)
+    keepdims = _check_keepdims(keepdims)
     m = stable_shift(x, axis)  # (S1)
     with np.errstate(divide="ignore"):
         lse = m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))  # (S5)
@@ -216,6 +234,7 @@ def logsumexp_backward(
     array([1., 1.])
     """
     x, axis = _prepare("x", x, axis, dtype)
+    keepdims = _check_keepdims(keepdims)
     dlse = as_float("dlse", dlse, x.dtype)
     out_shape = list(x.shape)
     out_shape[axis] = 1
