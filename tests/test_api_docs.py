@@ -50,6 +50,7 @@ PUBLIC_MODULES = (
     "attention_ref.variants.decode",
     "attention_ref.variants.context_parallel",
     "attention_ref.variants.mla",
+    "attention_ref.variants.paged",
     "attention_ref.variants.sparse",
     "attention_ref.oracle.exact",
     "attention_ref.adapters",

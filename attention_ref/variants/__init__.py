@@ -9,6 +9,8 @@ with :mod:`attention_ref.core.masks`:
 * ``decode`` -- decoding with an immutable key/value cache;
 * ``context_parallel`` -- ring and zigzag context parallelism, simulated rank by rank, forward and
   backward, with every step's partial state in a trace;
+* ``paged`` -- paged KV caches in FlashAttention's, FlashInfer's and vLLM's layouts, paged
+  attention and its backward, poisoned padding, and ``flash_attn_with_kvcache``, (P1)-(P14);
 * ``mla`` -- multi-head latent attention (DeepSeek-V2/V3), naive and absorbed forms, forward and
   backward, (D1)-(D15);
 * ``sparse`` -- top-k sparse attention (DeepSeek DSA) and the lightning indexer, (X1)-(X10).
