@@ -35,7 +35,7 @@ import pytest
 from naive import naive_attention
 
 from attention_ref.__main__ import main
-from attention_ref.cases import cases, get_case
+from attention_ref.cases import cases, get_case, serving_cases
 from attention_ref.golden import (
     FORMAT,
     FORMAT_VERSION,
@@ -84,10 +84,9 @@ def _reference_arrays(name: str) -> dict[str, np.ndarray]:
     data = get_case(name).build()
     ref = data.reference()
     arrays = {f"input.{n}": a for n, a in data.inputs.items()}
-    arrays.update(
-        {f"option.{n}": data.options[n] for n in ("mask", "dropout_mask") if n in data.options}
-    )
-    arrays["cotangent"] = data.cotangent
+    arrays.update({f"option.{n}": a for n, a in data.options.items() if isinstance(a, np.ndarray)})
+    if data.cotangent is not None:
+        arrays["cotangent"] = data.cotangent
     arrays["output.out"] = ref.out
     arrays.update({f"grad.{n}": g for n, g in ref.grads.items()})
     arrays.update({f"intermediate.{n}": a for n, a in ref.intermediates.items()})
@@ -114,14 +113,17 @@ def _strict_json(text: str):
 
 def test_round_trip_every_canonical_case(golden_all):
     golden = read_golden(golden_all)
-    assert golden.names == [c.name for c in cases()]
+    assert golden.names == [c.name for c in cases() + serving_cases()]
     assert golden.format_version == FORMAT_VERSION
     for gc in golden:
         stored = gc.arrays()
         expected = _reference_arrays(gc.name)
         assert list(stored) == list(expected), gc.name  # every array, in the documented order
         for key, a in expected.items():
-            assert stored[key].dtype == (np.bool_ if a.dtype == np.bool_ else np.float64)
+            want = (
+                np.bool_ if a.dtype == np.bool_ else np.int64 if a.dtype.kind == "i" else np.float64
+            )
+            assert stored[key].dtype == want
             np.testing.assert_array_equal(
                 stored[key], a, err_msg=f"{gc.name} {key}"
             )  # bit for bit, -inf too
@@ -237,7 +239,7 @@ def _write_candidate(
 
 
 def test_candidate_directory_passes_and_a_planted_gradient_error_fails(golden_all, tmp_path):
-    names = [c.name for c in cases()]
+    names = [c.name for c in cases() + serving_cases()]
     good = tmp_path / "good"
     _write_candidate(good, names)
     results = verify_golden(golden_all, good)
@@ -497,10 +499,10 @@ CORRUPTIONS = {
         ("case 'gqa'", "dims imply"),
     ),
     "unknown format version": (
-        lambda d: _edit_manifest(d, lambda m: m.update(format_version=2)),
+        lambda d: _edit_manifest(d, lambda m: m.update(format_version=3)),
         MANIFEST_NAME,
         None,
-        ("unknown format_version 2",),
+        ("unknown format_version 3",),
     ),
     "malformed JSON": (
         lambda d: (d / MANIFEST_NAME).write_text((d / MANIFEST_NAME).read_text()[:-30]),
@@ -806,3 +808,18 @@ def test_docs_page_examples_run(tmp_path, monkeypatch):
     for i, block in enumerate(blocks, start=1):
         exec(compile(block, f"docs/golden.md (python block {i})", "exec"), namespace)
     assert not list(tmp_path.iterdir()), "the page's examples wrote outside a temporary directory"
+
+
+def test_serving_cases_store_their_index_arrays_as_int64(tmp_path):
+    d = tmp_path / "g"
+    manifest = write_golden(d, ["paged_gqa_causal", "kvcache_rotary_append", "sparse_topk_gqa"])
+    dtypes = {(c["name"], a["key"]): a["dtype"] for c in manifest["cases"] for a in c["arrays"]}
+    assert dtypes["paged_gqa_causal", "option.block_table"] == "<i8"
+    assert dtypes["sparse_topk_gqa", "option.indices"] == "<i8"
+    kv = read_golden(d)["kvcache_rotary_append"]
+    assert not any(k == "cotangent" or k.startswith("grad.") for k in kv.arrays())  # inference
+    assert all(r.passed for r in verify_golden(d))
+    # a version-1 manifest has no <i8, and an inference-only case no gradient
+    _edit_manifest(d, lambda m: m.update(format_version=1))
+    with pytest.raises(GoldenError, match="<i8, which format version 1 does not have"):
+        read_golden(d)

@@ -170,9 +170,9 @@ def _common(p: argparse.ArgumentParser, markdown: bool = False) -> None:
 
 
 def _list_cases(as_json: bool) -> int:
-    from ..oracle.cases import cases
+    from ..oracle.cases import cases, serving_cases
 
-    all_cases = cases()
+    all_cases = cases() + serving_cases()
     if as_json:
         print(
             json.dumps(
@@ -195,8 +195,8 @@ def _list_cases(as_json: bool) -> int:
     width = max(len(c.name) for c in all_cases)
     for c in all_cases:
         dims = " ".join(f"{k}={v}" for k, v in c.dims.items())
-        print(f"{c.name:<{width}}  {c.kind:<4}  {dims}")
-        print(f"{'':<{width}}        {c.description}")
+        print(f"{c.name:<{width}}  {c.kind:<7}  {dims}")
+        print(f"{'':<{width}}           {c.description}")
     return 0
 
 

@@ -45,9 +45,27 @@ from ..core.mha import (
     multi_head_attention,
 )
 
-__all__ = ["KINDS", "Case", "CaseData", "Reference", "cases", "get_case"]
+__all__ = [
+    "ALL_KINDS",
+    "KINDS",
+    "SERVING_KINDS",
+    "Case",
+    "CaseData",
+    "Reference",
+    "cases",
+    "get_case",
+    "serving_cases",
+]
 
+#: The attention kinds: scaled dot-product and multi-head attention (frameworks run these).
 KINDS = ("sdpa", "mha")
+#: The serving layouts (``attention_ref.variants``): paged attention, attention with a KV cache
+#: (inference only: no gradients), multi-head latent attention, top-k sparse attention.
+SERVING_KINDS = ("paged", "kvcache", "mla", "sparse")
+#: Every kind of case; a golden set may hold any of them.
+ALL_KINDS = KINDS + SERVING_KINDS
+#: The kinds with a backward: their cases have a cotangent and a gradient per input.
+DIFFERENTIABLE_KINDS = ("sdpa", "mha", "paged", "mla", "sparse")
 
 #: Array-valued options: not differentiated, but part of the case's definition.
 _ARRAY_OPTIONS = ("mask", "dropout_mask")
@@ -111,12 +129,16 @@ class CaseData:
     case: Case
     inputs: dict[str, np.ndarray]
     options: dict[str, Any]
-    cotangent: np.ndarray  #: a random upstream gradient of the output's shape
+    #: a random upstream gradient of the output's shape (None for the inference-only kvcache)
+    cotangent: np.ndarray | None
 
     def function(self) -> Callable[..., np.ndarray]:
         """``f(**inputs) -> out``: the reference forward with the options closed over (for
         gradcheck)."""
         opts = dict(self.options)
+        if self.case.kind in SERVING_KINDS:
+            forward = _serving_forward(self.case.kind)
+            return lambda **inputs: forward(**inputs, **opts)
         if self.case.kind == "sdpa":
             return lambda **inputs: sdpa_forward(**inputs, **opts).out
 
@@ -132,9 +154,28 @@ class CaseData:
         """The reference output; keyword ``overrides`` replace inputs (e.g. a complex ``q``)."""
         return self.function()(**{**self.inputs, **overrides})
 
+    def scale_used(self) -> float:
+        """The score scale the reference applies: ``scale`` if given, else the default of the
+        kind (``1 / sqrt(Dk)``; MLA: ``1 / sqrt(d_nope + d_rope)``, the width before
+        absorption)."""
+        if self.case.kind in KINDS:
+            tr = self.trace()
+            return float((tr if isinstance(tr, AttentionTrace) else tr.attention).scale)
+        given = self.options.get("scale", self.options.get("softmax_scale"))
+        if given is not None:
+            return float(given)
+        d = self.case.dims
+        width = d["d_nope"] + d["d_rope"] if self.case.kind == "mla" else d["Dk"]
+        return 1.0 / float(np.sqrt(width))
+
     def trace(self, dtype: Any = None) -> AttentionTrace | MultiHeadTrace:
         """The forward with every intermediate (:class:`~attention_ref.AttentionTrace` or
-        :class:`~attention_ref.MultiHeadTrace`)."""
+        :class:`~attention_ref.MultiHeadTrace`); attention kinds only."""
+        if self.case.kind not in KINDS:
+            raise ValueError(
+                f"a {self.case.kind!r} case has no single trace; use reference() for its output, "
+                "gradients and intermediates"
+            )
         kwargs: dict[str, Any] = {**self.inputs, **self.options, "dtype": dtype}
         if self.case.kind == "sdpa":
             return sdpa_forward(**kwargs)
@@ -144,15 +185,18 @@ class CaseData:
     def reference(self, dtype: Any = None) -> Reference:
         """Output, gradients (for ``cotangent``) and intermediates, from one forward and
         backward."""
+        if self.case.kind in SERVING_KINDS:
+            return _serving_reference(self)
         tr = self.trace(dtype)
+        cot = np.asarray(self.cotangent)  # attention kinds always have one
         if isinstance(tr, AttentionTrace):
-            g = sdpa_backward(self.cotangent, tr)
+            g = sdpa_backward(cot, tr)
             grads = {"q": g.dq, "k": g.dk, "v": g.dv}
             if g.dbias is not None:
                 grads["bias"] = g.dbias
             attn = tr
         else:
-            mg = mha_backward(self.cotangent, tr)
+            mg = mha_backward(cot, tr)
             grads = mg.as_dict()
             attn = tr.attention
         inter = {
@@ -434,14 +478,14 @@ def cases(
     >>> sorted(data.inputs), data.reference().out.shape
     (['k', 'q', 'v'], (2, 2, 3, 4))
     """
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS} or None; got {kind!r}")
+    if kind is not None and kind not in ALL_KINDS:
+        raise ValueError(f"kind must be one of {ALL_KINDS} or None; got {kind!r}")
     for name, value in (("tags", tags or ()), ("exclude", exclude)):
         if not isinstance(value, tuple) or not all(isinstance(t, str) for t in value):
             raise TypeError(f"{name} must be a tuple of str; got {value!r}")
     return [
         c
-        for c in _CASES
+        for c in (_CASES if kind in (None, *KINDS) else _SERVING_CASES)
         if (kind is None or c.kind == kind)
         and (tags is None or set(tags) & set(c.tags))
         and not set(exclude) & set(c.tags)
@@ -457,14 +501,37 @@ def get_case(name: str) -> Case:
     >>> get_case("gqa").dims["Hkv"]
     2
     """
-    for c in _CASES:
+    for c in _CASES + _SERVING_CASES:
         if c.name == name:
             return c
-    raise ValueError(f"no canonical case named {name!r}; the names are {[c.name for c in _CASES]}")
+    names = [c.name for c in _CASES + _SERVING_CASES]
+    raise ValueError(f"no canonical case named {name!r}; the names are {names}")
+
+
+def serving_cases(kind: str | None = None) -> list[Case]:
+    """The canonical cases of the serving layouts (``paged``, ``kvcache``, ``mla``, ``sparse``).
+
+    :func:`cases` without a kind gives the attention cases only (what frameworks run); these
+    come on their own, or with ``cases("paged")`` and so on.
+
+    Examples
+    --------
+    >>> from attention_ref.cases import serving_cases
+    >>> [c.kind for c in serving_cases()]
+    ['paged', 'paged', 'kvcache', 'mla', 'sparse']
+    >>> data = serving_cases("sparse")[0].build()
+    >>> sorted(data.inputs), data.options["indices"].dtype
+    (['k', 'q', 'v'], dtype('int64'))
+    """
+    if kind is not None and kind not in SERVING_KINDS:
+        raise ValueError(f"kind must be one of {SERVING_KINDS} or None; got {kind!r}")
+    return [c for c in _SERVING_CASES if kind is None or c.kind == kind]
 
 
 def _build(case: Case, seed: int | None) -> CaseData:
     rng = np.random.default_rng(case.seed if seed is None else [case.seed, seed])
+    if case.kind in SERVING_KINDS:
+        return _build_serving(case, rng)
     d = case.dims
     B, H, Hkv, T, S = d["B"], d["H"], d["Hkv"], d["T"], d["S"]
     options: dict[str, Any] = dict(case.options)
@@ -516,3 +583,181 @@ def _build(case: Case, seed: int | None) -> CaseData:
     out_shape = (B, H, T, d["Dv"]) if case.kind == "sdpa" else (B, T, d["D_out"])
     cotangent = rng.normal(size=out_shape)
     return CaseData(case, inputs, options, cotangent)
+
+
+# ----------------------------------------------------------------------------- serving layouts
+
+
+def _serving_case(name, kind, description, dims, *, extras=(), tags=(), **options) -> Case:
+    return Case(name, kind, description, dims, options, tuple(extras), tuple(tags))
+
+
+_SERVING_CASES: tuple[Case, ...] = (
+    _serving_case(
+        "paged_gqa_causal",
+        "paged",
+        "3 sequences of lengths 9, 7, 5 in shuffled pages of 4 slots (2 unused pages), the last "
+        "T = 2 positions of each as queries, causal, GQA",
+        dict(B=3, H=4, Hkv=2, T=2, S=9, Dk=4, Dv=3, page_size=4),
+        tags=("causal", "gqa"),
+        causal=True,
+    ),
+    _serving_case(
+        "paged_window_softcap_sinks",
+        "paged",
+        "paged cache with a causal window (3, 0), a soft-cap and learnable sinks (dsinks)",
+        dict(B=2, H=2, Hkv=1, T=3, S=8, Dk=4, Dv=4, page_size=3),
+        extras=("sinks",),
+        tags=("causal", "window", "sinks"),
+        causal=True,
+        window=(3, 0),
+        softcap=2.0,
+    ),
+    _serving_case(
+        "kvcache_rotary_append",
+        "kvcache",
+        "flash_attn_with_kvcache: append 2 new rotated keys at cache_seqlens [3, 6] of a 10-slot "
+        "cache, causal, GQA, rotary_dim 4 of 6 (GPT-NeoX pairs); inference only",
+        dict(B=2, H=4, Hkv=2, T=2, S=10, Dk=6, Dv=5, rotary_dim=4),
+        tags=("causal", "gqa", "rotary"),
+        causal=True,
+    ),
+    _serving_case(
+        "mla_causal",
+        "mla",
+        "multi-head latent attention, naive form (intermediates: the absorbed form's q_abs, "
+        "kv_latent, o_lat), causal bottom_right, T < S",
+        dict(B=2, H=3, T=3, S=5, d_nope=4, d_rope=2, d_c=6, Dv=5),
+        tags=("causal",),
+        causal=True,
+        align="bottom_right",
+    ),
+    _serving_case(
+        "sparse_topk_gqa",
+        "sparse",
+        "top-3 sparse attention, one index list per kv head with -1 padding and an all -1 row, "
+        "causal bottom_right, GQA",
+        dict(B=2, H=4, Hkv=2, T=4, S=9, Dk=4, Dv=3, topk=3),
+        tags=("causal", "gqa", "sparse"),
+        causal=True,
+        align="bottom_right",
+    ),
+)
+
+
+def _serving_forward(kind: str) -> Callable[..., Any]:
+    """The reference forward of a serving kind, returning the output array."""
+    from ..variants import mla, paged, sparse
+
+    if kind == "paged":
+        return paged.paged_attention
+    if kind == "mla":
+        return mla.mla_attention_naive
+    if kind == "sparse":
+        return sparse.sparse_attention
+    return lambda **kw: paged.attention_with_kvcache(**kw).out
+
+
+def _build_serving(case: Case, rng: np.random.Generator) -> CaseData:
+    d = case.dims
+    options: dict[str, Any] = dict(case.options)
+    inputs: dict[str, np.ndarray] = {}
+    B, H, T = d["B"], d["H"], d["T"]
+    cotangent: np.ndarray | None
+    if case.kind == "paged":
+        P, S = d["page_size"], d["S"]
+        seqlens = np.array([max(T, S - 2 * b) for b in range(B)], dtype=np.int64)  # (B,)
+        pages = [-(-int(n) // P) for n in seqlens]  # pages each sequence uses
+        num_blocks = sum(pages) + 2  # two pages no sequence owns
+        order = rng.permutation(num_blocks)
+        table = np.zeros((B, -(-S // P)), dtype=np.int64)  # (B, max_blocks); unused entries 0
+        start = 0
+        for b, n in enumerate(pages):
+            table[b, :n] = order[start : start + n]
+            start += n
+        inputs["q"] = rng.normal(size=(B, H, T, d["Dk"]))
+        inputs["k_pages"] = rng.normal(size=(num_blocks, P, d["Hkv"], d["Dk"]))
+        inputs["v_pages"] = rng.normal(size=(num_blocks, P, d["Hkv"], d["Dv"]))
+        options.update(block_table=table, seqlens=seqlens)
+        cotangent = rng.normal(size=(B, H, T, d["Dv"]))
+    elif case.kind == "kvcache":
+        from ..core.rotary import rotary_cos_sin
+
+        S, Hkv = d["S"], d["Hkv"]
+        inputs["q"] = rng.normal(size=(B, T, H, d["Dk"]))  # FlashAttention's layouts
+        inputs["k_cache"] = rng.normal(size=(B, S, Hkv, d["Dk"]))
+        inputs["v_cache"] = rng.normal(size=(B, S, Hkv, d["Dv"]))
+        inputs["k"] = rng.normal(size=(B, T, Hkv, d["Dk"]))
+        inputs["v"] = rng.normal(size=(B, T, Hkv, d["Dv"]))
+        cos, sin = rotary_cos_sin(np.arange(S), d["rotary_dim"])  # (S, rotary_dim / 2)
+        cache_seqlens = np.array([3 + 3 * b for b in range(B)], dtype=np.int64)
+        options.update(
+            cache_seqlens=cache_seqlens, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False
+        )
+        cotangent = None
+    elif case.kind == "mla":
+        S, dc = d["S"], d["d_c"]
+        inputs["q_nope"] = rng.normal(size=(B, H, T, d["d_nope"]))
+        inputs["q_pe"] = rng.normal(size=(B, H, T, d["d_rope"]))
+        inputs["c_kv"] = rng.normal(size=(B, S, dc))
+        inputs["k_pe"] = rng.normal(size=(B, S, d["d_rope"]))
+        inputs["w_uk"] = rng.normal(size=(H, dc, d["d_nope"])) / np.sqrt(dc)
+        inputs["w_uv"] = rng.normal(size=(H, dc, d["Dv"])) / np.sqrt(dc)
+        cotangent = rng.normal(size=(B, H, T, d["Dv"]))
+    else:  # sparse
+        S, Hkv, K = d["S"], d["Hkv"], d["topk"]
+        indices = np.stack([rng.permutation(S)[:K] for _ in range(B * Hkv * T)]).reshape(
+            B, Hkv, T, K
+        )  # (B, Hkv, T, topk), distinct keys per row
+        indices[:, :, 1, -1] = -1  # padding
+        indices[0, 0, 2, :] = -1  # an empty row: no key listed
+        inputs["q"] = rng.normal(size=(B, H, T, d["Dk"]))
+        inputs["k"] = rng.normal(size=(B, Hkv, S, d["Dk"]))
+        inputs["v"] = rng.normal(size=(B, Hkv, S, d["Dv"]))
+        options["indices"] = indices.astype(np.int64)
+        cotangent = rng.normal(size=(B, H, T, d["Dv"]))
+    if "sinks" in case.extras:
+        inputs["sinks"] = rng.normal(size=(H,))
+    return CaseData(case, inputs, options, cotangent)
+
+
+def _serving_reference(data: CaseData) -> Reference:
+    """Output, gradients and intermediates of a serving case, from its variant's functions."""
+    from ..variants import mla, paged, sparse
+
+    kind = data.case.kind
+    x: dict[str, Any] = dict(data.inputs)
+    opts: dict[str, Any] = dict(data.options)
+    cot: Any = data.cotangent
+    r: Any
+    if kind == "kvcache":
+        r = paged.attention_with_kvcache(**x, **opts, return_lse=True)  # KVCacheLSEResult
+        return Reference(
+            r.out, {}, {"logsumexp": r.lse, "k_cache_new": r.k_cache, "v_cache_new": r.v_cache}
+        )
+    if kind == "paged":
+        out, lse = paged.paged_attention(**x, **opts, return_lse=True)
+        g = paged.paged_attention_backward(cot, **x, **opts)
+        grads: dict[str, Any] = {
+            "q": g.dq,
+            "k_pages": g.dk_pages,
+            "v_pages": g.dv_pages,
+            "sinks": g.dsinks,
+        }
+        inter: dict[str, Any] = {"logsumexp": lse}
+    elif kind == "mla":
+        out, lse = mla.mla_attention_naive(**x, **opts, return_lse=True)
+        g = mla.mla_attention_naive_backward(cot, **x, **opts)
+        grads = dict(zip(("q_nope", "q_pe", "c_kv", "k_pe", "w_uk", "w_uv"), g, strict=True))
+        q_abs = mla.mla_absorb(x["q_nope"], x["q_pe"], x["w_uk"])  # (B, H, T, d_c + d_rope)
+        latent = np.concatenate([x["c_kv"], x["k_pe"]], axis=-1)  # (B, S, d_c + d_rope)
+        o_lat = mla.mla_attention_absorbed(
+            q_abs, latent, x["c_kv"].shape[-1], **{**opts, "scale": data.scale_used()}
+        )
+        inter = {"logsumexp": lse, "q_abs": q_abs, "kv_latent": latent, "o_lat": o_lat}
+    else:
+        out, lse = sparse.sparse_attention(**x, **opts, return_lse=True)
+        g = sparse.sparse_attention_backward(cot, **x, **opts)
+        grads = {"q": g.dq, "k": g.dk, "v": g.dv, "sinks": g.dsinks}
+        inter = {"logsumexp": lse}
+    return Reference(out, {n: grads[n] for n in x}, inter)

@@ -24,7 +24,7 @@ import numpy as np
 from ..core import heads, mha
 from ..core import linear as projection
 from ..core import softmax as stable_softmax
-from .cases import cases
+from .cases import DIFFERENTIABLE_KINDS, cases, serving_cases
 from .compare import Comparison
 from .gradcheck import (
     CS_RTOL,
@@ -36,6 +36,15 @@ from .gradcheck import (
     check_vjp,
 )
 from .tables import Column, json_float, render_table
+
+#: The reference function of each kind of case, as the main job's table names it.
+_FUNCTION_OF_KIND = {
+    "sdpa": "scaled_dot_product_attention",
+    "mha": "multi_head_attention",
+    "paged": "paged_attention",
+    "mla": "mla_attention_naive",
+    "sparse": "sparse_attention",
+}
 
 
 class Row(NamedTuple):
@@ -175,8 +184,9 @@ def run_checks(
         False,
     )
 
-    for case in cases(exclude=("long",) if quick else ()):
-        function = "scaled_dot_product_attention" if case.kind == "sdpa" else "multi_head_attention"
+    serving = [c for c in serving_cases() if c.kind in DIFFERENTIABLE_KINDS]
+    for case in cases(exclude=("long",) if quick else ()) + serving:
+        function = _FUNCTION_OF_KIND[case.kind]
         say(f"{function}: {case}")
         data = case.build(None if seed == 0 else seed)
         ref = data.reference()

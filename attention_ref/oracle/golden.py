@@ -36,11 +36,19 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import numpy as np
 
 from .._version import __version__
-from ..core.attention import AttentionTrace, scaled_dot_product_attention
+from ..core.attention import scaled_dot_product_attention
 from ..core.mha import multi_head_attention
 from ..core.options import AttentionOptions
 from ..core.scores import masked_fill_value
-from .cases import KINDS, Case, CaseData, Reference, get_case
+from .cases import (
+    ALL_KINDS,
+    DIFFERENTIABLE_KINDS,
+    Case,
+    CaseData,
+    Reference,
+    get_case,
+    serving_cases,
+)
 from .cases import cases as canonical_cases
 from .compare import DEFAULT_TOLERANCES, PRECISIONS, Comparison, assert_close, compare
 from .tables import Column, json_float, render_table
@@ -68,9 +76,11 @@ __all__ = [
 FORMAT = "attention_ref.golden"
 #: The version this module writes. A change a reader could misread (a renamed key, a new dtype,
 #: another array encoding) increments it; adding cases or arrays under the same rules does not.
-FORMAT_VERSION = 1
-#: The versions :func:`read_golden` understands.
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+#: The versions :func:`read_golden` understands. Version 2 added the serving kinds (paged,
+#: kvcache, mla, sparse) and the integer dtype ``<i8`` for their index arrays; a version-1 set
+#: reads unchanged.
+SUPPORTED_VERSIONS = (1, 2)
 #: The manifest's file name inside a golden directory.
 MANIFEST_NAME = "manifest.json"
 
@@ -84,13 +94,17 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: The two array encodings (``.npy`` descr strings): little-endian IEEE 754 binary64, and one
 #: byte per boolean (0 or 1).
-_DTYPES = {"<f8": np.dtype("<f8"), "|b1": np.dtype("|b1")}
+_DTYPES = {"<f8": np.dtype("<f8"), "|b1": np.dtype("|b1"), "<i8": np.dtype("<i8")}
 #: Fixed zip timestamps and permissions: the same arrays always give the same bytes.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _ZIP_ATTR = 0o100644 << 16
-_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "sdpa": scaled_dot_product_attention,
-    "mha": multi_head_attention,
+_FUNCTIONS: dict[str, str] = {  # kind -> the reference function, as the manifest names it
+    "sdpa": scaled_dot_product_attention.__name__,
+    "mha": multi_head_attention.__name__,
+    "paged": "paged_attention",
+    "kvcache": "attention_with_kvcache",
+    "mla": "mla_attention_naive",
+    "sparse": "sparse_attention",
 }
 #: Keyword arguments of the reference that are arrays: stored as ``option.<name>``; ``bias`` is
 #: differentiable, so it is an input.
@@ -111,10 +125,12 @@ _NOT_OPTIONS = (
 def _scalar_defaults(kind: str) -> dict[str, Any]:
     """The scalar keyword options of the reference function of ``kind``, with their defaults."""
     heads = {"num_heads": None, "num_kv_heads": None} if kind == "mha" else {}
-    return {
-        **heads,
-        **{n: d for n, d in AttentionOptions.defaults().items() if n not in _NOT_OPTIONS},
-    }
+    if kind == "kvcache":
+        heads = {"rotary_interleaved": False}
+    defaults = {n: d for n, d in AttentionOptions.defaults().items() if n not in _NOT_OPTIONS}
+    if kind in ("paged", "kvcache"):  # the queries are the last positions: always bottom_right
+        defaults["align"] = "bottom_right"
+    return {**heads, **defaults}
 
 
 #: What a golden set assumes, written into every manifest (``conventions``) so that a reader in
@@ -139,6 +155,19 @@ CONVENTIONS: dict[str, Any] = {
         "(row-major, the last axis varies fastest)",
         "mha": "query (B, T, D), key (B, S, Dk_in), value (B, S, Dv_in), out (B, T, D_out); "
         "per-head intermediates (B, H, T, Dk) and (B, Hkv, S, Dk) like sdpa",
+        "paged": "q (B, H, T, Dk); k_pages (num_blocks, page_size, Hkv, Dk), v_pages "
+        "(num_blocks, page_size, Hkv, Dv); option.block_table (B, max_blocks): position p of "
+        "sequence b is slot p % page_size of page block_table[b, p // page_size]; "
+        "option.seqlens (B,); the T queries are the last T positions of each sequence "
+        "(bottom_right)",
+        "kvcache": "FlashAttention's flash_attn_with_kvcache layouts: q (B, T, H, Dk), k_cache "
+        "(B, S, Hkv, Dk), k (B, T, Hkv, Dk) appended at option.cache_seqlens after rotary "
+        "(option.rotary_cos/sin (S, rotary_dim / 2)); out (B, T, H, Dv); no gradients",
+        "mla": "q_nope (B, H, T, d_nope), q_pe (B, H, T, d_rope), c_kv (B, S, d_c), k_pe "
+        "(B, S, d_rope), w_uk (H, d_c, d_nope), w_uv (H, d_c, Dv); k_h = [c_kv @ w_uk[h], k_pe], "
+        "v_h = c_kv @ w_uv[h]; scale 1 / sqrt(d_nope + d_rope) unless given",
+        "sparse": "q, k, v as sdpa; option.indices (B, Hkv, T, topk) key positions, -1 unused: "
+        "each row attends only the keys listed",
     },
     "scale": "scores are multiplied by scale; scale null means 1 / sqrt(Dk); scale_used is the "
     "value applied",
@@ -199,14 +228,16 @@ CONVENTIONS: dict[str, Any] = {
         "context": "MHA: (B, H, T, Dv) per-head attention output",
     },
     "masked_fill": float(masked_fill_value(np.float64)),
-    "arrays": "little-endian; dtype <f8 = IEEE 754 binary64, |b1 = one byte per element, 0 or 1; "
+    "arrays": "little-endian; dtype <f8 = IEEE 754 binary64, |b1 = one byte per element, 0 or 1, "
+    "<i8 = int64 (index arrays); "
     "sha256 = SHA-256 of the array's raw data bytes in C order (the .npy payload after its header)",
 }
 
 _GROUP_DOC = {
     "input": "the differentiable arguments (sdpa: q, k, v, bias; mha: query, key, value, w_q ... "
     "b_o, bias)",
-    "option": "array-valued options: mask (bool), dropout_mask (bool)",
+    "option": "array-valued options: mask (bool), dropout_mask (bool); serving kinds: "
+    "block_table, seqlens, cache_seqlens, indices (int64), rotary_cos, rotary_sin (float64)",
     "cotangent": "the random upstream gradient of output.out (same shape)",
     "output": "output.out, the reference output",
     "grad": "grad.X, the gradient of input.X for the cotangent",
@@ -253,7 +284,7 @@ class GoldenError(ValueError):
 
 def _select(cases: Iterable[Case | str] | None) -> list[Case]:
     if cases is None:
-        return canonical_cases()
+        return canonical_cases() + serving_cases()
     if isinstance(cases, (str, Case)):
         raise TypeError(
             f"cases must be None or a list of case names or Case objects; got {cases!r}"
@@ -266,9 +297,10 @@ def _select(cases: Iterable[Case | str] | None) -> list[Case]:
             raise TypeError(
                 f"cases must hold case names or Case objects; got {type(c).__name__} {c!r}"
             )
-        if c.kind not in KINDS or not _NAME.fullmatch(c.name):
+        if c.kind not in ALL_KINDS or not _NAME.fullmatch(c.name):
             raise ValueError(
-                f"case name must match {_NAME.pattern} and kind be one of {KINDS}; got {c.name!r}, "
+                f"case name must match {_NAME.pattern} and kind be one of {ALL_KINDS}; got "
+                f"{c.name!r}, "
                 f"{c.kind!r}"
             )
         if any(s.name == c.name for s in selected):
@@ -282,18 +314,17 @@ def _select(cases: Iterable[Case | str] | None) -> list[Case]:
 def _case_arrays(data: CaseData, ref: Reference) -> dict[str, np.ndarray]:
     """Every array of a case by key, in storage order, as little-endian C-order float64 / bool."""
     arrays: dict[str, Any] = {f"input.{n}": a for n, a in data.inputs.items()}
-    arrays.update(
-        {f"option.{n}": data.options[n] for n in _ARRAY_OPTIONS if data.options.get(n) is not None}
-    )
-    arrays["cotangent"] = data.cotangent
+    arrays.update({f"option.{n}": a for n, a in data.options.items() if isinstance(a, np.ndarray)})
+    if data.cotangent is not None:  # the kvcache kind is inference only
+        arrays["cotangent"] = data.cotangent
     arrays["output.out"] = ref.out
     arrays.update({f"grad.{n}": g for n, g in ref.grads.items()})
     arrays.update({f"intermediate.{n}": a for n, a in ref.intermediates.items()})
     out = {}
     for key, a in arrays.items():
         a = np.asarray(a)
-        dt = _DTYPES["|b1"] if a.dtype == np.bool_ else _DTYPES["<f8"]
-        out[key] = np.ascontiguousarray(a, dtype=dt)  # no copy when already LE float64 / bool
+        kind = "|b1" if a.dtype == np.bool_ else "<i8" if a.dtype.kind in "iu" else "<f8"
+        out[key] = np.ascontiguousarray(a, dtype=_DTYPES[kind])  # no copy when already so
     return out
 
 
@@ -362,19 +393,17 @@ def _case_entry(
     case = data.case
     scalars = {
         **_scalar_defaults(case.kind),
-        **{n: v for n, v in data.options.items() if n not in _ARRAY_OPTIONS},
+        **{n: v for n, v in data.options.items() if not isinstance(v, np.ndarray)},
     }
-    tr = data.trace()
-    attn = tr if isinstance(tr, AttentionTrace) else tr.attention
     return {
         "name": case.name,
         "kind": case.kind,
-        "function": _FUNCTIONS[case.kind].__name__,
+        "function": _FUNCTIONS[case.kind],
         "description": case.description,
         "tags": list(case.tags),
         "dims": dict(case.dims),
         "options": {n: _json_option(v) for n, v in scalars.items()},
-        "scale_used": float(attn.scale),
+        "scale_used": data.scale_used(),
         "file": file,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "bytes": len(blob),
@@ -717,7 +746,7 @@ def write_golden(
     ...     golden = read_golden(tmp)                    # every checksum verified
     ...     arrays = golden["gqa"].arrays()
     >>> manifest["format_version"], [c["file"] for c in manifest["cases"]]
-    (1, ['plain.npz', 'gqa.npz'])
+    (2, ['plain.npz', 'gqa.npz'])
     >>> arrays["input.q"].shape, arrays["grad.v"].shape, arrays["intermediate.logsumexp"].shape
     ((2, 4, 3, 4), (2, 2, 5, 3), (2, 4, 3))
     """
@@ -847,11 +876,34 @@ def _is_int(x: Any) -> bool:
 def _expected_shapes(kind: str, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
     """Shapes the dims imply for the main arrays (a manifest whose dims were edited fails these)."""
     d = dims
-    if kind == "sdpa":
+    if kind in ("sdpa", "sparse"):
         return {
             "input.q": (d["B"], d["H"], d["T"], d["Dk"]),
             "input.k": (d["B"], d["Hkv"], d["S"], d["Dk"]),
             "input.v": (d["B"], d["Hkv"], d["S"], d["Dv"]),
+            "output.out": (d["B"], d["H"], d["T"], d["Dv"]),
+        }
+    if kind == "paged":
+        return {
+            "input.q": (d["B"], d["H"], d["T"], d["Dk"]),
+            "option.seqlens": (d["B"],),
+            "output.out": (d["B"], d["H"], d["T"], d["Dv"]),
+        }
+    if kind == "kvcache":
+        return {
+            "input.q": (d["B"], d["T"], d["H"], d["Dk"]),
+            "input.k": (d["B"], d["T"], d["Hkv"], d["Dk"]),
+            "input.v": (d["B"], d["T"], d["Hkv"], d["Dv"]),
+            "output.out": (d["B"], d["T"], d["H"], d["Dv"]),
+        }
+    if kind == "mla":
+        return {
+            "input.q_nope": (d["B"], d["H"], d["T"], d["d_nope"]),
+            "input.q_pe": (d["B"], d["H"], d["T"], d["d_rope"]),
+            "input.c_kv": (d["B"], d["S"], d["d_c"]),
+            "input.k_pe": (d["B"], d["S"], d["d_rope"]),
+            "input.w_uk": (d["H"], d["d_c"], d["d_nope"]),
+            "input.w_uv": (d["H"], d["d_c"], d["Dv"]),
             "output.out": (d["B"], d["H"], d["T"], d["Dv"]),
         }
     return {
@@ -867,10 +919,16 @@ def _expected_shapes(kind: str, dims: Mapping[str, int]) -> dict[str, tuple[int,
 _DIMS = {
     "sdpa": ("B", "H", "Hkv", "T", "S", "Dk", "Dv"),
     "mha": ("B", "H", "Hkv", "T", "S", "D", "Dk", "Dv", "Dk_in", "Dv_in", "D_out"),
+    "paged": ("B", "H", "Hkv", "T", "S", "Dk", "Dv", "page_size"),
+    "kvcache": ("B", "H", "Hkv", "T", "S", "Dk", "Dv", "rotary_dim"),
+    "mla": ("B", "H", "T", "S", "d_nope", "d_rope", "d_c", "Dv"),
+    "sparse": ("B", "H", "Hkv", "T", "S", "Dk", "Dv", "topk"),
 }
 
 
-def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -> GoldenCase | None:
+def _check_entry(
+    i: int, entry: Any, problems: list[Problem], directory: Path, version: int = FORMAT_VERSION
+) -> GoldenCase | None:
     """A manifest case entry as a :class:`GoldenCase`, or None (with problems) if it is
     malformed."""
     where = f"cases[{i}]"
@@ -894,7 +952,7 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
     )
     if isinstance(name, str):
         where = f"case {name!r}"
-    kind = need("kind", lambda v: v in KINDS, f"one of {KINDS}")
+    kind = need("kind", lambda v: v in ALL_KINDS, f"one of {ALL_KINDS}")
     need("description", lambda v: isinstance(v, str), "a str")
     need(
         "tags",
@@ -905,7 +963,7 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
         "dims",
         lambda v: (
             isinstance(v, dict)
-            and kind in KINDS
+            and kind in ALL_KINDS
             and all(_is_int(v.get(k)) and v[k] > 0 for k in _DIMS[kind])
         ),
         f"an object with positive ints {_DIMS.get(kind, ())}",
@@ -938,8 +996,8 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
         )
         if not ok:
             bad.append(
-                f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8 or "
-                f"|b1), sha256 and nonfinite counts; got {a!r:.120}"
+                f"arrays[{j}] must have key (group.name), shape (list of ints >= 0), dtype (<f8, "
+                f"<i8 or |b1), sha256 and nonfinite counts; got {a!r:.120}"
             )
             continue
         specs.append(
@@ -957,13 +1015,16 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
     by_key = {s.key: s for s in specs}
     if len(by_key) != len(specs):
         bad.append("an array key appears twice")
-    for required in ("cotangent", "output.out"):
+    differentiable = kind in DIFFERENTIABLE_KINDS
+    for required in ("cotangent", "output.out") if differentiable else ("output.out",):
         if required not in by_key:
             bad.append(f"no array {required!r}")
+    if not differentiable and any(k == "cotangent" or k.startswith("grad.") for k in by_key):
+        bad.append(f"a {kind!r} case has no gradients: no cotangent or grad.* array")
     inputs = [k.split(".", 1)[1] for k in by_key if k.startswith("input.")]
     if not inputs:
         bad.append("no input.* array")
-    for n in inputs:
+    for n in inputs if differentiable else ():
         g = by_key.get(f"grad.{n}")
         if g is None or g.shape != by_key[f"input.{n}"].shape:
             bad.append(
@@ -974,6 +1035,8 @@ def _check_entry(i: int, entry: Any, problems: list[Problem], directory: Path) -
             bad.append(f"{k} has no input.{k[5:]}")
         if s.dtype != "<f8" and not k.startswith("option."):
             bad.append(f"{k} must have dtype <f8; got {s.dtype}")
+        if s.dtype == "<i8" and version < 2:
+            bad.append(f"{k} has dtype <i8, which format version {version} does not have")
     if (
         "cotangent" in by_key
         and "output.out" in by_key
@@ -1173,7 +1236,7 @@ class GoldenCase:
     """
 
     name: str  #: the case's name, also its file's stem
-    kind: str  #: "sdpa" or "mha"
+    kind: str  #: "sdpa", "mha", or a serving kind ("paged", "kvcache", "mla", "sparse")
     description: str  #: one line: what the case exercises
     tags: tuple[str, ...]  #: the case's tags
     dims: dict[str, int]  #: B, H, Hkv, T, S, Dk, Dv (MHA also D, Dk_in, Dv_in, D_out)
@@ -1218,7 +1281,8 @@ class GoldenCase:
         case = Case(self.name, self.kind, self.description, dict(self.dims), scalars, (), self.tags)
         options = {**self.options, **{n: a.copy() for n, a in self._group("option").items()}}
         inputs = {n: a.copy() for n, a in self._group("input").items()}
-        return CaseData(case, inputs, options, self.arrays()["cotangent"].copy())
+        cot = self.arrays().get("cotangent")
+        return CaseData(case, inputs, options, None if cot is None else cot.copy())
 
     def reference(self) -> Reference:
         """The stored output, gradients and intermediates, as a
@@ -1349,7 +1413,7 @@ def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
         raise GoldenError(path, problems)
     golden_cases: list[GoldenCase] = []
     for i, entry in enumerate(manifest["cases"]):
-        gc = _check_entry(i, entry, problems, path)
+        gc = _check_entry(i, entry, problems, path, manifest["format_version"])
         if gc is None:
             continue
         if any(c.name == gc.name for c in golden_cases):
