@@ -176,6 +176,23 @@ PLANTED_BUGS: dict[str, list[Bug]] = {
             "assert merge_err <= 1e-13",
         )
     ],
+    "10_serving_layouts": [
+        Bug(
+            "gather_pages off by one: position p gets slot p + 1's row, the last position the fill",
+            "def _skip_first_slot(f):\n"
+            "    def gather_pages(pages, block_table, seqlens, **kw):\n"
+            "        g = f(pages, block_table, seqlens, **kw)\n"
+            "        dense = g.dense.copy()\n"
+            "        for b, n in enumerate(g.lengths):\n"
+            "            if n:\n"
+            "                dense[b, :, : n - 1] = g.dense[b, :, 1:n]\n"
+            '                dense[b, :, n - 1] = kw.get("fill", 0.0)\n'
+            "        return g._replace(dense=dense)\n"
+            "    return gather_pages\n"
+            '_plant("attention_ref.variants.paged.gather_pages", _skip_first_slot)',
+            "assert gather_exact and paged_err <= 1e-13",
+        )
+    ],
 }
 
 
