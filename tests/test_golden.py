@@ -571,11 +571,22 @@ def test_a_changed_file_is_reported_with_the_array_that_changed(golden_some):
     assert "sha256 of the file" in by[("gqa.npz", None)]
 
 
-def test_an_edited_option_is_caught_by_self_verification(golden_some):
-    """Checksums cover the arrays; an option edited in the manifest is caught by the
-    recomputation."""
+def test_an_edited_option_is_caught_by_the_reader_and_by_self_verification(golden_some):
+    """The manifest's checksum and its recomputed scale_used catch an edited option; an edit
+    that also rewrites both is caught by the recomputation of the outputs."""
+    from attention_ref.oracle.golden import _manifest_checksum
+
     _edit_manifest(golden_some, lambda m: _case(m, "gqa")["options"].update(scale=0.4))
-    golden = read_golden(golden_some)  # every checksum still matches
+    with pytest.raises(GoldenError, match="scale_used") as exc:
+        read_golden(golden_some)
+    assert "checksum" in str(exc.value)
+
+    def forge(m):
+        _case(m, "gqa")["scale_used"] = 0.4
+        m["checksum"] = {"sha256": _manifest_checksum(m)}
+
+    _edit_manifest(golden_some, forge)
+    golden = read_golden(golden_some)  # a consistent forgery reads
     failed = [r for r in verify_golden(golden) if not r.passed]
     assert failed and {r.case for r in failed} == {"gqa"}
     assert "output.out" in {r.key for r in failed}

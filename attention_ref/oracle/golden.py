@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ from ..core.attention import scaled_dot_product_attention
 from ..core.mha import multi_head_attention
 from ..core.options import AttentionOptions
 from ..core.scores import masked_fill_value
+from ._golden_v1 import CONVENTIONS_V1, KEY_GROUPS_V1
 from .cases import (
     ALL_KINDS,
     DIFFERENTIABLE_KINDS,
@@ -625,6 +627,12 @@ def _old_manifest(mpath: Path) -> set[str] | None:
 #: A manifest larger than this is not read (a golden manifest of 1,000 cases is ~2 MiB).
 _MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
+#: The conventions and key-group texts each format version's manifests carry, exactly.
+_EXPECTED_TEXTS: dict[int, tuple[Any, Any]] = {
+    1: (CONVENTIONS_V1, KEY_GROUPS_V1),
+    2: (json.loads(json.dumps(CONVENTIONS)), json.loads(json.dumps(_GROUP_DOC))),
+}
+
 
 def _replace_set(path: Path, files: Mapping[str, bytes], overwrite: bool) -> None:
     """Put exactly ``files`` (the manifest last among them) at ``path``, atomically."""
@@ -780,6 +788,7 @@ def write_golden(
         "key_groups": _GROUP_DOC,
         "cases": entries,
     }
+    manifest["checksum"] = {"sha256": _manifest_checksum(manifest)}
     text = _dump_manifest(manifest)
     if MANIFEST_NAME in files:
         raise ValueError(f"a case may not be named like the manifest, {MANIFEST_NAME!r}")
@@ -834,6 +843,9 @@ def _parse_manifest(raw: bytes, problems: list[Problem]) -> dict[str, Any] | Non
     except ValueError as exc:
         problems.append(Problem(MANIFEST_NAME, None, f"malformed JSON: {exc}"))
         return None
+    except RecursionError:
+        problems.append(Problem(MANIFEST_NAME, None, "malformed manifest: nested too deeply"))
+        return None
     if not isinstance(doc, dict):
         problems.append(
             Problem(
@@ -866,7 +878,66 @@ def _parse_manifest(raw: bytes, problems: list[Problem]) -> dict[str, Any] | Non
             )
         )
         return None
+    conventions, groups = _EXPECTED_TEXTS[version]
+    for field_name, want in (("conventions", conventions), ("key_groups", groups)):
+        got = doc.get(field_name)
+        if got != want:
+            differs = (
+                sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+                if isinstance(got, dict)
+                else ["(not an object)"]
+            )
+            problems.append(
+                Problem(
+                    MANIFEST_NAME,
+                    None,
+                    f"{field_name} differ from format version {version}'s (at {differs[:3]}): "
+                    "the definitions next to the numbers were edited",
+                )
+            )
+    expected_keys = {"format", "format_version", "attention_ref_version", "conventions"}
+    expected_keys |= {"key_groups", "cases"} | ({"checksum"} if version >= 2 else set())
+    if set(doc) != expected_keys:
+        problems.append(
+            Problem(
+                MANIFEST_NAME,
+                None,
+                f"the manifest's top-level keys must be {sorted(expected_keys)}; got {sorted(doc)}",
+            )
+        )
     return doc
+
+
+def _manifest_checksum(doc: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest as written without its ``checksum`` field (format 2)."""
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    return hashlib.sha256(_dump_manifest(body).encode("ascii")).hexdigest()
+
+
+def _check_checksum(doc: Mapping[str, Any], problems: list[Problem]) -> None:
+    """Format 2: the manifest's ``checksum.sha256`` covers every other field."""
+    if doc.get("format_version", 1) < 2:
+        return
+    stored = doc.get("checksum")
+    if not (isinstance(stored, dict) and set(stored) == {"sha256"}):
+        problems.append(
+            Problem(MANIFEST_NAME, None, f"checksum must be {{'sha256': ...}}; got {stored!r:.80}")
+        )
+        return
+    try:
+        digest = _manifest_checksum(doc)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        problems.append(Problem(MANIFEST_NAME, None, "checksum cannot be computed: malformed"))
+        return
+    if digest != stored["sha256"]:
+        problems.append(
+            Problem(
+                MANIFEST_NAME,
+                None,
+                f"checksum: the manifest's fields hash to {digest}, its checksum says "
+                f"{stored['sha256']!r:.80} (edited after it was written)",
+            )
+        )
 
 
 def _is_int(x: Any) -> bool:
@@ -924,6 +995,51 @@ _DIMS = {
     "mla": ("B", "H", "T", "S", "d_nope", "d_rope", "d_c", "Dv"),
     "sparse": ("B", "H", "Hkv", "T", "S", "Dk", "Dv", "topk"),
 }
+
+
+def _option_problems(
+    kind: str,
+    dims: Mapping[str, int],
+    options: Mapping[str, Any],
+    scale_used: Any,
+    version: int,
+    array_options: Sequence[str] = (),
+) -> list[str]:
+    """What is wrong with a case's scalar options and ``scale_used``: the names must be exactly
+    the reference function's, the values valid for the one options type, and ``scale_used`` what
+    they and the dims give."""
+    found: list[str] = []
+    expected = set(_scalar_defaults(kind))
+    if version < 2:  # written before chunk_size, sink_tokens and the serving kinds
+        expected -= {"chunk_size", "sink_tokens", "rotary_interleaved"}
+    unknown, missing = sorted(set(options) - expected), sorted(expected - set(options))
+    if unknown or missing:
+        found.append(
+            f"options must name exactly {sorted(expected)}; unknown {unknown}, missing {missing}"
+        )
+        return found
+    decoded = _decode_options(options)
+    attn = {n: v for n, v in decoded.items() if n in AttentionOptions.names()}
+    width = dims["d_nope"] + dims["d_rope"] if kind == "mla" else dims["Dk"]
+    scores_shape = (dims["B"], dims["H"], dims["T"], dims["S"])
+    if "dropout_mask" in array_options:  # an array option: its shape is checked elsewhere
+        attn["dropout_mask"] = np.ones(scores_shape, dtype=bool)
+    try:
+        opt = AttentionOptions(**attn).validate(scores_shape, head_dim=width)
+    except (TypeError, ValueError) as exc:
+        return [f"options: {exc}"]
+    if kind == "mha" and (decoded["num_heads"], decoded["num_kv_heads"]) != (
+        dims["H"],
+        dims["Hkv"],
+    ):
+        found.append("options num_heads and num_kv_heads must equal dims H and Hkv")
+    if kind == "kvcache" and not isinstance(decoded["rotary_interleaved"], bool):
+        found.append("options rotary_interleaved must be a bool")
+    if scale_used != opt.score_scale:
+        found.append(
+            f"scale_used is {scale_used!r}, but the options and dims give {opt.score_scale!r}"
+        )
+    return found
 
 
 def _check_entry(
@@ -1046,6 +1162,14 @@ def _check_entry(
             f"cotangent's shape {list(by_key['cotangent'].shape)} must be output.out's "
             f"{list(by_key['output.out'].shape)}"
         )
+    bad += _option_problems(
+        kind,
+        dims,
+        options,
+        entry["scale_used"],
+        version,
+        [k.split(".", 1)[1] for k in by_key if k.startswith("option.")],
+    )
     for k, want in _expected_shapes(kind, dims).items():
         if k in by_key and by_key[k].shape != want:
             bad.append(f"{k} has shape {list(by_key[k].shape)} but dims imply {list(want)}")
@@ -1082,7 +1206,7 @@ def _parse_npy(raw: bytes) -> tuple[str, bool, tuple[int, ...], bytes]:
         raise ValueError(f".npy version {version[0]}.{version[1]}; the format uses 1.0")
     shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
     data = raw[f.tell() :]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(int(n) for n in shape) * dtype.itemsize  # Python ints: no wrap-around
     if len(data) != expected:
         raise ValueError(
             f"data is {len(data)} bytes, the header's shape {list(shape)} and dtype {dtype.str} "
@@ -1096,7 +1220,14 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
     file = case.file
     try:
         zf = zipfile.ZipFile(io.BytesIO(blob))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        EOFError,
+    ) as exc:
         problems.append(
             Problem(file, None, f"not a readable zip archive ({exc}): truncated or overwritten")
         )
@@ -1130,7 +1261,15 @@ def _load_arrays(blob: bytes, case: GoldenCase, problems: list[Problem]) -> dict
             try:
                 raw = zf.read(info)  # checks the entry's CRC-32
                 descr, fortran, shape, data = _parse_npy(raw)
-            except (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error) as exc:
+            except (
+                zipfile.BadZipFile,
+                ValueError,
+                EOFError,
+                OSError,
+                zlib.error,
+                RuntimeError,  # an entry flagged encrypted
+                NotImplementedError,  # an unknown compression or zip version
+            ) as exc:
                 problems.append(Problem(file, spec.key, f"corrupt or unreadable: {exc}"))
                 continue
             wrong = []
@@ -1424,6 +1563,7 @@ def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
     listed = {c.file for c in golden_cases} | {
         e.get("file") for e in manifest["cases"] if isinstance(e, dict)
     }
+    _check_checksum(manifest, problems)
     for stray in sorted(p.name for p in path.glob("*.npz") if p.name not in listed):
         problems.append(
             Problem(stray, None, "not listed in manifest.json (a case removed from the manifest?)")
