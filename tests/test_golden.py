@@ -25,6 +25,7 @@ import io
 import json
 import math
 import re
+import shutil
 import struct
 import zipfile
 import zlib
@@ -834,3 +835,37 @@ def test_serving_cases_store_their_index_arrays_as_int64(tmp_path):
     _edit_manifest(d, lambda m: m.update(format_version=1))
     with pytest.raises(GoldenError, match="<i8, which format version 1 does not have"):
         read_golden(d)
+
+
+def test_the_shipped_schema_accepts_every_written_manifest_and_refuses_edits(golden_all):
+    jsonschema = pytest.importorskip("jsonschema")
+    from attention_ref.golden import MANIFEST_SCHEMA
+
+    schema = json.loads(MANIFEST_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    manifest = json.loads((golden_all / MANIFEST_NAME).read_text())
+    jsonschema.validate(manifest, schema)  # every kind, every field
+    edits = {
+        "unknown option": lambda m: m["cases"][0]["options"].update(bausal=True),
+        "a dtype the format lacks": lambda m: m["cases"][0]["arrays"][0].update(dtype="<f4"),
+        "a negative dimension": lambda m: m["cases"][0]["dims"].update(T=-1),
+        "an extra field": lambda m: m.update(comment="hi"),
+        "no checksum": lambda m: m.pop("checksum"),
+    }
+    for what, edit in edits.items():
+        bad = json.loads(json.dumps(manifest))
+        edit(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        # and the reader, which does not need jsonschema, refuses the same edit
+        with pytest.raises(GoldenError):
+            _check_whole_manifest(golden_all, bad)
+        assert what
+
+
+def _check_whole_manifest(d: Path, manifest: dict) -> None:
+    work = d.parent / "schema_edit"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(d, work)
+    (work / MANIFEST_NAME).write_text(json.dumps(manifest))
+    read_golden(work)

@@ -61,6 +61,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
     "MANIFEST_NAME",
+    "MANIFEST_SCHEMA",
     "CONVENTIONS",
     "GoldenError",
     "Problem",
@@ -85,6 +86,9 @@ FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 #: The manifest's file name inside a golden directory.
 MANIFEST_NAME = "manifest.json"
+#: The JSON Schema (draft 2020-12) of a format-2 manifest, shipped with the package, for readers
+#: in other languages; ``docs/golden.md`` describes each field.
+MANIFEST_SCHEMA = Path(__file__).with_name("golden_manifest.schema.json")
 
 #: Key groups, in the order the arrays are stored.
 _GROUPS = ("input", "option", "cotangent", "output", "grad", "intermediate")
