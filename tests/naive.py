@@ -24,6 +24,9 @@ def naive_attention(
     dropout_p=0.0,
     keep=None,
     empty_rows="zero",
+    chunk_size=None,
+    sink_tokens=0,
+    sinks=None,
 ):
     """q (B, H, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv) -> (B, H, T, Dv); one batch dim."""
     B, H, T, Dk = q.shape
@@ -44,12 +47,17 @@ def naive_attention(
                     ok = bool(mask[b, h, i, j])
                     if causal and j > pos:
                         ok = False
+                    local = True  # the window and the chunks, which sink tokens are exempt from
                     if window is not None:
                         left, right = window
                         if left is not None and j < pos - left:
-                            ok = False
+                            local = False
                         if right is not None and j > pos + right:
-                            ok = False
+                            local = False
+                    if chunk_size is not None and math.floor(pos / chunk_size) != j // chunk_size:
+                        local = False
+                    if not local and not (j < sink_tokens and (window or chunk_size)):
+                        ok = False
                     s = scale * sum(q[b, h, i, d] * k[b, kv, j, d] for d in range(Dk))
                     if softcap is not None:
                         s = softcap * math.tanh(s / softcap)
@@ -58,7 +66,13 @@ def naive_attention(
                         logits.append(s)
                         keys.append(j)
                 weights = np.zeros(S)
-                if keys:
+                if sinks is not None:  # one more logit sinks[h] with value 0: never an empty row
+                    m = max(logits + [sinks[h]])
+                    e = [math.exp(x - m) for x in logits]
+                    total = sum(e) + math.exp(sinks[h] - m)
+                    for j, ej in zip(keys, e, strict=True):
+                        weights[j] = ej / total
+                elif keys:
                     m = max(logits)
                     e = [math.exp(x - m) for x in logits]
                     for j, ej in zip(keys, e, strict=True):
