@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -13,6 +14,12 @@ import pytest
 # (test_typing.py), every file it makes under a tmp directory.
 sys.dont_write_bytecode = True
 os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+try:  # hypothesis keeps a cache directory, .hypothesis/ in the working directory by default
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="attention_ref_hypothesis_"))
+except ImportError:
+    pass
 
 
 @pytest.fixture
