@@ -107,3 +107,17 @@ def test_ml_dtypes_inputs_are_upcast_exactly(qkv):
         np.testing.assert_array_equal(
             ar.scaled_dot_product_attention(*lo), ar.scaled_dot_product_attention(*exact)
         )
+
+
+def test_multi_head_params_refuse_head_counts_they_were_not_made_for(rng):
+    p = ar.init_params(rng, d_model=8, num_heads=4, num_kv_heads=2)
+    x = rng.normal(size=(2, 3, 8))
+    assert (p.num_heads, p.num_kv_heads) == (4, 2)
+    # 4 heads of width 2 would run as 8 heads of width 1: another model, same shapes
+    with pytest.raises(ValueError, match="made for num_heads=4, num_kv_heads=2; got num_heads=8"):
+        ar.multi_head_attention(x, x, x, p, num_heads=8, num_kv_heads=4)
+    ar.multi_head_attention(x, x, x, p, num_heads=4, num_kv_heads=2)
+    # weights from elsewhere carry no counts and are not checked; as_dict holds arrays only
+    bare = ar.MultiHeadParams(**p.as_dict())
+    assert bare.num_heads is None and set(bare.as_dict()) == set(p.as_dict())
+    ar.multi_head_attention(x, x, x, bare, num_heads=8, num_kv_heads=4)

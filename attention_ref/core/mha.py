@@ -16,7 +16,7 @@ and the backward runs the stages' backwards in reverse, (M7)-(M10) in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -51,6 +51,11 @@ class MultiHeadParams:
         Output projection.
     b_q, b_k, b_v, b_o : ndarray or None
         Biases of shapes (H*Dk,), (Hkv*Dk,), (Hkv*Dv,), (D_out,); None for no bias.
+    num_heads, num_kv_heads : int or None
+        The head counts the weights were made for (:func:`init_params` records them). When
+        given, :func:`multi_head_attention` refuses other counts: weights for 4 heads of width 8
+        would otherwise run as 8 heads of width 4, another model, without a word. None: not
+        recorded (weights from elsewhere), not checked.
 
     Notes
     -----
@@ -75,12 +80,18 @@ class MultiHeadParams:
     b_k: np.ndarray | None = None
     b_v: np.ndarray | None = None
     b_o: np.ndarray | None = None
+    # int or None; typed Any so that MultiHeadParams(**dict_of_arrays) type-checks
+    num_heads: Any = field(default=None, compare=False)
+    num_kv_heads: Any = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """The arrays that are present, by field name (biases that are None are left out)."""
-        return {
-            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
-        }
+        """The arrays that are present, by field name (biases that are None are left out; the
+        head counts are not arrays and are left out too)."""
+        return {n: getattr(self, n) for n in _WEIGHT_NAMES if getattr(self, n) is not None}
+
+
+#: The array fields of :class:`MultiHeadParams`, in order.
+_WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o", "b_q", "b_k", "b_v", "b_o")
 
 
 def init_params(
@@ -177,6 +188,8 @@ def init_params(
         b_k=bias_of(kdim, Hkv * Dk),
         b_v=bias_of(vdim, Hkv * Dv),
         b_o=bias_of(H * Dv, out_dim),
+        num_heads=H,
+        num_kv_heads=Hkv,
     )
 
 
@@ -228,21 +241,31 @@ class MultiHeadGrads(NamedTuple):
 def _check_params(params, dt):
     if not isinstance(params, MultiHeadParams):
         raise TypeError(f"params must be a MultiHeadParams; got {type(params).__name__}")
-    conv = {}
-    for f in fields(params):
-        value = getattr(params, f.name)
+    conv: dict[str, Any] = {}
+    for name in _WEIGHT_NAMES:
+        value = getattr(params, name)
         if value is None:
-            if f.name.startswith("w_"):
-                raise TypeError(f"params.{f.name} must be an array; got None")
-            conv[f.name] = None
+            if name.startswith("w_"):
+                raise TypeError(f"params.{name} must be an array; got None")
+            conv[name] = None
             continue
-        arr = as_float(f"params.{f.name}", value, dt)
-        want = 2 if f.name.startswith("w_") else 1
+        arr = as_float(f"params.{name}", value, dt)
+        want = 2 if name.startswith("w_") else 1
         if arr.ndim != want:
             layout = "(in, out)" if want == 2 else "(out,)"
-            raise ValueError(f"params.{f.name} must have shape {layout}; got shape {arr.shape}")
-        conv[f.name] = fresh(arr, value)
-    return MultiHeadParams(**conv)
+            raise ValueError(f"params.{name} must have shape {layout}; got shape {arr.shape}")
+        conv[name] = fresh(arr, value)
+    return MultiHeadParams(**conv, num_heads=params.num_heads, num_kv_heads=params.num_kv_heads)
+
+
+def _check_head_counts(params: MultiHeadParams, H: int, Hkv: int) -> None:
+    """Refuse head counts other than the ones the weights were made for (when recorded)."""
+    made = (params.num_heads, params.num_kv_heads)
+    if (made[0] is not None and made[0] != H) or (made[1] is not None and made[1] != Hkv):
+        raise ValueError(
+            f"params were made for num_heads={made[0]}, num_kv_heads={made[1]}; got "
+            f"num_heads={H}, num_kv_heads={Hkv} (the same weights would compute another model)"
+        )
 
 
 def _check_widths(query, key, value, p: MultiHeadParams, H: int, Hkv: int):
@@ -331,6 +354,7 @@ def mha_forward(
     if H % Hkv:
         raise ValueError(f"num_heads={H} must be a multiple of num_kv_heads={Hkv}")
     p = _check_params(params, dt)
+    _check_head_counts(p, H, Hkv)
     query_in, key_in, value_in = query, key, value
     query = as_float("query", query, dt)
     key = query if key is query_in else as_float("key", key, dt)
