@@ -121,3 +121,47 @@ def test_multi_head_params_refuse_head_counts_they_were_not_made_for(rng):
     bare = ar.MultiHeadParams(**p.as_dict())
     assert bare.num_heads is None and set(bare.as_dict()) == set(p.as_dict())
     ar.multi_head_attention(x, x, x, bare, num_heads=8, num_kv_heads=4)
+
+
+def test_a_key_padding_mask_goes_in_its_own_argument_never_guessed(rng):
+    """A (B, S) key-padding mask given as mask= is read as (T, S) by numpy's broadcasting (here
+    B == T, so it even fits); key_padding_mask= says what it is, and every path agrees."""
+    from attention_ref.variants.context_parallel import context_parallel_attention
+    from attention_ref.variants.flash import flash_attention_backward, flash_attention_forward
+
+    B, H, T, S = 3, 2, 3, 4
+    q, k, v = (
+        rng.normal(size=(B, H, T, 4)),
+        rng.normal(size=(B, H, S, 4)),
+        rng.normal(size=(B, H, S, 5)),
+    )
+    keys = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], bool)  # (B, S): True = may attend
+    by_hand = ar.scaled_dot_product_attention(q, k, v, mask=keys[:, None, None, :])
+    got = ar.scaled_dot_product_attention(q, k, v, key_padding_mask=keys)
+    np.testing.assert_array_equal(got, by_hand)
+    assert not np.allclose(ar.scaled_dot_product_attention(q, k, v, mask=keys[:, :S]), by_hand)
+    tiled = flash_attention_forward(q, k, v, key_padding_mask=keys, block_k=3)
+    np.testing.assert_allclose(tiled.out, by_hand, rtol=1e-13)
+    ring = context_parallel_attention(q[..., :2, :], k, v, 2, key_padding_mask=keys)
+    want = ar.scaled_dot_product_attention(q[..., :2, :], k, v, key_padding_mask=keys)
+    np.testing.assert_allclose(ring, want, rtol=1e-13)
+    dout = rng.normal(size=got.shape)
+    g = ar.scaled_dot_product_attention_backward(dout, q, k, v, key_padding_mask=keys)
+    gt = flash_attention_backward(dout, q, k, v, *tiled, key_padding_mask=keys)
+    np.testing.assert_allclose(gt.dk, g.dk, rtol=1e-12, atol=1e-15)
+    assert np.all(g.dk[1, :, 2:] == 0) and np.all(g.dv[2, :, 1:] == 0)  # padded keys: no gradient
+    with pytest.raises(ValueError, match=r"key_padding_mask must have the scores' batch dims"):
+        ar.scaled_dot_product_attention(q, k, v, key_padding_mask=keys[:1])
+    with pytest.raises(TypeError, match="key_padding_mask must be a boolean array"):
+        ar.scaled_dot_product_attention(q, k, v, key_padding_mask=keys.astype(int))
+    with pytest.raises(ValueError, match="varlen attention does not support key_padding_mask"):
+        from attention_ref.variants.varlen import varlen_attention
+
+        varlen_attention(
+            q[0].swapaxes(0, 1),
+            k[0].swapaxes(0, 1),
+            v[0].swapaxes(0, 1),
+            [0, 3],
+            [0, 4],
+            key_padding_mask=keys,
+        )

@@ -37,6 +37,7 @@ def qkv(rng):
 def test_fields_are_the_options_every_path_documents():
     assert AttentionOptions.names() == (
         "mask",
+        "key_padding_mask",
         "bias",
         "causal",
         "align",

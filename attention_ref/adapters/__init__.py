@@ -163,6 +163,15 @@ def _prepare(
     mask, bias = options.mask, options.bias
     if mask is not None:
         mask = _bool_array("mask", mask, "True = may attend")
+    if options.key_padding_mask is not None:  # (B, S) -> (B, 1, 1, S), ANDed with the mask
+        keys = _bool_array("key_padding_mask", options.key_padding_mask, "True = may attend")
+        if keys.ndim < 1 or keys.shape[-1] != S:
+            raise ValueError(
+                f"key_padding_mask must have shape (..., S) with S = {S}; got shape {keys.shape}"
+            )
+        keys = keys[..., None, None, :]
+        mask = keys if mask is None else mask & keys
+        options = options.replace(key_padding_mask=None)
     if bias is not None:
         bias = as_float("bias", _numpy(bias), np.dtype(np.float64))
         if bias.ndim < 2:

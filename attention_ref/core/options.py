@@ -53,8 +53,14 @@ class AttentionOptions:
     Parameters
     ----------
     mask : array_like of bool, optional
-        True = may attend; broadcastable to (..., H, T, S). PyTorch SDPA and JAX polarity
-        (``nn.MultiheadAttention``'s masks use the opposite one).
+        True = may attend; broadcastable to (..., H, T, S) by numpy's rule, so a 2-D mask is
+        (T, S), never (B, S). PyTorch SDPA and JAX polarity (``nn.MultiheadAttention``'s masks
+        use the opposite one).
+    key_padding_mask : array_like of bool, shape (..., S), optional
+        Per batch element, which keys exist: True = may attend (this library's polarity;
+        PyTorch's ``key_padding_mask`` is True = *ignore*: pass its negation). Its shape must be
+        the scores' batch dims plus S exactly, ``(B, S)`` for ``(B, H, T, S)``: the one way to
+        give a key-padding mask without its shape being read as ``(T, S)``. ANDed with ``mask``.
     bias : array_like, optional
         Additive bias on the scores, broadcastable to (..., H, T, S); ``-inf`` entries mask
         their pair; NaN and ``+inf`` are rejected. Differentiable: its gradient is returned.
@@ -126,6 +132,7 @@ class AttentionOptions:
     """
 
     mask: Any = None
+    key_padding_mask: Any = None
     bias: Any = None
     causal: bool = False
     align: Align = "top_left"
@@ -166,7 +173,7 @@ class AttentionOptions:
         >>> AttentionOptions.of(casual=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        TypeError: unknown attention option(s) ['casual']; the options are mask, bias, causal, ...
+        TypeError: unknown attention option(s) ['casual']; the options are mask, key_padding_mask, bias, ...
         """
         if options is None:
             base = cls()
@@ -259,6 +266,17 @@ class AttentionOptions:
         mask = self.mask
         if mask is not None:
             mask = as_bool_mask("mask", mask, scores_shape, SCORES_LAYOUT)
+        kpm = self.key_padding_mask
+        if kpm is not None:
+            want = scores_shape[:-3] + scores_shape[-1:]  # (..., S)
+            kpm = as_bool_mask("key_padding_mask", kpm, want, "(..., S)")
+            if kpm.shape != want:
+                raise ValueError(
+                    f"key_padding_mask must have the scores' batch dims and S exactly, (..., S) = "
+                    f"{want}; got shape {kpm.shape} (a (T, S) pattern goes in mask=)"
+                )
+            keys = kpm[..., None, None, :]  # (..., 1, 1, S)
+            mask = keys if mask is None else mask & keys  # the one mask the builders read
         bias = self.bias
         if bias is not None:
             bias = as_float("bias", bias, dt)
@@ -329,6 +347,7 @@ class AttentionOptions:
                 )
         return CheckedOptions(
             mask=mask,
+            key_padding_mask=kpm,
             bias=bias,
             causal=bool(self.causal),
             align=cast(Align, align),

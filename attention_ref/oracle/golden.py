@@ -122,6 +122,7 @@ _NOT_OPTIONS = (
     "rounding",
     "bias",
     "sinks",
+    "key_padding_mask",
     "chunk_size",
     "sink_tokens",
     "params",

@@ -309,6 +309,7 @@ def decode_step(
     given.refuse(
         (
             "mask",
+            "key_padding_mask",
             "bias",
             "causal",
             "align",

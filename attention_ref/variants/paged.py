@@ -70,7 +70,14 @@ V_PAGES = "(num_blocks, page_size, Hkv, Dv)"
 KV_LAYOUTS = ("NHD", "HND")
 #: Options paged attention cannot take: a dense mask or bias has one key axis S for the whole
 #: batch, but each sequence has its own length; dropout and rounding are not reference outputs.
-PAGED_REFUSED = ("mask", "bias", "dropout_p", "dropout_mask", "rounding")
+PAGED_REFUSED = (
+    "mask",
+    "key_padding_mask",
+    "bias",
+    "dropout_p",
+    "dropout_mask",
+    "rounding",
+)
 
 
 # ----------------------------------------------------------------------------- results

@@ -313,7 +313,7 @@ def varlen_forward(
     """
     given = AttentionOptions.of(options, **kwargs)
     given.refuse(
-        ("mask", "bias", "dropout_p", "dropout_mask", "rounding"),
+        ("mask", "key_padding_mask", "bias", "dropout_p", "dropout_mask", "rounding"),
         "varlen attention",
         "the packed layout has no (..., H, T, S) axes for them; use block_diagonal_mask "
         "with scaled_dot_product_attention",
