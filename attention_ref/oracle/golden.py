@@ -1319,7 +1319,11 @@ def _read_case(directory: Path, case: GoldenCase, problems: list[Problem]) -> di
         }.get(kind, "not a regular file: refused")
         problems.append(Problem(case.file, None, what))
         return {}
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        problems.append(Problem(case.file, None, f"cannot be read: {exc.strerror or exc}"))
+        return {}
     found: list[Problem] = []
     if size != case.size:  # from the file system, before anything is read
         found.append(
@@ -1333,7 +1337,11 @@ def _read_case(directory: Path, case: GoldenCase, problems: list[Problem]) -> di
         if size > 2 * case.size + (1 << 20):  # far too large to be this set's: not read at all
             problems += found
             return {}
-    blob = _read_regular(path)
+    try:
+        blob = _read_regular(path)
+    except OSError as exc:
+        problems += [*found, Problem(case.file, None, f"cannot be read: {exc.strerror or exc}")]
+        return {}
     if len(blob) != size:
         found.append(Problem(case.file, None, "the file changed while it was read"))
     arrays = _load_arrays(blob, case, found)
@@ -1551,7 +1559,12 @@ def read_golden(directory: str | os.PathLike[str]) -> GoldenSet:
                 )
             ],
         )
-    raw = _read_regular(mpath)
+    try:
+        raw = _read_regular(mpath)
+    except OSError as exc:
+        raise GoldenError(
+            path, [Problem(MANIFEST_NAME, None, f"cannot be read: {exc.strerror or exc}")]
+        ) from None
     manifest = _parse_manifest(raw, problems)
     if manifest is None:
         raise GoldenError(path, problems)
