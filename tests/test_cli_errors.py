@@ -128,3 +128,20 @@ def test_a_bug_is_one_line_with_status_4(tmp_path):
     assert run.returncode == 4
     _no_traceback(run)
     assert "internal error (KeyError" in run.stderr and "please report" in run.stderr
+
+
+def test_a_corrupt_golden_set_is_one_line_and_status_1(tmp_path):
+    from attention_ref.golden import write_golden
+
+    d = tmp_path / "g"
+    write_golden(d, ["plain", "gqa"])
+    blob = bytearray((d / "gqa.npz").read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    (d / "gqa.npz").write_bytes(bytes(blob))
+    (d / "plain.npz").write_bytes(b"")
+    run = _cli("verify", str(d), "--quiet")
+    assert run.returncode == 1
+    _no_traceback(run)
+    assert (
+        run.stdout.count("\n") == 1 and "not valid" in run.stdout and "more problem" in run.stdout
+    )

@@ -2100,10 +2100,15 @@ def main_verify(
                     indent=1,
                 )
             )
-        else:
+        else:  # one line; --json lists every problem
+            more = len(exc.problems) - 1
             print(
-                f"{exc}\nverify: FAILED, the golden set is not valid ({len(exc.problems)} problem"
-                f"{'s' if len(exc.problems) != 1 else ''})"
+                f"verify: FAILED, the golden set {exc.directory} is not valid: {exc.problems[0]}"
+                + (
+                    f" (and {more} more problem{'s' if more != 1 else ''}; --json lists all)"
+                    if more
+                    else ""
+                )
             )
         return 1
     except (ValueError, TypeError) as exc:
