@@ -774,3 +774,22 @@ def test_framework_adapters_refuse_what_the_frameworks_cannot_express(option):
     for mapping in (adapter_torch.torch_sdpa_kwargs, adapter_jax.jax_dpa_kwargs):
         with pytest.raises(UnsupportedOption, match=f"cannot express {name}"):
             mapping(3, 5, window=(1, 0), **option)
+
+
+def test_add_sinks_backward_matches_finite_differences(rng):
+    out, lse, sinks = rng.normal(size=(B, H, T, DV)), rng.normal(size=(B, H, T)), rng.normal(size=H)
+    lse[0, 1, 2] = -np.inf  # a row with no key: only the sink
+    dout, dlse = rng.normal(size=out.shape), rng.normal(size=lse.shape)
+    g = ar.add_sinks_backward(dout, dlse, out, lse, sinks)
+    finite = np.isfinite(lse)
+
+    def f(out, lse_finite, sinks):
+        full = np.where(finite, 0.0, -np.inf)
+        full[finite] = lse_finite
+        return _joint(lambda **x: ar.add_sinks(x["o"], x["l"], x["s"]))(o=out, l=full, s=sinks)
+
+    cot = np.concatenate([dout.ravel(), dlse.ravel()])
+    inputs = {"out": out, "lse_finite": lse[finite], "sinks": sinks}
+    grads = {"out": g.dout, "lse_finite": g.dlse[finite], "sinks": g.dsinks}
+    assert check_vjp(f, inputs, cot, grads).passed
+    assert not check_vjp(f, inputs, cot, {**grads, "sinks": 2 * g.dsinks}).passed
