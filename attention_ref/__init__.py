@@ -45,6 +45,21 @@ from .variants.context_parallel import (
     context_parallel_attention,
     context_parallel_attention_backward,
 )
+from .variants.flash import flash_attention_backward, flash_attention_forward
+from .variants.mla import (
+    mla_absorb,
+    mla_attention_absorbed,
+    mla_attention_naive,
+    mla_attention_naive_backward,
+    mla_unabsorb,
+)
+from .variants.paged import (
+    attention_with_kvcache,
+    paged_attention,
+    paged_attention_backward,
+    poison_unused,
+)
+from .variants.sparse import lightning_indexer, sparse_attention, sparse_attention_backward
 
 __all__ = [
     "AllowedPairs",
@@ -61,12 +76,16 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_backward",
     "attention_mask",
+    "attention_with_kvcache",
     "causal_mask",
     "context_parallel_attention",
     "context_parallel_attention_backward",
     "dropout_keep_mask",
+    "flash_attention_backward",
+    "flash_attention_forward",
     "gradcheck",
     "init_params",
+    "lightning_indexer",
     "linear",
     "linear_backward",
     "logsumexp",
@@ -79,8 +98,16 @@ __all__ = [
     "merge_heads_backward",
     "mha_backward",
     "mha_forward",
+    "mla_absorb",
+    "mla_attention_absorbed",
+    "mla_attention_naive",
+    "mla_attention_naive_backward",
+    "mla_unabsorb",
     "multi_head_attention",
     "multi_head_attention_backward",
+    "paged_attention",
+    "paged_attention_backward",
+    "poison_unused",
     "rotary_cos_sin",
     "rotary_inv_freq",
     "scaled_dot_product_attention",
@@ -89,6 +116,8 @@ __all__ = [
     "sdpa_forward",
     "softmax",
     "softmax_backward",
+    "sparse_attention",
+    "sparse_attention_backward",
     "split_heads",
     "split_heads_backward",
     "window_mask",

@@ -362,7 +362,8 @@ def flash_attention_forward(
         of ``docs/derivations/merge.md``. A chunk with no allowed key for a row is a ``-inf``
         partial; with ``sinks`` the sink is added once, after the merge.
     return_lse : bool, default True
-        Return ``(out, logsumexp)`` (a :class:`FlashOutput`); False returns ``out`` alone.
+        Return ``(out, logsumexp)`` (a :class:`~attention_ref.variants.flash.FlashOutput`);
+        False returns ``out`` alone.
     **kwargs
         Any field of :class:`~attention_ref.AttentionOptions` by name, with the plain path's
         meaning, except dropout (``dropout_p`` and ``dropout_mask`` raise ``ValueError``: the

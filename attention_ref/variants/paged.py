@@ -1062,8 +1062,9 @@ def paged_attention(
         ``sinks`` (H,), ``softcap``, ``scale``, ``empty_rows`` (no row is ever empty: each query
         sees its own position) and ``dtype``; ``align`` may only be ``"bottom_right"``.
         ``mask``, ``bias``, dropout and ``rounding`` raise ValueError: a dense ``(..., T, S)``
-        mask has one S for the batch while each sequence has its own (use :func:`gather_pages`
-        and :func:`~attention_ref.scaled_dot_product_attention` per sequence).
+        mask has one S for the batch while each sequence has its own (use
+        :func:`~attention_ref.variants.paged.gather_pages` and
+        :func:`~attention_ref.scaled_dot_product_attention` per sequence).
 
     Returns
     -------
