@@ -614,3 +614,18 @@ def test_inputs_are_not_mutated_and_outputs_are_fresh(rng):
         outputs += [getattr(r, n) for n in ("dbias", "dsinks") if getattr(r, n, None) is not None]
     for out in outputs:
         assert not any(np.shares_memory(out, a) for a in arrays)
+
+
+def test_grads_replace_and_asdict_keep_the_option_gradients():
+    """The option gradients live outside the tuple; _replace and _asdict must not drop them."""
+    from attention_ref.variants.mla import MLAAbsorbedGrads, MLAGrads
+
+    g = MLAGrads(*[np.zeros(1)] * 6, dbias=np.ones(2), dsinks=np.full(3, 2.0))
+    r = g._replace(dq_nope=np.ones(1))
+    assert r.dbias is g.dbias and r.dsinks is g.dsinks and r.dq_nope[0] == 1
+    assert list(g._asdict())[-2:] == ["dbias", "dsinks"]
+    h = MLAAbsorbedGrads(np.zeros(1), np.zeros(1), dsinks=np.ones(1))._replace(dbias=np.ones(4))
+    assert h.dsinks[0] == 1 and h.dbias.shape == (4,)
+    dq_abs, dkv_latent = h  # still a 2-tuple
+    with pytest.raises(ValueError, match="unexpected field names"):
+        g._replace(dq=np.ones(1))

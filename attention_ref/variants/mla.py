@@ -93,6 +93,24 @@ REQUIRED: Any = _Required()
 # ----------------------------------------------------------------------------- gradients
 
 
+def _replace_with_options(self: Any, **changes: Any) -> Any:
+    """``_replace`` that keeps (or changes) the ``dbias``/``dsinks`` attributes."""
+    extra = {n: changes.pop(n, getattr(self, n)) for n in ("dbias", "dsinks")}
+    fields = {n: changes.pop(n, getattr(self, n)) for n in self._fields}
+    if changes:
+        raise ValueError(f"got unexpected field names: {sorted(changes)}")
+    return type(self)(**fields, **extra)
+
+
+def _asdict_with_options(self: Any) -> dict[str, Any]:
+    """``_asdict`` with the ``dbias``/``dsinks`` attributes after the tuple's fields."""
+    return {
+        **{n: getattr(self, n) for n in self._fields},
+        "dbias": self.dbias,
+        "dsinks": self.dsinks,
+    }
+
+
 class _MLAFields(NamedTuple):
     dq_nope: np.ndarray  #: (B, H, T, d_nope)
     dq_pe: np.ndarray  #: (B, H, T, d_rope)
@@ -136,6 +154,9 @@ class MLAGrads(_MLAFields):
     def __repr__(self) -> str:
         return _repr(self, ("dbias", "dsinks"))
 
+    _replace = _replace_with_options
+    _asdict = _asdict_with_options
+
 
 class _MLAAbsorbedFields(NamedTuple):
     dq_abs: np.ndarray  #: (B, H, T, d_c + d_rope)
@@ -172,6 +193,9 @@ class MLAAbsorbedGrads(_MLAAbsorbedFields):
 
     def __repr__(self) -> str:
         return _repr(self, ("dbias", "dsinks"))
+
+    _replace = _replace_with_options
+    _asdict = _asdict_with_options
 
 
 class MLAAbsorbGrads(NamedTuple):
