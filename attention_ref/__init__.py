@@ -16,6 +16,7 @@ from .core.attention import (
     sdpa_backward,
     sdpa_forward,
 )
+from .core.block_mask import BlockMask, BlockMaskReport, check_block_mask, create_block_mask
 from .core.heads import merge_heads, merge_heads_backward, split_heads, split_heads_backward
 from .core.linear import LinearGrads, linear, linear_backward
 from .core.masks import AllowedPairs, attention_mask, causal_mask, window_mask
@@ -38,6 +39,25 @@ from .core.mha import (
     multi_head_attention,
     multi_head_attention_backward,
 )
+from .core.mods import (
+    ALiBi,
+    CausalMask,
+    ChunkedMask,
+    DocumentMask,
+    MaskMod,
+    PrefixLMMask,
+    RelativePositionBias,
+    ScoreMod,
+    SlidingWindowMask,
+    SoftCap,
+    T5RelativeBias,
+    alibi_slopes,
+    and_masks,
+    chain_score_mods,
+    custom_score_mod,
+    mod_indices,
+    or_masks,
+)
 from .core.options import AttentionOptions
 from .core.rotary import apply_rotary, apply_rotary_backward, rotary_cos_sin, rotary_inv_freq
 from .core.softmax import logsumexp, logsumexp_backward, softmax, softmax_backward
@@ -46,6 +66,7 @@ from .variants.context_parallel import (
     context_parallel_attention_backward,
 )
 from .variants.flash import flash_attention_backward, flash_attention_forward
+from .variants.flex import flex_attention, flex_attention_backward
 from .variants.mla import (
     mla_absorb,
     mla_attention_absorbed,
@@ -62,6 +83,29 @@ from .variants.paged import (
 from .variants.sparse import lightning_indexer, sparse_attention, sparse_attention_backward
 
 __all__ = [
+    "flex_attention",
+    "flex_attention_backward",
+    "BlockMask",
+    "BlockMaskReport",
+    "check_block_mask",
+    "create_block_mask",
+    "ALiBi",
+    "CausalMask",
+    "ChunkedMask",
+    "DocumentMask",
+    "MaskMod",
+    "PrefixLMMask",
+    "RelativePositionBias",
+    "ScoreMod",
+    "SlidingWindowMask",
+    "SoftCap",
+    "T5RelativeBias",
+    "alibi_slopes",
+    "and_masks",
+    "chain_score_mods",
+    "custom_score_mod",
+    "mod_indices",
+    "or_masks",
     "AllowedPairs",
     "AttentionGrads",
     "AttentionOptions",

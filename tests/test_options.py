@@ -52,6 +52,8 @@ def test_fields_are_the_options_every_path_documents():
         "empty_rows",
         "dtype",
         "rounding",
+        "score_mod",
+        "mask_mod",
     )
     # golden files record every scalar option, taken from the one definition
     from attention_ref.oracle.golden import _scalar_defaults

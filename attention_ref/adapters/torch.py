@@ -14,6 +14,8 @@ r"""PyTorch adapters: weights, mask polarity, the option mapping, and runners.
   ``torch.nn.functional.scaled_dot_product_attention``, :func:`torch_mha_kwargs` to those of an
   ``nn.MultiheadAttention`` call. What torch cannot express raises
   :class:`~attention_ref.adapters.UnsupportedOption`.
+* FlexAttention's BlockMask: :func:`block_mask_to_torch` and :func:`block_mask_from_torch`
+  convert between :class:`~attention_ref.BlockMask` and ``torch.nn.attention.flex_attention``'s.
 * Runners: :func:`run_torch_sdpa` and :func:`run_torch_mha` run torch in float64 on the math
   backend and return its output and autograd gradients (``out.backward(dout)``) as NumPy arrays,
   in the types the reference's backwards return.
@@ -34,6 +36,7 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from ..core._validate import as_float, check_broadcastable, check_positive_int
 from ..core.attention import AttentionGrads
+from ..core.block_mask import BlockMask
 from ..core.masks import attention_mask
 from ..core.mha import MultiHeadGrads, MultiHeadParams
 from ..core.options import AttentionOptions
@@ -65,6 +68,8 @@ __all__ = [
     "torch_mha_kwargs",
     "run_torch_sdpa",
     "run_torch_mha",
+    "block_mask_to_torch",
+    "block_mask_from_torch",
 ]
 
 #: The torch version whose behaviour the constants below and ``docs/adapters.md`` record.
@@ -1176,3 +1181,117 @@ def run_torch_mha(
             dbias=_out(leaves["bias"].grad) if "bias" in leaves else None,
         )
     return FrameworkRun(out=_out(out), grads=grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention's BlockMask
+# ---------------------------------------------------------------------------------------------
+
+
+def block_mask_to_torch(block_mask: BlockMask, mask_mod: Any = None) -> Any:
+    r"""An attention_ref :class:`~attention_ref.BlockMask` as torch's
+    ``torch.nn.attention.flex_attention.BlockMask``.
+
+    Parameters
+    ----------
+    block_mask : BlockMask
+    mask_mod : callable, optional
+        The torch form of the mask mod (``mask_mod(b, h, q_idx, kv_idx)`` on torch scalars, as
+        FlexAttention calls it): a NumPy mask mod cannot run inside torch. Required when the
+        BlockMask has partial blocks (torch's default ``noop_mask`` would attend every pair of
+        them).
+
+    Returns
+    -------
+    torch.nn.attention.flex_attention.BlockMask
+        Built by ``BlockMask.from_kv_blocks`` from the key-side lists (int32 CPU tensors), the
+        ``BLOCK_SIZE`` and ``seq_lengths``; torch computes the query side, which equals this
+        BlockMask's.
+
+    Examples
+    --------
+    >>> from attention_ref import CausalMask, create_block_mask
+    >>> from attention_ref.adapters.torch import block_mask_to_torch
+    >>> bm = create_block_mask(CausalMask(), 1, 1, 8, 8, BLOCK_SIZE=4)
+    >>> tbm = block_mask_to_torch(bm, mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    >>> tbm.BLOCK_SIZE, tuple(tbm.kv_num_blocks.shape)
+    ((4, 4), (1, 1, 2))
+    """
+    torch = _torch()
+    from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"block_mask must be an attention_ref BlockMask; got {type(block_mask).__name__}"
+        )
+    if mask_mod is None and block_mask.kv_num_blocks.any():
+        raise ValueError(
+            "the BlockMask has partial blocks: pass mask_mod, the torch form of its mask mod "
+            "(torch's default noop_mask would attend every pair of them)"
+        )
+    if mask_mod is not None and not callable(mask_mod):
+        raise TypeError(f"mask_mod must be callable or None; got {type(mask_mod).__name__}")
+
+    def t(x: np.ndarray | None) -> Any:
+        return None if x is None else torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
+
+    return TorchBlockMask.from_kv_blocks(
+        t(block_mask.kv_num_blocks),
+        t(block_mask.kv_indices),
+        t(block_mask.full_kv_num_blocks),
+        t(block_mask.full_kv_indices),
+        BLOCK_SIZE=(int(block_mask.BLOCK_SIZE[0]), int(block_mask.BLOCK_SIZE[1])),
+        mask_mod=mask_mod,
+        seq_lengths=(int(block_mask.seq_lengths[0]), int(block_mask.seq_lengths[1])),
+    )
+
+
+def block_mask_from_torch(torch_block_mask: Any, mask_mod: Any = None) -> BlockMask:
+    r"""torch's ``torch.nn.attention.flex_attention.BlockMask`` as an attention_ref
+    :class:`~attention_ref.BlockMask`.
+
+    Parameters
+    ----------
+    torch_block_mask : torch.nn.attention.flex_attention.BlockMask
+    mask_mod : callable, optional
+        The NumPy form of its mask mod (``attention_ref.core.mods``); torch's own runs on torch
+        tensors, not on the NumPy index arrays. Without one the BlockMask has no mask mod:
+        :func:`~attention_ref.check_block_mask` then needs one passed to it.
+
+    Returns
+    -------
+    BlockMask
+        The key-side lists copied as int32 arrays, ``BLOCK_SIZE`` and ``seq_lengths``; the
+        query side recomputed (equal to torch's).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.nn.attention.flex_attention import create_block_mask as torch_create
+    >>> from attention_ref import CausalMask, check_block_mask
+    >>> from attention_ref.adapters.torch import block_mask_from_torch
+    >>> tbm = torch_create(lambda b, h, q, kv: q >= kv, 1, 1, 8, 8, device="cpu", BLOCK_SIZE=4)
+    >>> check_block_mask(block_mask_from_torch(tbm, CausalMask())).ok
+    True
+    """
+    _torch()
+    from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+    if not isinstance(torch_block_mask, TorchBlockMask):
+        raise TypeError(
+            "torch_block_mask must be a torch.nn.attention.flex_attention.BlockMask; got "
+            f"{type(torch_block_mask).__name__}"
+        )
+
+    def n(x: Any) -> np.ndarray | None:
+        return None if x is None else _out(x).astype(np.int32)
+
+    return BlockMask.from_kv_blocks(
+        n(torch_block_mask.kv_num_blocks),
+        n(torch_block_mask.kv_indices),
+        n(torch_block_mask.full_kv_num_blocks),
+        n(torch_block_mask.full_kv_indices),
+        BLOCK_SIZE=(int(torch_block_mask.BLOCK_SIZE[0]), int(torch_block_mask.BLOCK_SIZE[1])),
+        mask_mod=mask_mod,
+        seq_lengths=(int(torch_block_mask.seq_lengths[0]), int(torch_block_mask.seq_lengths[1])),
+    )

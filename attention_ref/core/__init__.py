@@ -7,7 +7,10 @@ Layer 1 of attention_ref. What it holds, in the order of the forward pass:
 * ``softmax`` -- the stable softmax and logsumexp, (S1)-(S6);
 * ``rotary`` -- rotary position embeddings: tables, rotation and its backward, (R1)-(R14);
 * ``options`` -- :class:`AttentionOptions`, the one definition of the attention options;
+* ``mods`` -- FlexAttention's score and mask mods: the library, with each mod's derivatives,
+  and the complex step for a user's own, (B1)-(B14);
 * ``masks`` -- the one builder of the (query, key) pairs a row may attend, dense and per block;
+* ``block_mask`` -- FlexAttention's BlockMask (empty, partial and full blocks) and its checker;
 * ``scores`` -- scaled scores, soft-capping, masking and the weighted values: the stages of
   scaled dot-product attention, (A1)-(A19);
 * ``primitives`` -- the speed layer: the few fused or in-place operations the stages call, each

@@ -30,6 +30,7 @@ from ._validate import (
     sum_to_shape,
 )
 from .masks import AllowedPairs
+from .mods import mod_indices, score_mod_backward, score_mod_forward
 from .options import AttentionOptions
 from .precision import EXACT, Rounding
 from .primitives import (
@@ -107,7 +108,8 @@ class AttentionTrace(NamedTuple):
     empty_rows: str  #: the policy applied to empty rows
     scores: np.ndarray  #: (..., H, T, S) raw scores q k^T * scale, (A1)
     capped_scores: np.ndarray  #: (..., H, T, S) after the soft-cap, (A2)
-    #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias)
+    #: (..., H, T, S) capped scores plus bias, (A3) (capped_scores without a bias), then the
+    #: score_mod's output, (A20), when there is one
     logits: np.ndarray
     #: (..., H, T, S) the logits where allowed, a finite fill elsewhere, (A4)
     masked_logits: np.ndarray
@@ -126,6 +128,10 @@ class AttentionTrace(NamedTuple):
     sinks: np.ndarray | None = None  #: (H,) the sink logits, or None
     #: (..., H, T) the sink's softmax weight p_sink = exp(sinks[h] - lse), (A18); None without sinks
     sink_probs: np.ndarray | None = None
+    #: the score mod (a ScoreMod), or None
+    score_mod: Any = None
+    #: (B, H, T, S) the score mod's input, capped scores plus bias (A3); None without a score mod
+    mod_input: np.ndarray | None = None
 
     @property
     def masked_scores(self) -> np.ndarray:
@@ -153,6 +159,9 @@ class AttentionGrads(NamedTuple):
     dv: np.ndarray
     dbias: np.ndarray | None  #: bias's own shape, or None without a bias
     dsinks: np.ndarray | None = None  #: (H,) for the sink logits, (A19); None without sinks
+    #: the score mod's parameter gradients by name, (A22); None without a score mod ({} for a
+    #: score mod without parameters)
+    dscore_mod: dict[str, np.ndarray] | None = None
 
 
 def dropout_keep_mask(
@@ -304,28 +313,16 @@ def sdpa_forward(
     dt = given.compute_dtype(q, k, v)  # complex inputs: complex128, for the complex step (G4)
     q_in, k_in, v_in = q, k, v
     q, k, v = check_qkv(q, k, v, dt)
-    opt = given.check(q, k)
+    opt = given.check(q, k, mods=True)
     mask, bias, dropout_mask = given.mask, given.bias, given.dropout_mask  # the caller's arrays
     T, S = q.shape[-2], k.shape[-2]
     scores_shape = q.shape[:-1] + (S,)  # (..., H, T, S)
     _check_memory(scores_shape, dt, opt)
 
-    # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias.
-    allowed = AllowedPairs.from_options(opt, T, S).dense()  # broadcastable to (..., H, T, S)
-    if allowed is None or opt.sinks is not None:
-        # (..., H, T); with sinks, a row without an allowed key still has its sink
-        row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)
-        if allowed is not None:
-            allowed = fresh(allowed, mask)
-    else:
-        allowed = fresh(allowed, mask)
-        row_is_empty = np.broadcast_to(~allowed.any(axis=-1), scores_shape[:-1]).copy()
-    if opt.empty_rows == "raise" and row_is_empty.any():
-        where = np.argwhere(row_is_empty)
-        raise ValueError(
-            f"empty_rows='raise': {len(where)} query row(s) have no key to attend; the first at "
-            f"index {tuple(int(i) for i in where[0])} of (..., H, T)"
-        )
+    # Which (query, key) pairs may attend: boolean mask & causal & window & finite bias & the
+    # mask_mod (whose (B, H) are the first and third axes of 4-D inputs).
+    heads = (q.shape[0], q.shape[1]) if q.ndim == 4 else (1, 1)
+    allowed = AllowedPairs.from_options(opt, T, S, heads=heads).dense()  # (..., H, T, S)-able
 
     # fl: each stage's output rounded to the working precision; the identity for the reference
     # (core/precision.py). The inputs come first: a low-precision kernel stores them rounded.
@@ -341,6 +338,28 @@ def sdpa_forward(
             fl(softcap_forward(scores, opt.softcap)) if opt.softcap is not None else scores
         )  # (A2)
         logits = fl(capped + bias_r) if bias_r is not None else capped  # (A3)
+    mod_input = None
+    if opt.score_mod is not None:
+        mod_input = logits  # (B, H, T, S)
+        idx = mod_indices(heads[0], heads[1], T, S)
+        logits = fl(score_mod_forward(opt.score_mod, logits, idx))  # (B, H, T, S)   (A20)
+        neg = np.isneginf(logits.real)  # a -inf from the score mod masks its pair
+        if neg.any():
+            allowed = ~neg if allowed is None else allowed & ~neg
+    if allowed is None or opt.sinks is not None:
+        # (..., H, T); with sinks, a row without an allowed key still has its sink
+        row_is_empty = np.zeros(scores_shape[:-1], dtype=bool)
+        if allowed is not None:
+            allowed = fresh(allowed, mask)
+    else:
+        allowed = fresh(allowed, mask)
+        row_is_empty = np.broadcast_to(~allowed.any(axis=-1), scores_shape[:-1]).copy()
+    if opt.empty_rows == "raise" and row_is_empty.any():
+        where = np.argwhere(row_is_empty)
+        raise ValueError(
+            f"empty_rows='raise': {len(where)} query row(s) have no key to attend; the first at "
+            f"index {tuple(int(i) for i in where[0])} of (..., H, T)"
+        )
     masked = apply_mask(logits, allowed)  # (A4)
 
     # (A5) = (S1)-(S3) over the allowed keys: the softmax of the masked logits, with the row max of
@@ -405,6 +424,8 @@ def sdpa_forward(
         rounding=opt.rounding,
         sinks=None if opt.sinks is None else fresh(fl(opt.sinks), given.sinks),
         sink_probs=sink_probs,
+        score_mod=opt.score_mod,
+        mod_input=mod_input,
     )
 
 
@@ -505,6 +526,14 @@ def sdpa_backward(
     dlogits = dmasked
     if trace.allowed is not None and trace.row_is_empty.any():
         dlogits = zero_masked_into(dmasked, trace.allowed)
+    dscore_mod = None
+    if trace.score_mod is not None and trace.mod_input is not None:
+        # (A21), (A22) logits = score_mod(capped + bias): its input's and its parameters' grads
+        B, H, T, S = trace.mod_input.shape
+        dlogits, dscore_mod = score_mod_backward(
+            trace.score_mod, dlogits, trace.mod_input, mod_indices(B, H, T, S)
+        )
+        dlogits = fl(dlogits)
     # (A13) logits = capped + bias, bias broadcast: sum over the broadcast axes
     dbias = fl(add_bias_backward(dlogits, trace.bias.shape)) if trace.bias is not None else None
     # (A14) capped = cap * tanh(scores / cap)
@@ -513,7 +542,9 @@ def sdpa_backward(
         dscores = fl(softcap_backward(dlogits, trace.capped_scores, trace.softcap))
     # (A15), (A16) scores = scale * q k^T
     dq, dk = scaled_scores_backward(dscores, trace.q, trace.k, trace.scale)
-    return AttentionGrads(dq=fl(dq), dk=fl(dk), dv=dv, dbias=dbias, dsinks=dsinks)
+    return AttentionGrads(
+        dq=fl(dq), dk=fl(dk), dv=dv, dbias=dbias, dsinks=dsinks, dscore_mod=dscore_mod
+    )
 
 
 def check_dlse(

@@ -11,7 +11,9 @@ A pair ``(i, j)`` of a row may attend when every one of these allows it (``docs/
   ``causal``, the mask or the bias);
 * the ``bias``: a ``-inf`` entry masks its pair;
 * sequence lengths: key ``j`` of batch element ``b`` exists when ``j < key_lengths[b]``, query
-  ``i`` when ``i < query_lengths[b]`` (JAX's ``key_value_seq_lengths``/``query_seq_lengths``).
+  ``i`` when ``i < query_lengths[b]`` (JAX's ``key_value_seq_lengths``/``query_seq_lengths``);
+* a ``mask_mod(b, h, q_idx, kv_idx)`` (FlexAttention's), on raw indices, evaluated for the
+  rows and keys asked for only (one tile at a time on the tiled path).
 
 :class:`AllowedPairs` holds them; :meth:`AllowedPairs.dense` gives the whole boolean array (the
 plain path, the mpmath path, the adapters), :meth:`AllowedPairs.block` one tile of it and whether
@@ -36,6 +38,7 @@ from ._validate import (
     check_window,
     fresh,
 )
+from .mods import evaluate_mask_mod, mod_indices
 from .options import CheckedOptions, Window
 
 __all__ = ["AllowedPairs", "BlockKind", "attention_mask", "causal_mask", "window_mask"]
@@ -123,6 +126,13 @@ class AllowedPairs:
         Query and key must lie in the same chunk of ``chunk_size`` positions.
     sink_tokens : int
         The first ``sink_tokens`` keys are exempt from ``window`` and ``chunk_size``.
+    mask_mod : callable or None
+        FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool`` on raw indices.
+    heads : (int, int)
+        ``(B, H)``, the batch size and query heads the ``mask_mod`` is called with.
+    num_kv_heads : int or None
+        When set, the ``mask_mod``'s ``(B, H, Tb, Sb)`` result is given in the GQA view
+        ``(B, Hkv, G, Tb, Sb)`` of the tiled path.
 
     Examples
     --------
@@ -149,6 +159,9 @@ class AllowedPairs:
     bias: np.ndarray | None = None
     chunk_size: int | None = None
     sink_tokens: int = 0
+    mask_mod: Any = None
+    heads: tuple[int, int] = (1, 1)
+    num_kv_heads: int | None = None
 
     @classmethod
     def from_options(
@@ -159,11 +172,14 @@ class AllowedPairs:
         *,
         mask: np.ndarray | None = None,
         bias: np.ndarray | None = None,
+        heads: tuple[int, int] = (1, 1),
+        num_kv_heads: int | None = None,
     ) -> AllowedPairs:
         """The allowed pairs of checked options for a ``T x S`` problem.
 
         ``mask`` and ``bias`` replace ``opt.mask`` and ``opt.bias`` when given (the tiled path
-        passes them in its GQA view).
+        passes them in its GQA view, and ``num_kv_heads`` for the ``mask_mod``'s); ``heads`` is
+        ``(B, H)`` for the ``mask_mod``.
         """
         mask = opt.mask if mask is None else mask
         bias = opt.bias if bias is None else bias
@@ -178,6 +194,9 @@ class AllowedPairs:
             bias if neg_inf else None,
             opt.chunk_size,
             opt.sink_tokens,
+            opt.mask_mod,
+            heads,
+            num_kv_heads,
         )
 
     @classmethod
@@ -264,6 +283,7 @@ class AllowedPairs:
             and self.window is None
             and self.chunk_size is None
             and self.bias is None
+            and self.mask_mod is None
         )
 
     def dense(self) -> np.ndarray | None:
@@ -272,7 +292,10 @@ class AllowedPairs:
 
         The array is this call's own (never a caller's mask).
         """
-        allowed = self._positions(np.arange(self.T), np.arange(self.S))
+        allowed = _and(
+            self._positions(np.arange(self.T), np.arange(self.S)),
+            self._mod(np.arange(self.T), np.arange(self.S)),
+        )
         if self.mask is not None:
             allowed = self.mask.copy() if allowed is None else self.mask & allowed
         if self.bias is not None:
@@ -284,6 +307,21 @@ class AllowedPairs:
             rows, cols, self.causal, self.window, self.offset, self.chunk_size, self.sink_tokens
         )
 
+    def _mod(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray | None:
+        """The ``mask_mod`` on these rows and keys: (B|1, H|1, Tb|1, Sb|1), or its GQA view."""
+        if self.mask_mod is None:
+            return None
+        B, H = self.heads
+        shape = (B, H, len(rows), len(cols))
+        out = evaluate_mask_mod(self.mask_mod, mod_indices(B, H, rows, cols), shape)
+        full: tuple[int, ...] = (1,) * (4 - out.ndim) + tuple(out.shape)  # (B|1, H|1, Tb, Sb)
+        out = out.reshape(full)
+        if self.num_kv_heads is not None:
+            Hkv = self.num_kv_heads
+            split = (1, 1) if full[1] == 1 else (Hkv, full[1] // Hkv)
+            out = out.reshape(full[:1] + split + full[2:])  # (B|1, Hkv|1, G|1, Tb|1, Sb|1)
+        return out
+
     def block(self, i0: int, i1: int, j0: int, j1: int) -> tuple[BlockKind, np.ndarray | None]:
         r"""``(kind, allowed)`` of the tile of query rows ``i0:i1`` and keys ``j0:j1``.
 
@@ -291,7 +329,8 @@ class AllowedPairs:
         ``allowed`` is None) or ``"partial"`` (``allowed`` is a bool array broadcastable to the
         tile's ``(..., i1 - i0, j1 - j0)``).
         """
-        allowed = self._positions(np.arange(i0, i1), np.arange(j0, j1))
+        rows, cols = np.arange(i0, i1), np.arange(j0, j1)
+        allowed = _and(self._positions(rows, cols), self._mod(rows, cols))
         if self.mask is not None:
             allowed = _and(allowed, _tile(self.mask, i0, i1, j0, j1))
         if self.bias is not None:
@@ -306,7 +345,7 @@ class AllowedPairs:
         ``(..., len(rows), len(cols))``.
         """
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-        allowed = self._positions(rows, cols)
+        allowed = _and(self._positions(rows, cols), self._mod(rows, cols))
         for x, negate in ((self.mask, False), (self.bias, True)):
             if x is None:
                 continue

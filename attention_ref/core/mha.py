@@ -347,6 +347,7 @@ def mha_forward(
     ((3, 2, 5, 4), (3, 2, 5, 5), (3, 5, 8), (3, 5, 8))
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("mha_forward")
     weights = params.as_dict().values() if isinstance(params, MultiHeadParams) else ()
     dt = given.compute_dtype(query, key, value, *weights)
     H = check_positive_int("num_heads", num_heads)
@@ -597,6 +598,7 @@ def multi_head_attention_backward(
     ((2, 5, 8), (8, 8))
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("multi_head_attention_backward")
     require_forward_dropout_mask(given.dropout_mask, "mha_forward/mha_backward")
     trace = mha_forward(
         query, key, value, params, num_heads=num_heads, num_kv_heads=num_kv_heads, options=given

@@ -32,9 +32,18 @@ from ._validate import (
     check_real_scalar,
     check_window,
 )
+from .mods import ScoreMod, as_score_mod
 from .precision import Rounding
 
-__all__ = ["Align", "AttentionOptions", "CheckedOptions", "EmptyRows", "SCORES_LAYOUT", "Window"]
+__all__ = [
+    "MOD_OPTIONS",
+    "Align",
+    "AttentionOptions",
+    "CheckedOptions",
+    "EmptyRows",
+    "SCORES_LAYOUT",
+    "Window",
+]
 
 #: ``"top_left"``: query ``i`` sits at key position ``i``; ``"bottom_right"``: at ``i + S - T``.
 Align = Literal["top_left", "bottom_right"]
@@ -44,6 +53,13 @@ EmptyRows = Literal["zero", "uniform", "nan", "raise"]
 Window = tuple[int | None, int | None]
 
 SCORES_LAYOUT = "(..., H, T, S)"
+#: The programmable options: computed by the plain path (``sdpa_forward``), the tiled path
+#: (``flash_attention_forward``) and ``flex_attention``; every other path refuses them.
+MOD_OPTIONS = ("score_mod", "mask_mod")
+MOD_PATHS = (
+    "the plain path (scaled_dot_product_attention, sdpa_forward), the tiled path "
+    "(flash_attention_forward) and flex_attention"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +115,14 @@ class AttentionOptions:
     dtype : dtype, optional
         Compute dtype; float64 when omitted (complex128 for complex inputs, the complex step).
         Lower precision only for baselines.
+    score_mod : callable or ScoreMod, optional
+        FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``, applied to the logits (after
+        the scale, the softcap and the bias, before the mask), called once on broadcasting index
+        arrays (``attention_ref.core.mods``); a ``-inf`` result masks its pair. Its parameters'
+        gradients come back in ``dscore_mod``. Needs 4-D inputs (B, H, T, D).
+    mask_mod : callable, optional
+        FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = may attend), ANDed with
+        the other masks; raw indices (``align`` does not apply to it). Needs 4-D inputs.
     rounding : Rounding, optional
         Where a low-precision baseline rounds (:class:`~attention_ref.core.precision.Rounding`):
         every stage's output rounded to bfloat16, float16 or float32, products accumulated in
@@ -108,8 +132,9 @@ class AttentionOptions:
     Notes
     -----
     The order of operations on the scores is fixed (``docs/conventions.md``):
-    ``q k^T * scale`` -> softcap -> ``+ bias`` -> mask (boolean, causal, window, ``-inf`` bias)
-    -> softmax (with the ``sinks`` column, when given) -> dropout -> ``@ v``.
+    ``q k^T * scale`` -> softcap -> ``+ bias`` -> ``score_mod`` -> mask (boolean, causal,
+    window, ``-inf`` bias, ``mask_mod``, ``-inf`` from the ``score_mod``) -> softmax (with the
+    ``sinks`` column, when given) -> dropout -> ``@ v``.
 
     An ``AttentionOptions`` holds what the caller gave, unconverted; :meth:`check` validates it
     against the inputs and returns a ``CheckedOptions``. Construction validates nothing, so
@@ -147,6 +172,8 @@ class AttentionOptions:
     empty_rows: EmptyRows = "zero"
     dtype: Any = None
     rounding: Rounding | None = None
+    score_mod: Any = None
+    mask_mod: Any = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -219,6 +246,13 @@ class AttentionOptions:
                 f"{where} does not support {what or ', '.join(given)}: {reason}; got {shown}"
             )
 
+    def refuse_mods(self, where: str) -> None:
+        """Raise ``ValueError`` if ``score_mod`` or ``mask_mod`` is given to ``where``, a path
+        that does not compute them (``MOD_OPTIONS``)."""
+        self.refuse(
+            MOD_OPTIONS, where, f"they are computed by {MOD_PATHS}", what="score_mod/mask_mod"
+        )
+
     def compute_dtype(self, *inputs: Any) -> np.dtype:
         """The dtype to compute in: ``dtype``; else float32 under a low-precision ``rounding``;
         else float64 (complex128 for complex inputs)."""
@@ -228,7 +262,7 @@ class AttentionOptions:
             return self.rounding.compute_dtype
         return resolve_dtype(self.dtype, *inputs, self.bias, self.sinks)
 
-    def check(self, q: np.ndarray, k: np.ndarray) -> CheckedOptions:
+    def check(self, q: np.ndarray, k: np.ndarray, *, mods: bool = False) -> CheckedOptions:
         r"""Validate every option against converted queries and keys; resolve the scale.
 
         Parameters
@@ -246,15 +280,26 @@ class AttentionOptions:
             ``1 / sqrt(Dk)`` when omitted), ``dropout_mask`` a bool array or a Generator,
             ``dtype`` the compute dtype. The arrays may be the caller's (never written).
 
+        mods : bool, default False
+            Whether the caller computes ``score_mod`` and ``mask_mod`` (``MOD_OPTIONS``); a
+            caller that does not gets a ``ValueError`` naming the paths that do.
+
         Raises
         ------
         TypeError, ValueError
             Naming the option, what was expected and what was given.
         """
-        return self.validate(q.shape[:-1] + (k.shape[-2],), q.dtype, head_dim=q.shape[-1])
+        return self.validate(
+            q.shape[:-1] + (k.shape[-2],), q.dtype, head_dim=q.shape[-1], mods=mods
+        )
 
     def validate(
-        self, scores_shape: tuple[int, ...], dtype: Any = np.float64, *, head_dim: int | None = None
+        self,
+        scores_shape: tuple[int, ...],
+        dtype: Any = np.float64,
+        *,
+        head_dim: int | None = None,
+        mods: bool = False,
     ) -> CheckedOptions:
         """:meth:`check` from shapes: the scores' ``(..., H, T, S)`` and the head width Dk.
 
@@ -333,6 +378,7 @@ class AttentionOptions:
             if not isinstance(keep, np.random.Generator):
                 keep = _as_keep_mask(keep, scores_shape)
         empty_rows = check_choice("empty_rows", self.empty_rows, EMPTY_ROW_POLICIES)
+        score_mod, mask_mod = self._mods(scores_shape, mods)
         rounding = self.rounding
         if rounding is not None:
             if not isinstance(rounding, Rounding):
@@ -362,7 +408,28 @@ class AttentionOptions:
             empty_rows=cast(EmptyRows, empty_rows),
             dtype=dt,
             rounding=rounding,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
         )
+
+    def _mods(self, scores_shape: tuple[int, ...], mods: bool) -> tuple[ScoreMod | None, Any]:
+        """``score_mod`` as a ScoreMod and ``mask_mod`` checked callable, for a caller that
+        computes them (``mods``); refused, with the paths that do, otherwise."""
+        if self.score_mod is None and self.mask_mod is None:
+            return None, None
+        if not mods:
+            self.refuse_mods("this path")
+        if len(scores_shape) != 4:
+            raise ValueError(
+                "score_mod and mask_mod need 4-D inputs q (B, H, T, Dk), k (B, Hkv, S, Dk), as "
+                f"FlexAttention's; got scores of shape {tuple(scores_shape)}"
+            )
+        if self.mask_mod is not None and not callable(self.mask_mod):
+            raise TypeError(
+                "mask_mod must be None or a callable (b, h, q_idx, kv_idx) -> bool; got "
+                f"{type(self.mask_mod).__name__}"
+            )
+        return as_score_mod(self.score_mod), self.mask_mod
 
 
 @dataclass(frozen=True, eq=False)

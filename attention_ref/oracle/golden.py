@@ -117,7 +117,10 @@ _FUNCTIONS: dict[str, str] = {  # kind -> the reference function, as the manifes
 _ARRAY_OPTIONS = ("mask", "dropout_mask")
 #: Not recorded in a format-1 manifest: ``chunk_size``, ``sink_tokens`` and ``sinks`` came after
 #: it and no canonical case uses them (a candidate callable is passed exactly the recorded options).
+#: ``score_mod`` and ``mask_mod`` are functions: a file cannot hold them.
 _NOT_OPTIONS = (
+    "score_mod",
+    "mask_mod",
     "dtype",
     "rounding",
     "bias",

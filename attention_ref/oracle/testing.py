@@ -281,6 +281,7 @@ def _baseline_options(
     options: AttentionOptions | None, kwargs: dict[str, Any], policy: Rounding
 ) -> AttentionOptions:
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("a low-precision baseline")
     given.refuse(("dtype", "rounding"), "a baseline", "its precision sets both")
     bias = given.bias
     if bias is not None:

@@ -13,8 +13,11 @@ with :mod:`attention_ref.core.masks`:
   attention and its backward, poisoned padding, and ``flash_attn_with_kvcache``, (P1)-(P14);
 * ``mla`` -- multi-head latent attention (DeepSeek-V2/V3), naive and absorbed forms, forward and
   backward, (D1)-(D15);
-* ``sparse`` -- top-k sparse attention (DeepSeek DSA) and the lightning indexer, (X1)-(X10).
+* ``sparse`` -- top-k sparse attention (DeepSeek DSA) and the lightning indexer, (X1)-(X10);
+* ``flex`` -- FlexAttention's ``flex_attention`` with score and mask mods (their library is
+  :mod:`attention_ref.core.mods`, the BlockMask :mod:`attention_ref.core.block_mask`), on the
+  plain and the tiled path, with the backward and the mods' parameter gradients, (B1)-(B14).
 
-Split-KV is ``num_splits`` of ``flash``. A new variant (paged caches, MLA, sparse or
-programmable attention) is a new module here. May import: numpy and :mod:`attention_ref.core`.
+Split-KV is ``num_splits`` of ``flash``. A new variant is a new module here. May import: numpy
+and :mod:`attention_ref.core`.
 """

@@ -306,6 +306,7 @@ def decode_step(
     True
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("decode_step")
     given.refuse(
         (
             "mask",

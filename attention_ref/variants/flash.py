@@ -22,6 +22,7 @@ cite (A1)-(A16) of ``docs/derivations/attention.md``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,7 +30,8 @@ from numpy.typing import ArrayLike, DTypeLike
 
 from ..core._validate import as_float, check_positive_int, resolve_dtype, sum_to_shape
 from ..core.attention import AttentionGrads, check_dlse, check_qkv, sinks_backward
-from ..core.masks import AllowedPairs, _tile
+from ..core.block_mask import BlockMask, check_block_mask
+from ..core.masks import AllowedPairs, _and, _kind, _tile
 from ..core.merge import (
     AttentionState,
     add_sinks,
@@ -37,6 +39,7 @@ from ..core.merge import (
     merge_attention_states,
     merge_attention_states_backward,
 )
+from ..core.mods import ScoreMod, mod_indices, score_mod_backward, score_mod_forward
 from ..core.options import AttentionOptions
 from ..core.primitives import row_dot
 from ..core.scores import group_heads, masked_fill_value, ungroup_heads
@@ -239,6 +242,12 @@ class _Tiled(NamedTuple):
     block_k: int
     sinks: np.ndarray | None  # (H,) the sink logits, or None
     num_splits: int  # key chunks computed as separate partials and merged, (C1)-(C3)
+    score_mod: ScoreMod | None  # applied per block on the (B, H, Tb, Sb) view, (A20)
+    heads: tuple[int, int]  # (B, H) for the mods' index arrays
+    #: (B|1, H|1, nq, nk) int8 block kinds of a BlockMask (0 empty, 1 partial, 2 full), or None
+    block_kinds: np.ndarray | None
+    #: the mask mod of a BlockMask's partial blocks, as pairs (B, H, Tb, Sb), or None
+    block_mod: AllowedPairs | None
 
 
 def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
@@ -250,7 +259,9 @@ def _grouped_view(x: np.ndarray, ndim: int, num_kv_heads: int) -> np.ndarray:
     return x.reshape(shape[:-3] + split + shape[-2:])
 
 
-def _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits=1) -> _Tiled:
+def _prepare(
+    q, k, v, options, kwargs, block_q, block_k, num_splits=1, block_mask=None, check=False
+) -> _Tiled:
     given = AttentionOptions.of(options, **kwargs)
     given.refuse(
         ("dropout_p", "dropout_mask"),
@@ -266,13 +277,31 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits=1) -> _Tiled
     )
     dt = resolve_dtype(given.dtype)
     q, k, v = check_qkv(q, k, v, dt)
-    opt = given.check(q, k)
+    opt = given.check(q, k, mods=True)
     block_q = check_positive_int("block_q", block_q)
     block_k = check_positive_int("block_k", block_k)
     num_splits = check_positive_int("num_splits", num_splits)
     T, S, Hkv, ndim = q.shape[-2], k.shape[-2], k.shape[-3], q.ndim
     bias = None if opt.bias is None else _grouped_view(opt.bias, ndim, Hkv)
     mask = None if opt.mask is None else _grouped_view(opt.mask, ndim, Hkv)
+    heads = (q.shape[0], q.shape[1]) if ndim == 4 else (1, 1)
+    block_kinds = block_mod = None
+    if block_mask is not None:
+        block_q, block_k = _check_block_mask(block_mask, q.shape, S, block_q, block_k, num_splits)
+        mod = opt.mask_mod if opt.mask_mod is not None else block_mask.mask_mod
+        if check:
+            report = check_block_mask(block_mask, mod, B=heads[0], H=heads[1])
+            if not report.ok:
+                raise ValueError(
+                    f"check=True: the block_mask disagrees with its mask_mod: {report}"
+                )
+        block_kinds = block_mask.kinds()  # (B|1, H|1, nq, nk)
+        if mod is not None:
+            block_mod = AllowedPairs(T, S, mask_mod=mod, heads=heads)
+        # the block mask decides where the mask_mod is called
+        opt = dataclasses.replace(opt, mask_mod=None)
+    elif check:
+        raise ValueError("check=True verifies a block_mask; got block_mask=None")
     return _Tiled(
         qs=group_heads(
             q * opt.score_scale, Hkv
@@ -282,14 +311,79 @@ def _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits=1) -> _Tiled
         softcap=opt.softcap,
         bias=bias,
         bias_shape=() if opt.bias is None else opt.bias.shape,
-        pairs=AllowedPairs.from_options(opt, T, S, mask=mask, bias=bias),
+        pairs=AllowedPairs.from_options(
+            opt, T, S, mask=mask, bias=bias, heads=heads, num_kv_heads=Hkv
+        ),
         empty_rows=opt.empty_rows,
         scale=opt.score_scale,
         block_q=block_q,
         block_k=block_k,
         sinks=opt.sinks,
         num_splits=num_splits,
+        score_mod=opt.score_mod,
+        heads=heads,
+        block_kinds=block_kinds,
+        block_mod=block_mod,
     )
+
+
+def _check_block_mask(
+    bm: Any, q_shape: tuple[int, ...], S: int, block_q: int, block_k: int, num_splits: int
+) -> tuple[int, int]:
+    """The tile sizes of a BlockMask, checked against the inputs."""
+    if not isinstance(bm, BlockMask):
+        raise TypeError(
+            f"block_mask must be an attention_ref BlockMask; got {type(bm).__name__} "
+            "(attention_ref.adapters.torch.block_mask_from_torch converts torch's)"
+        )
+    if len(q_shape) != 4:
+        raise ValueError(f"block_mask needs 4-D inputs q (B, H, T, Dk); got q.shape={q_shape}")
+    B, H, T = q_shape[0], q_shape[1], q_shape[2]
+    Bm, Hm, Q_LEN, KV_LEN = bm.shape
+    if (Q_LEN, KV_LEN) != (T, S):
+        raise ValueError(
+            f"block_mask was made for (Q_LEN, KV_LEN) = {(Q_LEN, KV_LEN)}; got T={T}, S={S}"
+        )
+    if Bm not in (1, B) or Hm not in (1, H):
+        raise ValueError(
+            f"block_mask's (B, H) = {(Bm, Hm)} must be 1 or the inputs' (B, H) = {(B, H)}"
+        )
+    qb, kb = bm.BLOCK_SIZE
+    if (block_q, block_k) not in ((BLOCK_Q, BLOCK_K), (qb, kb)):
+        raise ValueError(
+            f"with a block_mask the tiles are its BLOCK_SIZE {(qb, kb)}; got block_q={block_q}, "
+            f"block_k={block_k}"
+        )
+    if num_splits != 1 and -(-S // num_splits) % kb:
+        raise ValueError(
+            f"num_splits={num_splits} cuts the keys in chunks of {-(-S // num_splits)}, not a "
+            f"multiple of the block_mask's KV_BLOCK {kb}"
+        )
+    return qb, kb
+
+
+def _tile_pairs(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[str, np.ndarray | None]:
+    """``(kind, allowed)`` of one tile, (A4): the allowed pairs' block and, with a BlockMask, its
+    marks as a kernel reads them: an empty block is skipped, a full one is computed without the
+    mask mod, a partial one with it."""
+    kind, allowed = tp.pairs.block(i0, i1, j0, j1)
+    if tp.block_kinds is None or kind == "empty":
+        return kind, allowed
+    marks = tp.block_kinds[:, :, i0 // tp.block_q, j0 // tp.block_k]  # (B|1, H|1)
+    if not marks.any():
+        return "empty", None  # skipped for every batch element and head
+    grid = (marks == 2)[..., None, None]  # (B|1, H|1, 1, 1) full blocks: every pair
+    partial = marks == 1
+    if partial.any():
+        mod = (
+            np.ones((1, 1, 1, 1), dtype=bool)  # no mask mod: torch's noop_mask
+            if tp.block_mod is None
+            else tp.block_mod.block(i0, i1, j0, j1)[1]
+        )
+        mod = np.ones((1, 1, 1, 1), dtype=bool) if mod is None else mod
+        grid = grid | (partial[..., None, None] & mod)  # (B|1, H|1, Tb|1, Sb|1)
+    grid = _grouped_view(grid, 4, tp.k.shape[-4])  # (B|1, Hkv|1, G|1, Tb|1, Sb|1)
+    return _kind(_and(allowed, grid))
 
 
 def _splits(S: int, num_splits: int) -> list[tuple[int, int]]:
@@ -299,8 +393,11 @@ def _splits(S: int, num_splits: int) -> list[tuple[int, int]]:
     return [(min(n * size, S), min((n + 1) * size, S)) for n in range(num_splits)]
 
 
-def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(capped, logits)`` of one block, (A1)-(A3): both (..., Hkv, G, Tb, Sb)."""
+def _block_logits(
+    tp: _Tiled, i0: int, i1: int, j0: int, j1: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(capped, mod_input, logits)`` of one block, (A1)-(A3) and the score mod (A20), each
+    (..., Hkv, G, Tb, Sb); ``mod_input`` is ``logits`` without a score mod."""
     kt = tp.k[..., j0:j1, :].swapaxes(-1, -2)  # (..., Hkv, 1, Dk, Sb)
     scores = (
         tp.qs[..., i0:i1, :] @ kt
@@ -311,7 +408,18 @@ def _block_logits(tp: _Tiled, i0: int, i1: int, j0: int, j1: int) -> tuple[np.nd
         np.tanh(capped, out=capped)
         capped *= tp.softcap  # (A2) cap * tanh(s / cap), in place
     logits = capped if tp.bias is None else capped + _tile(tp.bias, i0, i1, j0, j1)  # (A3)
-    return capped, logits
+    if tp.score_mod is None:
+        return capped, logits, logits
+    shape = logits.shape  # (B, Hkv, G, Tb, Sb), viewed as (B, H, Tb, Sb) for the mod
+    flat = logits.reshape(tp.heads + shape[-2:])
+    idx = mod_indices(*tp.heads, np.arange(i0, i1), np.arange(j0, j1))
+    return capped, logits, score_mod_forward(tp.score_mod, flat, idx).reshape(shape)  # (A20)
+
+
+def _mod_masks(allowed: np.ndarray | None, logits: np.ndarray) -> np.ndarray | None:
+    """``allowed`` with the pairs a score mod sent to ``-inf`` masked, (A20)."""
+    neg = np.isneginf(logits.real)
+    return _and(allowed, ~neg) if neg.any() else allowed
 
 
 def _raise_if_empty(row_is_empty: np.ndarray) -> None:
@@ -335,6 +443,8 @@ def flash_attention_forward(
     block_k: int = BLOCK_K,
     num_splits: int = 1,
     return_lse: bool = True,
+    block_mask: BlockMask | None = None,
+    check: bool = False,
     **kwargs: Any,
 ) -> FlashOutput | np.ndarray:
     r"""Scaled dot-product attention computed block by block with the online softmax.
@@ -416,7 +526,7 @@ def flash_attention_forward(
     """
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
-    tp = _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits)
+    tp = _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits, block_mask, check)
     S = tp.k.shape[-2]
     # (C1)-(C3) split-KV: each key chunk's partial state, then their merge; one chunk is the
     # plain tiled pass
@@ -450,10 +560,12 @@ def _partial_forward(tp: _Tiled, j_lo: int, j_hi: int) -> AttentionState:
         state = online_softmax_init(rows + (i1 - i0,), Dv, dt)  # (F1) before any key
         for j0 in range(j_lo, j_hi, tp.block_k):
             j1 = min(j0 + tp.block_k, j_hi)
-            kind, allowed = tp.pairs.block(i0, i1, j0, j1)  # (A4) for this tile
+            kind, allowed = _tile_pairs(tp, i0, i1, j0, j1)  # (A4) for this tile
             if kind == "empty":
                 continue  # skipped, exactly: its max is the fill, so (F2)-(F4) would change nothing
-            _, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
+            _, _, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb) (A1)-(A3)
+            if tp.score_mod is not None:
+                allowed = _mod_masks(allowed, logits)
             state = online_softmax_update(
                 state, logits, tp.v[..., j0:j1, :], allowed
             )  # (A4), (F2)-(F4)
@@ -539,6 +651,8 @@ def flash_attention_backward(
     block_k: int = BLOCK_K,
     num_splits: int = 1,
     dlse: ArrayLike | None = None,
+    block_mask: BlockMask | None = None,
+    check: bool = False,
     **kwargs: Any,
 ) -> AttentionGrads:
     r"""Gradients of scaled dot-product attention, block by block, from the output and logsumexp.
@@ -616,7 +730,7 @@ def flash_attention_backward(
     >>> bool(np.abs(g.dk - ref.dk).max() <= 1e-12 * np.abs(ref.dk).max())
     True
     """
-    tp = _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits)
+    tp = _prepare(q, k, v, options, kwargs, block_q, block_k, num_splits, block_mask, check)
     dt = tp.qs.dtype
     Hkv, S = tp.k.shape[-4], tp.k.shape[-2]
     dout, out, lse = _check_saved(dout, out, logsumexp, ungroup_heads(tp.qs).shape, tp.v.shape, dt)
@@ -632,7 +746,8 @@ def flash_attention_backward(
     dbias = (
         None if tp.bias is None else np.zeros(tp.bias.shape, dtype=dt)
     )  # (..., Hkv|1, G|1, T|1, S|1)
-    grads = (dq, dk, dv, dbias)
+    dmod: dict | None = None if tp.score_mod is None else {}
+    grads = (dq, dk, dv, dbias, dmod)
     dsinks = None
     if tp.num_splits == 1:
         # (F7) D_i = sum_e dout_ie out_ie = sum_j P_ij dP_ij; (A17) minus the lse's cotangent
@@ -665,7 +780,11 @@ def flash_attention_backward(
         _empty_rows_backward(dv, dout, lse, tp.empty_rows)
     if dbias is not None:
         dbias = dbias.reshape(tp.bias_shape)  # back from the GQA view to the bias's own shape
-    return AttentionGrads(dq=ungroup_heads(dq), dk=dk, dv=dv, dbias=dbias, dsinks=dsinks)
+    if dmod is not None and tp.score_mod is not None:  # every parameter; 0 if no tile computed
+        dmod = {n: dmod.get(n, np.zeros_like(p)) for n, p in tp.score_mod.params.items()}
+    return AttentionGrads(
+        dq=ungroup_heads(dq), dk=dk, dv=dv, dbias=dbias, dsinks=dsinks, dscore_mod=dmod
+    )
 
 
 def _partial_backward(
@@ -675,12 +794,12 @@ def _partial_backward(
     D: np.ndarray,
     j_lo: int,
     j_hi: int,
-    grads: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None],
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, dict | None],
 ) -> None:
-    """Add the gradients from the keys ``j_lo:j_hi`` into ``grads = (dq, dk, dv, dbias)``,
+    """Add the gradients from the keys ``j_lo:j_hi`` into ``grads = (dq, dk, dv, dbias, dmod)``,
     (F6)-(F9), given the rows' ``lse`` (..., H, T) and ``D`` (..., H, T) of those keys' softmax
     (dq without the scale). A row with ``lse = -inf`` had no key there: it adds nothing."""
-    dq, dk, dv, dbias = grads
+    dq, dk, dv, dbias, dmod = grads
     dt = tp.qs.dtype
     Hkv, T = tp.k.shape[-4], tp.qs.shape[-2]
     dout = group_heads(dout, Hkv)  # (..., Hkv, G, T, Dv)
@@ -696,10 +815,12 @@ def _partial_backward(
         )  # (..., Hkv, 1, Sb, Dk), (..., Hkv, 1, Sb, Dv)
         for i0 in range(0, T, tp.block_q):
             i1 = min(i0 + tp.block_q, T)
-            kind, allowed = tp.pairs.block(i0, i1, j0, j1)  # (A4) for this tile
+            kind, allowed = _tile_pairs(tp, i0, i1, j0, j1)  # (A4) for this tile
             if kind == "empty":
                 continue  # skipped: P = 0 on the whole block, (F6), so no gradient comes from it
-            capped, logits = _block_logits(tp, i0, i1, j0, j1)  # (..., Hkv, G, Tb, Sb)   (A1)-(A3)
+            capped, mod_input, logits = _block_logits(tp, i0, i1, j0, j1)  # (A1)-(A3), (A20)
+            if tp.score_mod is not None:
+                allowed = _mod_masks(allowed, logits)
             if allowed is not None:
                 logits = np.where(allowed, logits, masked_fill_value(dt))  # (A4)
             p = logits - lse[..., i0:i1, :]
@@ -718,6 +839,17 @@ def _partial_backward(
             # (F8) = (A11) with (F7): dl = P (dP - D); (A12) it is 0 where masked, as P is
             ds -= D[..., i0:i1, :]
             ds *= p
+            if tp.score_mod is not None and dmod is not None:
+                # (A21), (A22) back through the score mod, on the (B, H, Tb, Sb) view
+                shape = ds.shape
+                idx = mod_indices(*tp.heads, np.arange(i0, i1), np.arange(j0, j1))
+                flat_in = mod_input.reshape(tp.heads + shape[-2:])
+                ds, dparams = score_mod_backward(
+                    tp.score_mod, ds.reshape(flat_in.shape), flat_in, idx
+                )
+                ds = ds.reshape(shape)
+                for name, d in dparams.items():
+                    dmod[name] = dmod[name] + d if name in dmod else d
             if dbias is not None:
                 # (A13) dbias: dl summed over the axes the bias was broadcast along
                 block = _tile(dbias, i0, i1, j0, j1)

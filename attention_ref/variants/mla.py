@@ -439,6 +439,7 @@ def mla_attention_naive(
     (2, 3, 2, 3)
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("mla_attention_naive")
     _, trace = _naive_forward(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale, given)
     _check_return_lse(return_lse)
     return (trace.out, trace.logsumexp) if return_lse else trace.out
@@ -508,6 +509,7 @@ def mla_attention_naive_backward(
     ((2, 5, 6), (2, 5, 2), (3, 6, 4), (3, 6, 3), None)
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("mla_attention_naive_backward")
     require_forward_dropout_mask(given.dropout_mask, "the same keep-mask in both calls")
     (q_nope, q_pe, c_kv, k_pe, w_uk, w_uv), trace = _naive_forward(
         q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, scale, given
@@ -729,6 +731,7 @@ def mla_attention_absorbed(
     True
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("mla_attention_absorbed")
     _, trace = _absorbed_forward(q_abs, kv_latent, d_v, scale, given, "mla_attention_absorbed")
     _check_return_lse(return_lse)
     return (trace.out, trace.logsumexp) if return_lse else trace.out
@@ -780,6 +783,7 @@ def mla_attention_absorbed_backward(
     ((2, 3, 4, 8), (2, 5, 8))
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("mla_attention_absorbed_backward")
     require_forward_dropout_mask(given.dropout_mask, "the same keep-mask in both calls")
     d_v, trace = _absorbed_forward(
         q_abs, kv_latent, d_v, scale, given, "mla_attention_absorbed_backward"

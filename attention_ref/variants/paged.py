@@ -1115,6 +1115,7 @@ def paged_attention(
     ((2, 4, 3, 5), True)
     """
     given = _paged_options(AttentionOptions.of(options, **kwargs), "paged_attention", kwargs)
+    given.refuse_mods("paged_attention")
     fwd = _paged_forward(q, k_pages, v_pages, block_table, seqlens, given, "paged_attention")
     return_lse = _bool("return_lse", return_lse)
     out = np.stack([tr.out for tr in fwd.traces])  # (B, H, T, Dv)
@@ -1174,6 +1175,7 @@ def paged_attention_backward(
     given = _paged_options(
         AttentionOptions.of(options, **kwargs), "paged_attention_backward", kwargs
     )
+    given.refuse_mods("paged_attention_backward")
     fwd = _paged_forward(
         q, k_pages, v_pages, block_table, seqlens, given, "paged_attention_backward"
     )
@@ -1376,6 +1378,7 @@ def attention_with_kvcache(
     """
     where = "attention_with_kvcache"
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("attention_with_kvcache")
     if softmax_scale is not None:
         if "scale" in given.given():
             raise ValueError("give scale or softmax_scale (FlashAttention's name), not both")

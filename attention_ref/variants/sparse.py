@@ -246,6 +246,7 @@ def sparse_forward(
     ((1, 3, 5), (1, 5, 4))
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("sparse_forward")
     return sdpa_forward(q, k, v, options=_sparse_options(q, k, v, indices, given))  # (X4)
 
 
@@ -395,6 +396,7 @@ def sparse_attention_backward(
     True
     """
     given = AttentionOptions.of(options, **kwargs)
+    given.refuse_mods("sparse_attention_backward")
     require_forward_dropout_mask(given.dropout_mask, "sparse_forward/sdpa_backward")
     opts = _sparse_options(q, k, v, indices, given)  # (X3), the forward's mask
     return scaled_dot_product_attention_backward(dout, q, k, v, options=opts, dlse=dlse)  # (X6)
