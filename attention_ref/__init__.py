@@ -57,6 +57,7 @@ from .core.mods import (
     custom_score_mod,
     mod_indices,
     or_masks,
+    t5_relative_bucket,
 )
 from .core.options import AttentionOptions
 from .core.rotary import apply_rotary, apply_rotary_backward, rotary_cos_sin, rotary_inv_freq
@@ -106,6 +107,7 @@ __all__ = [
     "custom_score_mod",
     "mod_indices",
     "or_masks",
+    "t5_relative_bucket",
     "AllowedPairs",
     "AttentionGrads",
     "AttentionOptions",

@@ -52,7 +52,7 @@ EXPECTED_BACKWARDS = {
     "weighted_values_backward",
 }
 
-CITATION = re.compile(r"\(([LHSAMGVFCRPDX]\d+)\)")
+CITATION = re.compile(r"\(([LHSAMGVFCRPDXB]\d+)\)")
 PAGE_REF = re.compile(r"docs/derivations/([\w-]+)\.md")
 OPEN_MATH = re.compile(r"^\$\$\s*$")
 CLOSE_MATH = re.compile(r"^\$\$\s*(?:\((?P<label>[^()\s]+)\))?\s*$")

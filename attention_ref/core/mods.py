@@ -61,7 +61,6 @@ __all__ = [
     "T5RelativeBias",
     "alibi_slopes",
     "and_masks",
-    "as_score_mod",
     "chain_score_mods",
     "custom_score_mod",
     "mod_indices",
@@ -346,7 +345,7 @@ def custom_score_mod(
     grad_score : callable, optional
         ``grad_score(score, b, h, q_idx, kv_idx, **params)``: ``d fn / d score``, elementwise.
         Omitted: the complex step, (B4), which needs ``fn`` to accept complex scores and to be
-        analytic in them (see :func:`complex_step`).
+        analytic in them (``docs/flex.md``, (B4)-(B5)).
     params : mapping of str to array_like, optional
         The differentiable parameters ``fn`` takes as keywords (a bias table, slopes). Their
         gradients come back from :func:`~attention_ref.flex_attention_backward` under these names.
@@ -895,8 +894,9 @@ def score_mod_forward(mod: ScoreMod, logits: np.ndarray, idx: Indices) -> np.nda
 def score_mod_backward(
     mod: ScoreMod, dout: np.ndarray, logits: np.ndarray, idx: Indices
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    r"""(A21)-(A22): the gradient of the mod's input and of its parameters, from ``dout``
-    (B, H, T, S), the gradient of its output, 0 wherever the pair is masked."""
+    r"""(A21)-(A22) of ``docs/derivations/attention.md``: the gradient of the mod's input and
+    of its parameters, from ``dout`` (B, H, T, S), the gradient of its output, 0 wherever the
+    pair is masked."""
     grad = np.asarray(mod.grad_score(logits, *idx))  # (B2)
     dlogits = np.where(
         dout != 0, dout * grad, 0.0
