@@ -15,10 +15,11 @@ with GQA by ``repeat_interleave`` (query head ``h`` reads key/value head ``h // 
 key/value batch 1 broadcast to the queries' batch. This module computes the same function on the
 reference's two paths: the plain one (:func:`~attention_ref.sdpa_forward` with the ``score_mod``
 and ``mask_mod`` options, (A20)-(A22)) and the tiled one
-(:func:`~attention_ref.flash_attention_forward`, mods evaluated per block, a :class:`~attention_ref.BlockMask`
-honoured as kernels honour it). The backward returns ``dq``, ``dk``, ``dv`` and the gradient of
-every parameter of the score mod, which FlexAttention on CPU cannot give ("FlexAttention does not
-support backward on CPU", ``_validate_device`` in ``torch/nn/attention/flex_attention.py``).
+(:func:`~attention_ref.flash_attention_forward`, mods evaluated per block, a
+:class:`~attention_ref.BlockMask` honoured as kernels honour it). The backward returns ``dq``,
+``dk``, ``dv`` and the gradient of every parameter of the score mod, which FlexAttention on CPU
+cannot give ("FlexAttention does not support backward on CPU", ``_validate_device`` in
+``torch/nn/attention/flex_attention.py``).
 
 Derivations: (A20)-(A22) of ``docs/derivations/attention.md`` and (B1)-(B14) of
 ``docs/derivations/flex.md``; the user's page is ``docs/flex.md``.
@@ -155,8 +156,9 @@ def flex_attention(
         Also return the log-sum-exp (natural log, (B, Hq, L); ``-inf`` on an empty row).
     path : {"plain", "tiled"}, default "plain"
     check : bool, default False
-        Verify the ``block_mask`` against the mask mod first (:func:`~attention_ref.check_block_mask`) and raise
-        ``ValueError`` listing the wrong blocks.
+        Verify the ``block_mask`` against the mask mod first
+        (:func:`~attention_ref.check_block_mask`) and raise ``ValueError`` listing the wrong
+        blocks.
 
     Returns
     -------
