@@ -126,12 +126,14 @@ def _as_index_table(name: str, x: Any, ndim: tuple[int, ...], layout: str) -> np
 
 
 def _as_param(name: str, x: Any, shape_ndim: int, layout: str) -> np.ndarray:
+    """A parameter as a float64 copy (complex128 for complex values: the complex step of a whole
+    attention, (G4), perturbs the parameters too)."""
     arr = np.asarray(x)
-    if arr.dtype.kind not in "biuf" or arr.ndim != shape_ndim:
+    if arr.dtype.kind not in "biufc" or arr.ndim != shape_ndim:
         raise TypeError(
             f"{name} must be a real array of shape {layout}; got {arr.dtype} {arr.shape}"
         )
-    arr = arr.astype(np.float64)  # a copy
+    arr = arr.astype(np.complex128 if arr.dtype.kind == "c" else np.float64)  # a copy
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must be finite; got {int((~np.isfinite(arr)).sum())} entries not")
     return arr

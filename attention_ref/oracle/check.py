@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..core import heads, mha
+from ..core import heads, mha, mods
 from ..core import linear as projection
 from ..core import softmax as stable_softmax
+from ..variants.flex import flex_attention, flex_attention_backward
 from .cases import DIFFERENTIABLE_KINDS, cases, serving_cases
 from .compare import Comparison
 from .gradcheck import (
@@ -113,6 +114,61 @@ def _check_both(function, case, f, inputs, c, grads, rng, directional: bool) -> 
     return list(_rows(function, case, fd, cs))
 
 
+def _flex_checks(rng: np.random.Generator) -> list[Row]:
+    """flex_attention's gradients, the score mod's parameter included: (A20)-(A22), (B7)-(B12)."""
+    B, H, Hkv, T, S, E, Ev = 2, 4, 2, 5, 7, 3, 4
+    configs: list[tuple[str, Callable[[np.ndarray], Any], str, np.ndarray, Any, int]] = [
+        (
+            "ALiBi slopes, causal bottom-right, GQA",
+            lambda p: mods.ALiBi(p),
+            "slopes",
+            mods.alibi_slopes(H) * (1 + rng.random(H)),
+            mods.CausalMask(offset=S - T),
+            B,
+        ),
+        (
+            "relative-position table, causal documents with padding (empty rows)",
+            lambda p: mods.RelativePositionBias(p, S - 1),
+            "table",
+            rng.normal(size=(H, T + S - 1)),
+            mods.and_masks(
+                mods.CausalMask(offset=S - T),
+                mods.DocumentMask([0, 0, 1, 1, -1], [0, 0, 0, 1, 1, 1, -1]),
+            ),
+            B,
+        ),
+        (
+            "softcap then T5 buckets, prefix-LM, keys of batch 1 broadcast",
+            lambda p: mods.chain_score_mods(
+                mods.SoftCap(2.0), mods.T5RelativeBias(p, max_distance=4)
+            ),
+            "1.table",
+            rng.normal(size=(H, 8)),
+            mods.PrefixLMMask([2, 3]),
+            1,
+        ),
+    ]
+    rows: list[Row] = []
+    for case, make, name, param, mask_mod, Bkv in configs:
+        q = rng.normal(size=(B, H, T, E))
+        k, v = rng.normal(size=(Bkv, Hkv, S, E)), rng.normal(size=(Bkv, Hkv, S, Ev))
+        c = rng.normal(size=(B, H, T, Ev))
+
+        def f(q, k, v, param, make=make, mask_mod=mask_mod):
+            return flex_attention(
+                q, k, v, score_mod=make(param), mask_mod=mask_mod, enable_gqa=True
+            )
+
+        g = flex_attention_backward(
+            c, q, k, v, score_mod=make(param), mask_mod=mask_mod, enable_gqa=True
+        )
+        inputs = {"q": q, "k": k, "v": v, "param": param}
+        grads = {"q": g.dq, "k": g.dk, "v": g.dv, "param": g.dscore_mod[name]}
+        for row in _check_both("flex_attention", case, f, inputs, c, grads, rng, False):
+            rows.append(row._replace(gradient=f"d{name}") if row.gradient == "dparam" else row)
+    return rows
+
+
 def run_checks(
     seed: int = 0, progress: Callable[[str], None] | None = None, *, quick: bool = False
 ) -> list[Row]:
@@ -200,6 +256,9 @@ def run_checks(
             rng,
             "long" in case.tags,
         )
+
+    say("flex_attention: score mods with their parameters, mask mods")
+    rows += _flex_checks(rng)
 
     if not quick:
         say("multi_head_attention: directional check at B=2 T=48 S=64 D=64 H=8 Hkv=2")

@@ -32,7 +32,7 @@ from typing import Any, cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ..core._validate import as_float, check_choice
+from ..core._validate import as_float, check_choice, resolve_dtype
 from ..core.attention import AttentionGrads, sdpa_backward, sdpa_forward
 from ..core.block_mask import BlockMask, check_block_mask
 from .flash import (
@@ -53,9 +53,8 @@ FLEX_PATHS = ("plain", "tiled")
 
 def _prepare(q, k, v, score_mod, mask_mod, block_mask, scale, enable_gqa, path, check):
     """The inputs as float64 arrays and the options, checked as ``flex_attention`` checks."""
-    q = as_float("q", q, np.dtype(np.float64))
-    k = as_float("k", k, np.dtype(np.float64))
-    v = as_float("v", v, np.dtype(np.float64))
+    dt = resolve_dtype(None, q, k, v)  # float64; complex128 for the complex step (G4)
+    q, k, v = as_float("q", q, dt), as_float("k", k, dt), as_float("v", v, dt)
     for name, x, layout in (
         ("q", q, "(B, Hq, L, E)"),
         ("k", k, "(B, Hkv, S, E)"),
