@@ -193,6 +193,21 @@ PLANTED_BUGS: dict[str, list[Bug]] = {
             "assert gather_exact and paged_err <= 1e-13",
         )
     ],
+    "11_flex_attention": [
+        Bug(
+            "RelativePositionBias's table gradient (B10) scattered at kv_idx - q_idx: mirrored",
+            '_plant("attention_ref.core.mods._scatter_heads", '
+            "lambda f: lambda g, n, shape: f(g, shape[1] - 1 - n, shape))",
+            "assert table_check.passed",
+        ),
+        Bug(
+            "check_block_mask reports nothing wrong (an empty report)",
+            "import dataclasses as _dc\n"
+            '_plant("attention_ref.check_block_mask", lambda f: lambda *a, **kw: '
+            "_dc.replace(f(*a, **kw), wrong_full=[], missed=[]))",
+            "assert report.wrong_full == [(0, 0, 2, 2, 6)] and report.missed == []",
+        ),
+    ],
 }
 
 
