@@ -228,9 +228,10 @@ def complex_step(
 
     Exact to rounding for a mod that extends analytically to complex scores: arithmetic,
     ``exp``, ``log``, ``tanh``, ``sin``, powers, and selections (``np.where``) on the indices or on
-    the score's real part. ``np.abs``, ``np.real``, ``np.conj``, ``np.maximum`` of two score
-    expressions and ``np.sign`` are not analytic: the complex step then gives a wrong derivative
-    (``np.abs(s)`` gives 0 instead of ``sign(s)``), (B5); give such a mod its own ``grad_score``.
+    the score's real part. ``np.abs`` and ``np.real`` return real arrays: refused (below).
+    Non-analytic forms that stay complex -- ``np.conj``, ``|s|`` written as
+    ``np.sqrt(s * np.conj(s))``, a lexicographic ``np.maximum`` at a tie -- give a wrong derivative
+    silently, (B5); give such a mod its own ``grad_score``.
 
     Raises
     ------
@@ -885,7 +886,8 @@ def score_mod_forward(mod: ScoreMod, logits: np.ndarray, idx: Indices) -> np.nda
         ) from None
     bad = np.isnan(out) | np.isposinf(out.real)
     if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        # the pair's own indices (a tile's position i is its idx[2][i], and so on)
+        first = tuple(int(x.ravel()[i]) for x, i in zip(idx, np.argwhere(bad)[0], strict=True))
         raise ValueError(
             f"score_mod {_name(mod)} returned {int(bad.sum())} NaN/+inf entries, the first at "
             f"(b, h, q_idx, kv_idx) = {first}; only -inf (masks the pair) is allowed"

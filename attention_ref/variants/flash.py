@@ -292,9 +292,7 @@ def _prepare(
         if check:
             report = check_block_mask(block_mask, mod, B=heads[0], H=heads[1])
             if not report.ok:
-                raise ValueError(
-                    f"check=True: the block_mask is wrong: {report}"
-                )
+                raise ValueError(f"check=True: the block_mask is wrong: {report}")
         block_kinds = block_mask.kinds()  # (B|1, H|1, nq, nk)
         if mod is not None:
             block_mod = AllowedPairs(T, S, mask_mod=mod, heads=heads)

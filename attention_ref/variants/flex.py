@@ -99,6 +99,11 @@ def _prepare(q, k, v, score_mod, mask_mod, block_mask, scale, enable_gqa, path, 
                 f"block_mask was made for (Q_LEN, KV_LEN) = {block_mask.seq_lengths}; got "
                 f"q_len={q.shape[2]}, kv_len={k.shape[2]}"
             )
+        Bm, Hm = block_mask.shape[:2]
+        if Bm not in (1, B) or Hm not in (1, Hq):
+            raise ValueError(
+                f"block_mask's (B, H) = {(Bm, Hm)} must be 1 or the inputs' (B, H) = {(B, Hq)}"
+            )
         if mask_mod is None:
             mask_mod = block_mask.mask_mod
         if check and path == "plain":
