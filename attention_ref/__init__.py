@@ -68,6 +68,7 @@ from .variants.context_parallel import (
 )
 from .variants.flash import flash_attention_backward, flash_attention_forward
 from .variants.flex import flex_attention, flex_attention_backward
+from .variants.fp8 import QuantizedFP8, fp8_attention, quantize_fp8
 from .variants.mla import (
     mla_absorb,
     mla_attention_absorbed,
@@ -84,6 +85,9 @@ from .variants.paged import (
 from .variants.sparse import lightning_indexer, sparse_attention, sparse_attention_backward
 
 __all__ = [
+    "QuantizedFP8",
+    "fp8_attention",
+    "quantize_fp8",
     "flex_attention",
     "flex_attention_backward",
     "BlockMask",

@@ -53,6 +53,7 @@ PUBLIC_MODULES = (
     "attention_ref.variants.paged",
     "attention_ref.variants.sparse",
     "attention_ref.variants.flex",
+    "attention_ref.variants.fp8",
     "attention_ref.oracle.exact",
     "attention_ref.adapters",
     "attention_ref.adapters.windows",

@@ -32,7 +32,7 @@ from ._validate import (
 from .masks import AllowedPairs
 from .mods import mod_indices, score_mod_backward, score_mod_forward
 from .options import AttentionOptions
-from .precision import EXACT, Rounding
+from .precision import EXACT, ROUNDING_POINTS, Rounding
 from .primitives import (
     dropout_backward_into,
     masked_softmax,
@@ -327,22 +327,25 @@ def sdpa_forward(
     # fl: each stage's output rounded to the working precision; the identity for the reference
     # (core/precision.py). The inputs come first: a low-precision kernel stores them rounded.
     fl = opt.rounding or EXACT
-    q, k, v, bias_r = fl(q), fl(k), fl(v), fl(opt.bias)
+    # each rounding point's own format (core/precision.py): the inputs, the scores, the weights
+    # before P V, the output; all of them fl for a one-format policy
+    fl_in, fl_s, fl_p, fl_out = (fl.at(point) for point in ROUNDING_POINTS)
+    q, k, v, bias_r = fl_in(q), fl_in(k), fl_in(v), fl_in(opt.bias)
     # An overflow of the scores is reported below (_raise_overflow), not warned about here.
     with np.errstate(over="ignore", invalid="ignore"):
         if fl.scale_q_first:  # FlashAttention's reorder_ops: scale q (rounded), then the product
-            scores = fl(scaled_scores(fl(q * opt.score_scale), k, 1.0))  # (..., H, T, S)   (A1)
+            scores = fl_s(scaled_scores(fl_in(q * opt.score_scale), k, 1.0))  # (..., H, T, S) (A1)
         else:
-            scores = fl(scaled_scores(q, k, opt.score_scale))  # (..., H, T, S)   (A1)
+            scores = fl_s(scaled_scores(q, k, opt.score_scale))  # (..., H, T, S)   (A1)
         capped = (
-            fl(softcap_forward(scores, opt.softcap)) if opt.softcap is not None else scores
+            fl_s(softcap_forward(scores, opt.softcap)) if opt.softcap is not None else scores
         )  # (A2)
-        logits = fl(capped + bias_r) if bias_r is not None else capped  # (A3)
+        logits = fl_s(capped + bias_r) if bias_r is not None else capped  # (A3)
     mod_input = None
     if opt.score_mod is not None:
         mod_input = logits  # (B, H, T, S)
         idx = mod_indices(heads[0], heads[1], T, S)
-        logits = fl(score_mod_forward(opt.score_mod, logits, idx))  # (B, H, T, S)   (A20)
+        logits = fl_s(score_mod_forward(opt.score_mod, logits, idx))  # (B, H, T, S)   (A20)
         neg = np.isneginf(logits.real)  # a -inf from the score mod masks its pair
         if neg.any():
             allowed = ~neg if allowed is None else allowed & ~neg
@@ -369,7 +372,7 @@ def sdpa_forward(
     sink_exp = None
     if opt.sinks is not None:
         # (A18) the sink: one more logit sinks[h] per row, with value 0 (no column of P)
-        sink_logits = fl(opt.sinks)[:, None, None]  # (H, 1, 1), broadcast to (..., H, T, 1)
+        sink_logits = fl_in(opt.sinks)[:, None, None]  # (H, 1, 1), broadcast to (..., H, T, 1)
         shift = np.maximum(shift, sink_logits.real)  # (S1) over the allowed keys and the sink
         sink_exp = np.exp(sink_logits - shift)  # (..., H, T, 1)   (S2) of the sink
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported just below
@@ -384,8 +387,9 @@ def sdpa_forward(
         probs[row_is_empty] = {"zero": 0.0, "uniform": 1.0 / S, "nan": np.nan}[opt.empty_rows]
         row_max[row_is_empty] = -np.inf
         lse[row_is_empty] = -np.inf
-    probs = fl(probs)
-    sink_probs = None if sink_exp is None else fl(sink_exp / row_sum)[..., 0]  # (..., H, T)  (A18)
+    probs = fl_p(probs)
+    # (..., H, T)   (A18)
+    sink_probs = None if sink_exp is None else fl_p(sink_exp / row_sum)[..., 0]
 
     keep = None
     dropped = probs
@@ -395,10 +399,10 @@ def sdpa_forward(
             keep = dropout_keep_mask(scores_shape, opt.dropout_p, keep)
         else:
             keep = fresh(keep, dropout_mask)
-        dropped = fl(dropout_forward(probs, keep, opt.dropout_p))  # (A6)
+        dropped = fl_p(dropout_forward(probs, keep, opt.dropout_p))  # (A6)
 
     # (..., H, T, S) @ (..., Hkv, S, Dv) -> (..., H, T, Dv)   (A7)
-    out = fl(weighted_values(dropped, v))
+    out = fl_out(weighted_values(dropped, v))
 
     return AttentionTrace(
         q=fresh(q, q_in),
@@ -422,7 +426,7 @@ def sdpa_forward(
         dropped_probs=dropped,
         out=out,
         rounding=opt.rounding,
-        sinks=None if opt.sinks is None else fresh(fl(opt.sinks), given.sinks),
+        sinks=None if opt.sinks is None else fresh(fl_in(opt.sinks), given.sinks),
         sink_probs=sink_probs,
         score_mod=opt.score_mod,
         mod_input=mod_input,

@@ -64,6 +64,14 @@ DEFAULT_TOLERANCES = {
     "float32": Tolerance(1.3e-6, 1e-5, "torch.testing.assert_close default for float32"),
     "float16": Tolerance(1e-3, 1e-5, "torch.testing.assert_close default for float16"),
     "bfloat16": Tolerance(1.6e-2, 1e-5, "torch.testing.assert_close default for bfloat16"),
+    # torch.testing has no float8 default: two units in the last place at 1 (the rule of its
+    # bfloat16 default, 0.016 ~ 2 * 2^-7), absolute at the smallest subnormal
+    "float8_e4m3fn": Tolerance(
+        0.25, 2.0**-9, "attention_ref: 2 ulp(1) of e4m3 (torch.testing has no float8 default)"
+    ),
+    "float8_e5m2": Tolerance(
+        0.5, 2.0**-16, "attention_ref: 2 ulp(1) of e5m2 (torch.testing has no float8 default)"
+    ),
 }
 
 

@@ -22,11 +22,12 @@ r"""Compare any attention implementation with the reference, with tolerances tha
   :func:`check_budget` / :func:`assert_within_budget` apply it to one array;
   :func:`budget_reports` to a canonical case's output and every gradient.
 * Baselines: :func:`sdpa_baseline` and :func:`mha_baseline` compute the reference in float32,
-  float16 or **bfloat16** (emulated: NumPy has no bfloat16, so values are rounded from float32
-  to 8 significant bits, round-to-nearest-even, :func:`round_to_bfloat16`), rounding every stage's
-  output to that precision while products accumulate in float32, as GPU kernels and PyTorch's
-  low-precision eager ops do; ``reorder=True`` scales q before the product, as FlashAttention's
-  reference with ``reorder_ops=True``, a different order of operations.
+  float16, **bfloat16** or FP8 (``float8_e4m3fn``, ``float8_e5m2``: ml_dtypes' formats, the
+  ``lowp`` extra), rounding every stage's output to that precision while products accumulate in
+  float32, as GPU kernels and PyTorch's low-precision eager ops do; ``policy=`` rounds at chosen
+  points only (a :class:`~attention_ref.core.precision.Rounding` or a preset mirroring a kernel,
+  ``PRESETS``); ``reorder=True`` scales q before the product, as FlashAttention's reference
+  with ``reorder_ops=True``, a different order of operations.
 
 Everything here takes NumPy arrays or anything ``numpy.asarray`` accepts, and also torch tensors
 (detached and moved to the CPU; bfloat16 ones are widened exactly to float32).
@@ -43,7 +44,15 @@ from numpy.typing import ArrayLike
 from ..core.attention import sdpa_backward, sdpa_forward
 from ..core.mha import MultiHeadParams, mha_backward, mha_forward
 from ..core.options import AttentionOptions
-from ..core.precision import UNIT_ROUNDOFF, Rounding, round_to, round_to_bfloat16
+from ..core.precision import (
+    FP8_FORMATS,
+    PRESETS,
+    SIGNIFICANT_BITS,
+    UNIT_ROUNDOFF,
+    Rounding,
+    round_to,
+    round_to_bfloat16,
+)
 from .compare import (  # the one comparison report: re-exported here, its documented home
     DEFAULT_TOLERANCES,
     PRECISIONS,
@@ -103,6 +112,8 @@ def noise_floor(reference: ArrayLike, precision: str) -> float:
     .. math:: \text{floor} = 2\, \operatorname{ulp}_p(\max|r| + 0.3),
 
     so the floor depends on the magnitude and the precision only. Non-finite entries are ignored.
+    For the FP8 formats the floor is bfloat16's: an FP8 attention's output is bfloat16
+    (:func:`~attention_ref.fp8_attention`).
 
     Examples
     --------
@@ -118,7 +129,9 @@ def noise_floor(reference: ArrayLike, precision: str) -> float:
     if not finite.any():
         return 0.0
     top = float(np.max(np.abs(r[finite]))) + 0.3
-    bits = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}[precision]
+    # an FP8 attention's output is bfloat16 (FlashAttention 3's FP8 forward): the floor is the
+    # cost of arithmetic on that output
+    bits = SIGNIFICANT_BITS["bfloat16" if precision in FP8_FORMATS else precision]
     ulp = 2.0 ** (math.floor(math.log2(top)) - (bits - 1))
     return 2 * ulp
 
@@ -180,7 +193,9 @@ def check_budget(
     baseline : array_like
         The reference computed in the candidate's precision (:func:`sdpa_baseline`, or
         ``dtype=numpy.float32`` for a float32 candidate).
-    precision : {"float32", "float16", "bfloat16", "float64"}
+    precision : {"float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float64"}
+        For an FP8 candidate, its input format; the baseline is then
+        :func:`~attention_ref.fp8_attention` of the same quantized inputs.
     rtol_budget : float, default :data:`OUTPUT_BUDGET`
         :data:`GRADIENT_BUDGET` for gradients.
     floor : float, optional
@@ -270,11 +285,26 @@ class Baseline(NamedTuple):
     grads: dict[str, np.ndarray] | None
 
 
-def _policy(precision: Any, reorder: Any) -> Rounding:
-    precision = _check_precision(precision)
+def _policy(precision: Any, reorder: Any, policy: Any = None) -> Rounding:
     if not isinstance(reorder, (bool, np.bool_)):
         raise TypeError(f"reorder must be a bool; got {reorder!r}")
-    return Rounding(precision, scale_q_first=bool(reorder))
+    if policy is not None:
+        if precision is not None or reorder:
+            raise ValueError("give precision (and reorder) or policy, not both")
+        if isinstance(policy, str):
+            if policy not in PRESETS:
+                raise ValueError(
+                    f"policy must be a Rounding or one of {sorted(PRESETS)}; got {policy!r}"
+                )
+            return PRESETS[policy]
+        if not isinstance(policy, Rounding):
+            raise TypeError(
+                f"policy must be a Rounding or a preset name; got {type(policy).__name__}"
+            )
+        return policy
+    if precision is None:
+        raise TypeError("give precision= (or policy=, a Rounding or a preset name)")
+    return Rounding(_check_precision(precision), scale_q_first=bool(reorder))
 
 
 def _baseline_options(
@@ -295,8 +325,9 @@ def sdpa_baseline(
     v: ArrayLike,
     dout: ArrayLike | None = None,
     *,
-    precision: str,
+    precision: str | None = None,
     reorder: bool = False,
+    policy: Rounding | str | None = None,
     options: AttentionOptions | None = None,
     **kwargs: Any,
 ) -> Baseline:
@@ -317,10 +348,14 @@ def sdpa_baseline(
         As in :func:`~attention_ref.scaled_dot_product_attention`.
     dout : array_like, optional
         Cotangent; when given, the gradients are computed too.
-    precision : {"float32", "float16", "bfloat16", "float64"}
-        bfloat16 is emulated (:func:`round_to_bfloat16`).
+    precision : {"float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float64"}
+        Every stage rounded to it; bfloat16 and FP8 are ml_dtypes' (the ``lowp`` extra).
     reorder : bool, default False
         Scale q (and round it) before the product instead of the scores after it.
+    policy : Rounding or str, optional
+        Instead of ``precision``: a policy with its own rounding points, or the name of one of
+        :data:`~attention_ref.core.precision.PRESETS` (``"flash_attention_2_bf16"``, ...;
+        ``docs/precision.md``).
     options : AttentionOptions, optional
         The attention options as one object.
     **kwargs
@@ -345,8 +380,12 @@ def sdpa_baseline(
     >>> err = np.abs(base.out - scaled_dot_product_attention(q, k, v, causal=True)).max()
     >>> bool(2**-10 < err < 2**-5)  # a few bfloat16 ulps
     True
+    >>> fa2 = sdpa_baseline(q, k, v, policy="flash_attention_2_bf16", causal=True)  # a kernel
+    >>> err2 = np.abs(fa2.out - scaled_dot_product_attention(q, k, v, causal=True)).max()
+    >>> bool(0 < err2 < 2**-5)
+    True
     """
-    policy = _policy(precision, reorder)
+    policy = _policy(precision, reorder, policy)
     given = _baseline_options(options, kwargs, policy)
     q, k, v = (to_numpy(x)[0] for x in (q, k, v))
     trace = sdpa_forward(q, k, v, options=given)  # every stage under fl = policy
@@ -366,7 +405,7 @@ def mha_baseline(
     params: MultiHeadParams,
     dout: ArrayLike | None = None,
     *,
-    precision: str,
+    precision: str | None = None,
     num_heads: int,
     num_kv_heads: int | None = None,
     reorder: bool = False,
